@@ -1,0 +1,213 @@
+"""Soft-label cache: frozen teacher / expert outputs stored once per scene, per ORIGINAL point.
+
+Teacher and snapshot experts are frozen, so their outputs can be computed once (METHOD.md "Cost") and mapped
+onto the student's augmented voxels with the point -> voxel index of each batch.
+
+Layout (our choice)::
+
+    <cache_dir>/manifest.json      {"format", "version", "topk", "num_classes", "lead_shape", "feat_dim", ...}
+    <cache_dir>/<scene>.npz        topk_logits (..., P, k) float16   top-k logits minus the point's max logit
+                                   topk_index  (..., P, k) int16     their class ids, best first
+                                   feat        (P, D) float16        optional (teacher features)
+                                   visible     (P,) bool             optional (teacher saw the point in images)
+
+``...`` is an optional leading shape, e.g. ``(M,)`` for M snapshot experts in one file.
+
+Why top-k LOGITS rather than probabilities: the KD target is ``softmax(z / tau)``, and tau is a training
+option; storing probabilities at temperature 1 would tie the cache to that temperature after truncation.
+From top-k logits the target at any tau is ``softmax`` over the k stored logits, with every other class at
+``-inf`` (probability 0) -- exactly the top-k truncated, renormalised distribution. With ``k = C`` nothing
+is lost but fp16 rounding. Logits are stored relative to the point's maximum (the top-1 is 0): softmax does
+not change, and values near 0 get fp16's finest resolution.
+
+Mapping to voxels: :func:`gather_to_voxels` averages point values over each voxel. Average *probabilities*
+(:func:`topk_probs` at the training tau) rather than logits with ``-inf``: a voxel whose points have different
+top-k sets would otherwise get ``-inf`` for most classes (or NaN for all). For an unaugmented batch whose
+voxels match the teacher's, every point of a voxel carries the same values and both give the online target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import HaskdError, InputError
+
+FORMAT = "haskd-soft-label-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+FP16_FLOOR = -65000.0  # just above float16's most negative finite value (-65504)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+
+
+def _scene_file(cache_dir, scene_name: str) -> Path:
+    name = str(scene_name)
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise InputError(scene_name, "invalid scene name for the soft-label cache")
+    return Path(cache_dir) / f"{name}.npz"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_manifest(cache_dir) -> Optional[dict]:
+    """The cache's manifest dict, or None when the folder holds no cache yet."""
+    p = Path(cache_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(p, f"unreadable cache manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise InputError(p, f"not a {FORMAT} manifest")
+    if m.get("version") != VERSION:
+        raise InputError(p, f"cache format version {m.get('version')}, this haskd reads {VERSION}: rebuild the cache")
+    return m
+
+
+def _ensure_manifest(cache_dir, settings: dict) -> None:
+    """Create the manifest, or check that this write matches it (one cache dir = one set of settings)."""
+    old = read_manifest(cache_dir)
+    if old is not None:
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            desc = ", ".join(f"{k}: cache has {a}, now {b}" for k, (a, b) in diff.items())
+            raise HaskdError(f"{Path(cache_dir) / MANIFEST}: cache written with other settings ({desc}); "
+                             f"use a fresh cache dir")
+        return
+    data = {"format": FORMAT, "version": VERSION, **settings,
+            "stored": "top-k logits minus the per-point max (float16) + class ids (int16), per original point"}
+    _atomic_write(Path(cache_dir) / MANIFEST, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=None,
+                      topk: Optional[int] = None) -> Path:
+    """Store one scene's frozen outputs; returns the ``.npz`` path.
+
+    logits: (..., P, C) per original point (torch or numpy; e.g. (P, C) teacher, (M, P, C) experts).
+    feat: optional (P, D) teacher features. visible: optional (P,) bool. topk: classes kept per point
+    (clipped to C). Default None keeps all C: at tau = 2 the tempered tail is heavy (a synthetic teacher
+    with top-1 probability 0.74 at tau = 1 lost 26% of the tau = 2 target mass at k = 5), so truncation is
+    an opt-in storage saving (20 classes: 80 B/point at k = C, 20 B/point at k = 5, plus features). The manifest records ``topk``, ``num_classes``,
+    ``lead_shape`` and ``feat_dim``; writing a scene with other settings into the same dir is an error.
+    """
+    z = _as_tensor(logits).detach().float().cpu()
+    if z.dim() < 2:
+        raise ValueError(f"logits must be (..., P, C), got {tuple(z.shape)}")
+    *lead, p, c = z.shape
+    if c > np.iinfo(np.int16).max:
+        raise ValueError(f"{c} classes do not fit int16 class ids")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"scene {scene_name}: logits contain NaN/inf")
+    k = c if topk is None else max(1, min(int(topk), c))
+    vals, idx = torch.topk(z, k, dim=-1, sorted=True)
+    vals = (vals - vals[..., :1]).clamp_min(FP16_FLOOR)  # relative to the max: top-1 = 0, softmax unchanged
+    arrays = {"topk_logits": vals.numpy().astype(np.float16), "topk_index": idx.numpy().astype(np.int16)}
+    feat_dim = None
+    if feat is not None:
+        f = _as_tensor(feat).detach().float().cpu()
+        if f.dim() != 2 or f.shape[0] != p:
+            raise ValueError(f"feat must be ({p}, D), got {tuple(f.shape)}")
+        feat_dim = int(f.shape[1])
+        arrays["feat"] = f.numpy().astype(np.float16)
+    if visible is not None:
+        v = _as_tensor(visible).detach().cpu().reshape(-1)
+        if v.shape[0] != p:
+            raise ValueError(f"visible must be ({p},), got {tuple(v.shape)}")
+        arrays["visible"] = (v > 0).numpy() if v.dtype != torch.bool else v.numpy()
+    _ensure_manifest(cache_dir, {"topk": k, "num_classes": int(c), "lead_shape": [int(s) for s in lead],
+                                 "feat_dim": feat_dim, "has_visible": visible is not None})
+    path = _scene_file(cache_dir, scene_name)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def load_scene_cache(cache_dir, scene_name: str, expected_points: Optional[int] = None) -> dict:
+    """Read one scene's cache.
+
+    Returns numpy arrays ``{"topk_logits": (..., P, k) float16, "topk_index": (..., P, k) int16,
+    "num_classes": int, "feat": (P, D) float16 (if stored), "visible": (P,) bool (if stored)}``.
+    Raises :class:`InputError` when the file is missing, broken, or (``expected_points``) stale.
+    """
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        raise InputError(cache_dir, "no soft-label cache here (manifest.json missing): build the cache first")
+    path = _scene_file(cache_dir, scene_name)
+    if not path.is_file():
+        raise InputError(path, f"scene {scene_name!r} is not in the soft-label cache")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {key: z[key] for key in z.files}
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile for broken files
+        raise InputError(path, f"cannot read cache file ({type(e).__name__}: {e})") from None
+    for key in ("topk_logits", "topk_index"):
+        if key not in out:
+            raise InputError(path, f"cache file lacks '{key}'")
+    p = out["topk_logits"].shape[-2]
+    if expected_points is not None and p != int(expected_points):
+        raise InputError(path, f"cache holds {p} points, the scene has {expected_points}: stale cache, rebuild it")
+    out["num_classes"] = int(manifest["num_classes"])
+    return out
+
+
+def dense_logits_from_topk(topk_vals, topk_idx, num_classes: int, fill: float = float("-inf")) -> torch.Tensor:
+    """(..., P, k) top-k logits + class ids -> (..., P, C) float32 logits, ``fill`` outside the top-k.
+
+    With the default ``-inf`` fill, ``softmax(dense / tau)`` is the top-k truncated, renormalised target.
+    """
+    v = _as_tensor(topk_vals).float()
+    i = _as_tensor(topk_idx).long().to(v.device)
+    out = torch.full((*v.shape[:-1], int(num_classes)), float(fill), dtype=torch.float32, device=v.device)
+    return out.scatter_(-1, i, v)
+
+
+def topk_probs(topk_vals, topk_idx, num_classes: int, tau: float = 1.0) -> torch.Tensor:
+    """(..., P, k) top-k logits + ids -> (..., P, C) float32 target ``softmax(z_topk / tau)``, 0 elsewhere."""
+    v = _as_tensor(topk_vals).float()
+    i = _as_tensor(topk_idx).long().to(v.device)
+    p = torch.softmax(v / tau, dim=-1)
+    out = torch.zeros((*v.shape[:-1], int(num_classes)), dtype=torch.float32, device=v.device)
+    return out.scatter_(-1, i, p)
+
+
+def gather_to_voxels(point_values, inverse, num_voxels: Optional[int] = None, dim: int = 0) -> torch.Tensor:
+    """Mean of point values over each voxel: (..., P, ...) along ``dim`` -> (..., N_vox, ...) float32.
+
+    inverse: (P,) int64, voxel row of every point (the batch's ``inverse``). num_voxels: defaults to
+    ``inverse.max() + 1``; voxels with no point get 0. Bool inputs give the fraction of True (e.g. visible).
+    ``index_add_`` does the sum in one pass (no Python loop over voxels).
+    """
+    x = _as_tensor(point_values)
+    x = x.float()
+    inv = _as_tensor(inverse).long().to(x.device).reshape(-1)
+    dim = dim % x.dim()
+    if x.shape[dim] != inv.shape[0]:
+        raise ValueError(f"{x.shape[dim]} point values along dim {dim}, {inv.shape[0]} inverse entries")
+    n = int(num_voxels) if num_voxels is not None else (int(inv.max()) + 1 if inv.numel() else 0)
+    shape = list(x.shape)
+    shape[dim] = n
+    total = torch.zeros(shape, dtype=torch.float32, device=x.device).index_add_(dim, inv, x)
+    count = torch.bincount(inv, minlength=n).clamp_min(1).float()
+    view = [1] * x.dim()
+    view[dim] = n
+    return total / count.reshape(view)

@@ -1,0 +1,27 @@
+"""``haskd experts --run DIR --data ROOT --split val``."""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("experts", help="per-class IoU of every snapshot of a run -> expert table (JSON + PNG)")
+    p.add_argument("--run", required=True, help="run folder holding snapshots/epoch_*.pt")
+    p.add_argument("--data", default=None, help="data root (default: the run's)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--topk", type=int, default=3, help="experts kept per class (the loss uses distill.asd_topk)")
+    p.add_argument("--out", default=None, help="JSON path (default: RUN/experts.json)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..engine.distributed import setup
+    from ..experts import build_expert_table
+
+    device = setup(args.device, 0)
+    t = build_expert_table(args.run, args.data, args.split, device, args.topk, args.out)
+    names = t["class_names"]
+    print(f"{len(t['snapshots'])} snapshots -> {t['path']}")
+    for c, e in enumerate(t["expert"]):
+        v = t["iou"][e][c]
+        print(f"  {names[c]:>16}: snapshot {e} (IoU {'-' if v is None else f'{v:.3f}'})")
+    return 0

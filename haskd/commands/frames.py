@@ -1,0 +1,181 @@
+"""``haskd frames select|coverage``: IOF frame selection per scene, and the point-coverage comparison of policies.
+
+A scene folder is ``<root>/<split>/<scene>/`` with ``coord.npy``, ``color.npy`` and optional ``frames/``; scenes
+without frames get rendered virtual views (``frames_virtual/``, see :mod:`haskd.virtual_views`). The points must be
+in the frame of the camera poses (raw ScanNet coordinates, not axis-aligned).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HaskdError
+
+log = logging.getLogger(__name__)
+
+
+def _common(p):
+    p.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
+    p.add_argument("--split", default="train")
+    p.add_argument("--stride", type=int, default=1, help="candidate frames: every s-th frame")
+    p.add_argument("--voxel-size", type=float, default=0.05, help="voxel size (m) for coverage gains")
+    p.add_argument("--tau", type=float, default=0.1, help="depth tolerance (m) of the visibility test")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the uncertainty term (needs --ckpt)")
+    p.add_argument("--quality-power", type=float, default=1.0, help="exponent on the sharpness term (0 = off)")
+    p.add_argument("--ckpt", default=None, help="3D model checkpoint: its prediction entropy drives the "
+                                                "uncertainty term")
+    p.add_argument("--num-views", type=int, default=20, help="virtual views rendered for frameless scenes")
+
+
+def register(subparsers):
+    p = subparsers.add_parser("frames", help="IOF frame selection for the teacher (select, coverage)")
+    sub = p.add_subparsers(dest="frames_cmd", required=True)
+    s = sub.add_parser("select", help="choose K frames per scene -> JSON + contact sheets")
+    _common(s)
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--policy", default="iof", choices=("iof", "uniform", "random"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder")
+    s.set_defaults(func=run_select)
+    c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON")
+    _common(c)
+    c.add_argument("--ks", default="3,5,10", help="comma-separated K values")
+    c.add_argument("--policies", default="iof,uniform,random")
+    c.add_argument("--seeds", default="0,1,2,3,4", help="seeds averaged for the random policies")
+    c.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
+    c.set_defaults(func=run_coverage)
+
+
+def run(args) -> int:
+    """Dispatch on ``args.frames_cmd`` (for callers that do not use ``args.func``)."""
+    return {"select": run_select, "coverage": run_coverage}[args.frames_cmd](args)
+
+
+def _ints(text, what):
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise HaskdError(f"--{what} must be comma-separated integers, got '{text}'") from None
+    if not vals:
+        raise HaskdError(f"--{what} is empty")
+    return vals
+
+
+def _entropy_model(ckpt):
+    """(model, cfg) from a checkpoint, or None when the engine is not available (the term is then skipped)."""
+    if not ckpt:
+        return None
+    try:
+        from ..engine.checkpoint import load_model
+        from ..engine.evaluate import predict_points  # noqa: F401  (checked here, used per scene)
+    except ImportError as e:
+        log.warning("--ckpt ignored: the model loader is not available (%s); uncertainty term off", e)
+        return None
+    model, cfg = load_model(ckpt, return_config=True)
+    if getattr(cfg, "role", None) == "teacher":
+        log.warning("--ckpt is a teacher; its entropy needs frames, so the uncertainty term is off")
+        return None
+    return model, cfg
+
+
+def _point_entropy(model_cfg, scene):
+    """(entropy (N,), log C) of the model's per-point prediction, or (None, None)."""
+    if model_cfg is None:
+        return None, None
+    import torch
+
+    from ..engine.evaluate import predict_points
+
+    model, cfg = model_cfg
+    with torch.inference_mode():
+        p = predict_points(model, scene, cfg.data.voxel_size, cfg.data.num_classes, "cpu", cfg.data.use_normal)
+    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(1).numpy()
+    return ent, math.log(cfg.data.num_classes)
+
+
+def _scenes(args):
+    from ..data.frames import open_frames
+    from ..data.scene import list_scenes, load_scene
+    from ..virtual_views import ensure_frames
+
+    for d in list_scenes(args.data, args.split):
+        fdir = ensure_frames(d, num_views=args.num_views)
+        yield load_scene(d), open_frames(fdir, strict=True)
+
+
+def run_select(args) -> int:
+    from ..iof import contact_sheet, select_frames
+
+    if args.k < 1:
+        raise HaskdError(f"--k must be >= 1, got {args.k}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mc = _entropy_model(args.ckpt) if args.policy == "iof" else None
+    result = {}
+    for scene, fs in _scenes(args):
+        ent, emax = _point_entropy(mc, scene)
+        r = select_frames(scene.coord, fs, args.k, args.policy, args.voxel_size, args.tau, args.lam, ent,
+                          args.seed, args.stride, entropy_max=emax, quality_power=args.quality_power)
+        result[scene.name] = r
+        sheet = contact_sheet(fs, r["ids"], r["scores"], out / f"{scene.name}_{args.policy}.png",
+                              title=f"{scene.name} {args.policy} k={args.k} coverage {r['coverage']:.1%}")
+        print(f"{scene.name}: {len(fs.ids)} frames -> {', '.join(r['ids'])} (coverage {r['coverage']:.1%}) "
+              f"-> {sheet}")
+    path = out / f"frames_{args.policy}_k{args.k}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    print(f"-> {path}")
+    return 0
+
+
+def run_coverage(args) -> int:
+    from ..iof import POLICIES, build_visibility, select_frames
+
+    ks = _ints(args.ks, "ks")
+    seeds = _ints(args.seeds, "seeds")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or not policies:
+        raise HaskdError(f"--policies: unknown {bad or 'empty'} (choose from {', '.join(POLICIES)})")
+    mc = _entropy_model(args.ckpt) if "iof" in policies else None
+    table = {}                                            # scene -> {"<policy>@<k>": coverage, "frames", "all"}
+    for scene, fs in _scenes(args):
+        cache = build_visibility(scene.coord, fs, args.voxel_size, args.tau, args.stride)
+        ent, emax = _point_entropy(mc, scene)
+        row = {"frames": len(cache.ids), "all": cache.coverage(cache.ids)}
+        for k in ks:
+            for pol in policies:
+                # IOF is deterministic; the random baselines are averaged over seeds.
+                ss = seeds if pol != "iof" else seeds[:1]
+                row[f"{pol}@{k}"] = float(np.mean([
+                    select_frames(scene.coord, fs, k, pol, lam=args.lam, point_entropy=ent, seed=s,
+                                  entropy_max=emax, quality_power=args.quality_power, cache=cache)["coverage"]
+                    for s in ss]))
+        table[scene.name] = row
+        print(f"{scene.name}: " + "  ".join(f"{c} {v:.3f}" for c, v in row.items() if "@" in c))
+    cols = [f"{p}@{k}" for k in ks for p in policies]
+    mean = {c: float(np.mean([r[c] for r in table.values()])) for c in cols + ["all"]}
+    lines = [
+        f"Point coverage (fraction of points seen, |depth - z| < {args.tau} m) of K frames per scene; "
+        f"random policies: mean over seeds {','.join(map(str, seeds))}; 'all' = every candidate frame.",
+        "",
+        "| scene | frames | " + " | ".join(f"{p} K={k}" for k in ks for p in policies) + " | all |",
+        "|---|---:|" + "---:|" * (len(cols) + 1),
+    ]
+    for name, r in table.items():
+        lines.append(f"| {name} | {r['frames']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {r['all']:.3f} |")
+    lines.append("| **mean** | | " + " | ".join(f"**{mean[c]:.3f}**" for c in cols) + f" | {mean['all']:.3f} |")
+    md = Path(args.out)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+    md.with_suffix(".json").write_text(json.dumps({"scenes": table, "mean": mean, "ks": ks, "policies": policies,
+                                                   "seeds": seeds, "tau": args.tau,
+                                                   "voxel_size": args.voxel_size}, indent=1))
+    print("\n".join(lines[2:]))
+    print(f"-> {md}, {md.with_suffix('.json')}")
+    return 0

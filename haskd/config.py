@@ -1,0 +1,240 @@
+"""Config schema (dataclasses), YAML files with at most one base, and ``key=value`` overrides.
+
+A YAML file may name one base with ``_base_: other.yaml`` (relative to the file, or a preset name from
+``haskd/configs``). Overrides use dotted keys: ``optim.lr=0.01 model.preset=tiny``. Unknown keys are an error
+that lists the valid ones. The resolved config is saved in every run folder and inside every checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import HaskdError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "scannet20_student"
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    dataset: str = "scannet20"           # class list: scannet20 | s3dis
+    num_classes: int = 20
+    train_split: str = "train"
+    val_split: str = "val"
+    voxel_size: float = 0.05             # metres; 0.02 for full ScanNet on GPU
+    use_normal: bool = False
+    max_voxels: int = 80000              # training crop bound (sphere crop around a random point)
+    augment: bool = True
+    batch_size: int = 2
+    workers: int = 0
+    repeat: int = 1                      # passes over the training scenes per epoch
+
+
+@dataclass
+class ModelConfig:
+    name: str = "spunet"                 # a key of haskd.models.REGISTRY
+    preset: str = "small"
+    backend: str = "auto"                # sparse conv backend: auto | torch | spconv
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"               # sgd | adamw
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "onecycle"          # onecycle | cosine | cyclic_cosine
+    cycles: int = 1                      # for cyclic_cosine
+    clip_grad: float = 1.0               # 0 disables
+    amp: bool = True                     # used on CUDA only
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda
+    eval_every: int = 1                  # epochs between validations (0 = only at the end)
+    threads: int = 0                     # torch threads per process (0 = cores / local processes)
+    snapshots: int = 0                   # ASD snapshots saved by this run
+    snapshot_schedule: str = "second_half"  # second_half | cycles
+    log_every: int = 10
+
+
+@dataclass
+class TeacherConfig:
+    """Multi-modal teacher (used when ``role: teacher``)."""
+    image_size: list = field(default_factory=lambda: [240, 320])   # H, W
+    image_channels: int = 32
+    image_widths: list = field(default_factory=lambda: [32, 64, 128])
+    image_weights: str = ""              # optional local state_dict for the 2D branch
+    num_frames: int = 5                  # K frames per scene picked by the frame filter
+    frame_policy: str = "iof"            # iof | uniform | random
+    frame_stride: int = 1
+    depth_tau: float = 0.1               # depth-consistency threshold (m), about one voxel or two
+    fusion_hidden: int = 128
+    loss_3d: float = 1.0                 # CE on the 3D branch
+    loss_2d: float = 0.0                 # CE on 2D logits at projected labeled pixels (0 = off)
+    virtual_views: int = 20              # rendered views for scenes without frames
+    model_preset: str = ""               # 3D branch preset ("" = the student's preset)
+    epochs: int = 0                      # teacher epochs in the pipeline (0 = train.epochs)
+
+
+@dataclass
+class DistillConfig:
+    teacher_ckpt: str = ""               # IHD on when set
+    tau: float = 2.0
+    logit_weight: float = 1.0
+    feat_weight: float = 1.0
+    trust: str = "hard"                  # hard | soft | none
+    experts: str = ""                    # ASD on when set: experts JSON written by `haskd experts`
+    asd_weight: float = 1.0
+    asd_topk: int = 1
+    asd_unlabeled: str = "final"         # final | skip
+    cache: bool = True                   # cached soft labels (else online teacher/expert forward)
+    cache_topk: int = 20
+
+
+@dataclass
+class Config:
+    role: str = "student"                # student | teacher
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _valid_keys(obj, prefix="") -> list:
+    keys = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            keys += _valid_keys(v, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value, current, key):
+    """Convert a YAML-parsed override to the type of the current value."""
+    if current is None or isinstance(current, (dict, list)):
+        return value
+    t = type(current)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise HaskdError(f"config key '{key}' expects true/false, got {value!r}")
+    if t in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HaskdError(f"config key '{key}' expects a number, got {value!r}")
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise HaskdError(f"config key '{key}' expects an integer, got {value!r}")
+        return t(value)
+    if t is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value, source: str):
+    parts = key.split(".")
+    obj = cfg
+    for p in parts[:-1]:
+        if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
+            raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
+        obj = getattr(obj, p)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)} \
+            or dataclasses.is_dataclass(getattr(obj, name)):
+        raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
+    setattr(obj, name, _coerce(value, getattr(obj, name), key))
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resolve_path(name) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (PRESET_DIR / name, PRESET_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    presets = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+    raise HaskdError(f"{name}: config file not found (presets: {', '.join(presets)})")
+
+
+def _read_yaml(path: Path, depth=0) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise HaskdError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise HaskdError(f"{path}: a config must be a mapping")
+    base = raw.pop("_base_", None)
+    if base is None:
+        return raw
+    if depth > 0:
+        raise HaskdError(f"{path}: a base config may not have a base itself (one level only)")
+    base_path = (path.parent / base) if (path.parent / base).is_file() else resolve_path(base)
+    merged = _read_yaml(base_path, depth + 1)
+    _deep_update(merged, raw)
+    return merged
+
+
+def _deep_update(a: dict, b: dict):
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict) and k != "kwargs":
+            _deep_update(a[k], v)
+        else:
+            a[k] = v
+
+
+def from_dict(d: dict, source: str = "config") -> Config:
+    cfg = Config()
+    for k, v in _flatten(copy.deepcopy(d)).items():
+        _set(cfg, k, v, source)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides=()) -> Config:
+    """Load a config file (or the default preset) and apply ``key=value`` overrides."""
+    p = resolve_path(path or DEFAULT_PRESET)
+    cfg = from_dict(_read_yaml(p), source=str(p))
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise HaskdError(f"override '{item}' must look like key=value")
+        k, v = item.split("=", 1)
+        try:
+            value: Any = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            value = v
+        _set(cfg, k.strip(), value, "command line")
+    return cfg
+
+
+def save_config(cfg: Config, path):
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

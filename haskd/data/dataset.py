@@ -1,0 +1,73 @@
+"""Scene datasets: scene folders -> per-sample voxel dicts (see :mod:`haskd.data.transforms`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .scene import list_scenes, load_scene
+from .transforms import augment, crop, make_features, voxel_mean, voxelize
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """Scenes of ``<root>/<split>``, loaded once into memory (indoor scenes are small after voxelization).
+
+    Training samples are augmented and cropped with a generator seeded by (seed, epoch, index), so a resumed run
+    sees exactly the same batches as an uninterrupted one. Evaluation samples are neither augmented nor cropped,
+    and carry ``point_segment`` (labels of every original point) for full-resolution metrics.
+    """
+
+    def __init__(self, root, split, num_classes, voxel_size=0.05, train=False, use_normal=False, max_voxels=0,
+                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None):
+        self.dirs = [Path(p) for p in scenes] if scenes is not None else list_scenes(root, split)
+        self.scenes = [load_scene(p, num_classes=num_classes, need_labels=need_labels) for p in self.dirs]
+        self.num_classes = num_classes
+        self.voxel_size = voxel_size
+        self.train = train
+        self.use_normal = use_normal
+        self.max_voxels = max_voxels
+        self.augment = augment and train
+        self.seed = seed
+        self.epoch = 0
+        self.repeat = max(1, repeat) if train else 1
+        self.frame_data = None  # per-scene frame tensors, set by haskd.models.teacher.attach_frames
+        self.extra = None
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.scenes) * self.repeat
+
+    def __getitem__(self, idx):
+        scene = self.scenes[idx % len(self.scenes)]
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        coord, color, normal = scene.coord, scene.color.astype(np.float32), scene.normal
+        if self.augment:
+            coord, color, normal = augment(coord, color, normal, rng)
+        vox = voxelize(coord, color, scene.segment, normal, self.voxel_size, self.num_classes)
+        # Voxel centres in the scene's own (unaugmented) frame: the teacher projects these into its images.
+        vox["world"] = voxel_mean(scene.coord, vox["inverse"], vox["grid_coord"].shape[0])
+        if self.train:
+            vox = crop(vox, self.max_voxels, rng)
+        sample = {
+            "scene": scene.name,
+            "coord": vox["coord"],
+            "grid_coord": vox["grid_coord"],
+            "feat": make_features(vox, self.use_normal),
+            "inverse": vox["inverse"],
+            "world": vox["world"],
+            "index": idx % len(self.scenes),
+        }
+        if "segment" in vox:
+            sample["segment"] = vox["segment"]
+        if self.frame_data is not None:
+            sample["frames"] = self.frame_data[idx % len(self.scenes)]
+        if not self.train and scene.segment is not None:
+            sample["point_segment"] = scene.segment
+        return sample
+
+
+def in_channels(use_normal: bool) -> int:
+    return 6 if use_normal else 3

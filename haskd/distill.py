@@ -1,0 +1,241 @@
+"""The HAS-KD student task: CE + IHD (multi-modal teacher) + ASD (snapshot experts), with cached or online targets.
+
+Frozen helpers (teacher, snapshot experts) are held outside the module tree: DDP wraps only the student and the
+training-only projector; the saved model is the student alone (same network as the baseline).
+
+Cached mode (default, ``distill.cache=true``): teacher and expert outputs are computed once per scene on the
+unaugmented scene and stored per ORIGINAL point as top-k logits in float16 (:mod:`haskd.cache`). A batch maps them
+to its augmented, cropped voxels through the point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the
+mean over the points of each voxel. Online mode runs the frozen models on every batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import cache as sl_cache
+from .asd import ASDLoss
+from .data.transforms import collate
+from .engine.checkpoint import load_model
+from .engine.evaluate import scene_sample
+from .engine.tasks import ce_loss, move_to
+from .errors import HaskdError
+from .ihd import IHDLoss
+
+log = logging.getLogger(__name__)
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class _Frozen:
+    """Holds a frozen module without registering it (so it is not trained, wrapped or saved)."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+@torch.no_grad()
+def scene_outputs(model, scene, cfg, device, extra=None) -> dict:
+    """Per-original-point outputs of a frozen model on one unaugmented scene: ``logits`` (P,C) and, when the
+    model gives them, ``feat`` (P,D) and ``visible`` (P,)."""
+    sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
+    if extra is not None:
+        sample = extra(sample)
+    batch = move_to(collate([sample]), device)
+    out = model(batch)
+    inv = batch["inverse"]
+    res = {"logits": out["logits"].float()[inv].cpu()}
+    if "visible" in out:
+        res["visible"] = out["visible"][inv].cpu() > 0.5
+        res["feat"] = out["feat"].float()[inv].cpu()
+    return res
+
+
+class DistillTask(nn.Module):
+    def __init__(self, student, ihd=None, asd=None, teacher=None, experts=(), cache_dirs=None, num_classes=20,
+                 tau=2.0, train_set=None):
+        super().__init__()
+        self.model = student
+        self.ihd = ihd
+        self.asd = asd
+        self._teacher = _Frozen(teacher) if teacher is not None else None
+        self._experts = _Frozen(nn.ModuleList(experts)) if experts else None
+        self.cache_dirs = cache_dirs or {}
+        self.num_classes = num_classes
+        self.tau = tau
+        self._mem = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, student, cfg, device, datasets):
+        d = cfg.distill
+        train_set = datasets["train"]
+        teacher, ihd, experts, asd, cache_dirs = None, None, [], None, {}
+        if d.teacher_ckpt:
+            teacher, tcfg = load_model(d.teacher_ckpt, device=device, return_config=True)
+            if tcfg.role != "teacher":
+                raise HaskdError(f"{d.teacher_ckpt}: distill.teacher_ckpt must be a teacher checkpoint")
+            _frozen(teacher)
+            ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
+                          feat_weight=d.feat_weight, trust=d.trust)
+            from .models.teacher import attach_frames
+
+            sel = _read_selection(Path(d.teacher_ckpt).parent / "frames.json")
+            if d.cache:
+                view = copy.copy(train_set)
+                attach_frames(view, tcfg, selections=sel)
+                cache_dirs["teacher"] = build_cache(teacher, view, tcfg, device, _cache_dir(d.teacher_ckpt, cfg),
+                                                    feat=d.feat_weight > 0, extra=view.extra, topk=d.cache_topk,
+                                                    sources=[d.teacher_ckpt])
+            else:
+                attach_frames(train_set, tcfg, selections=sel)
+        if d.experts:
+            table = json.loads(Path(d.experts).read_text())
+            snap_paths = [_resolve(p, d.experts) for p in table["snapshots"]]
+            for p in snap_paths:
+                experts.append(_frozen(load_model(p, device=device)))
+            sel = {"indices": np.array(table["indices"])[:, : d.asd_topk],
+                   "weights": np.array(table["weights"])[:, : d.asd_topk]}
+            sel["weights"] = sel["weights"] / np.maximum(sel["weights"].sum(1, keepdims=True), 1e-12)
+            asd = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled)
+            if d.cache:
+                cache_dirs["experts"] = build_expert_cache(experts, train_set, cfg, device,
+                                                           _cache_dir(d.experts, cfg, "experts"), topk=d.cache_topk,
+                                                           sources=[d.experts, *snap_paths])
+        return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau)
+
+    # ------------------------------------------------------------------ targets
+    def _cached(self, kind, batch):
+        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible when stored."""
+        cache_dir = self.cache_dirs[kind]
+        inv = batch["inverse"]
+        N = batch["grid_coord"].shape[0]
+        starts = [0] + batch["point_offset"].tolist()[:-1]
+        ends = batch["point_offset"].tolist()
+        probs, feats, vis, rows = [], [], [], []
+        for b, name in enumerate(batch["scene"]):
+            key = (kind, name)
+            if key not in self._mem:
+                self._mem[key] = sl_cache.load_scene_cache(cache_dir, name)
+            c = self._mem[key]
+            i = inv[starts[b]:ends[b]]
+            keep = i >= 0  # points cropped away carry -1
+            rows.append(i[keep])
+            k = torch.from_numpy(keep.cpu().numpy())
+            vals = torch.from_numpy(c["topk_logits"])[..., k, :]
+            idx = torch.from_numpy(c["topk_index"])[..., k, :]
+            probs.append(sl_cache.topk_probs(vals, idx, self.num_classes, tau=self.tau))
+            if "feat" in c:
+                feats.append(torch.from_numpy(c["feat"])[k].float())
+            if "visible" in c:
+                vis.append(torch.from_numpy(c["visible"])[k])
+        dev = batch["grid_coord"].device
+        rows = torch.cat(rows).to(dev)
+        p = torch.cat(probs, dim=-2).to(dev)
+        out = {"probs": sl_cache.gather_to_voxels(p, rows, N, dim=-2)}
+        if feats:
+            out["feat"] = sl_cache.gather_to_voxels(torch.cat(feats).to(dev), rows, N)
+        if vis:
+            out["visible"] = (sl_cache.gather_to_voxels(torch.cat(vis).to(dev), rows, N) > 0.5).float()
+        return out
+
+    @torch.no_grad()
+    def teacher_targets(self, batch):
+        if "teacher" in self.cache_dirs:
+            return self._cached("teacher", batch)
+        out = self._teacher.module(batch)
+        return {"logits": out["logits"].float(), "feat": out["feat"].float(), "visible": out["visible"]}
+
+    @torch.no_grad()
+    def expert_targets(self, batch):
+        if "experts" in self.cache_dirs:
+            t = self._cached("experts", batch)
+            return {"probs": t["probs"], "final_pred": t["probs"][-1].argmax(-1)}
+        z = torch.stack([m(batch)["logits"].float() for m in self._experts.module])
+        return {"logits": z}
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, batch):
+        out = self.model(batch)
+        y = batch["segment"]
+        losses = {"ce": ce_loss(out["logits"], y)}
+        if self.ihd is not None:
+            t = self.teacher_targets(batch)
+            if "feat" in t and self.ihd.feat_weight == 0:
+                t = {k: v for k, v in t.items() if k != "feat"}
+            losses.update(self.ihd(out, t, y))
+        if self.asd is not None:
+            losses.update(self.asd(out, self.expert_targets(batch), y))
+        return losses, out
+
+
+def _resolve(p, relative_to):
+    p = Path(p)
+    return p if p.is_absolute() or p.exists() else Path(relative_to).parent / p
+
+
+def _read_selection(path):
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def _cache_dir(src, cfg, kind="teacher") -> Path:
+    split = cfg.data.train_split
+    return Path(src).parent / f"soft_labels_{kind}_{split}_v{cfg.data.voxel_size:g}"
+
+
+def _stamp(src) -> str:
+    st = Path(src).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _fresh(cache_dir, names, sources) -> bool:
+    """A cache is reused only when it was built from these very checkpoints and holds every scene."""
+    import shutil
+
+    cache_dir = Path(cache_dir)
+    stamp = ";".join(_stamp(s) for s in sources)
+    sf = cache_dir / "source.txt"
+    if sf.is_file() and sf.read_text() == stamp and sl_cache.read_manifest(cache_dir) is not None \
+            and all(sl_cache._scene_file(cache_dir, n).is_file() for n in names):
+        return True
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sf.write_text(stamp)
+    return False
+
+
+def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
+    """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
+    names = [s.name for s in dataset.scenes]
+    if _fresh(cache_dir, names, sources):
+        return cache_dir
+    from tqdm import tqdm
+
+    for i, scene in enumerate(tqdm(dataset.scenes, desc="teacher soft labels", unit="scene", leave=False)):
+        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s, i=i: extra(s, i)) if extra else None)
+        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], feat=o.get("feat") if feat else None,
+                                   visible=o.get("visible"), topk=topk)
+    return cache_dir
+
+
+def build_expert_cache(experts, dataset, cfg, device, cache_dir, topk=8, sources=()) -> Path:
+    names = [s.name for s in dataset.scenes]
+    if _fresh(cache_dir, names, sources):
+        return cache_dir
+    from tqdm import tqdm
+
+    for scene in tqdm(dataset.scenes, desc="expert soft labels", unit="scene", leave=False):
+        z = torch.stack([scene_outputs(m, scene, cfg, device)["logits"] for m in experts])
+        sl_cache.write_scene_cache(cache_dir, scene.name, z, topk=topk)
+    return cache_dir

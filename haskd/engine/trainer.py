@@ -1,0 +1,262 @@
+"""The training loop: ``losses = task(batch); sum; backward; step`` plus checkpoints, resume, logs and snapshots.
+
+A run folder holds ``config.yaml`` (resolved), ``last.pt`` (written atomically every epoch: config, state_dict,
+optimizer, scheduler, RNG states, epoch), ``best.pt``, ``snapshots/epoch_XXX.pt`` (ASD), ``metrics.jsonl`` and
+TensorBoard events under ``tb/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, save_config
+from ..data.dataset import SceneDataset
+from ..data.transforms import collate
+from ..errors import HaskdError
+from ..models import build_from_config
+from . import distributed as dist_utils
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .tasks import SegmentationTask, move_to
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_datasets(cfg: Config, splits=("train", "val")):
+    d = cfg.data
+    if not d.root:
+        raise HaskdError("no data root: pass --data ROOT (a folder holding <split>/<scene>/ scene folders)")
+    out = {}
+    for which in splits:
+        split = d.train_split if which == "train" else d.val_split
+        out[which] = SceneDataset(d.root, split, d.num_classes, d.voxel_size, train=(which == "train"),
+                                  use_normal=d.use_normal, max_voxels=d.max_voxels, augment=d.augment,
+                                  seed=cfg.train.seed, repeat=d.repeat)
+    if cfg.role == "teacher":
+        from ..models.teacher import attach_frames
+
+        for ds in out.values():
+            attach_frames(ds, cfg)
+    return out
+
+
+def build_task(cfg: Config, model, device, datasets):
+    if cfg.role == "teacher":
+        from ..models.teacher import TeacherTask
+
+        return TeacherTask(model, cfg)
+    if cfg.distill.teacher_ckpt or cfg.distill.experts:
+        from ..distill import DistillTask
+
+        return DistillTask.from_config(model, cfg, device, datasets)
+    return SegmentationTask(model)
+
+
+def build_optimizer(cfg: Config, params):
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    raise HaskdError(f"optim.optimizer must be sgd or adamw, got '{o.optimizer}'")
+
+
+def build_scheduler(cfg: Config, opt, total_steps: int):
+    o = cfg.optim
+    total_steps = max(1, total_steps)
+    if o.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=total_steps, pct_start=0.05,
+                                                   anneal_strategy="cos", div_factor=10.0, final_div_factor=1e3,
+                                                   cycle_momentum=False)
+    if o.scheduler in ("cosine", "cyclic_cosine"):
+        cycles = max(1, o.cycles) if o.scheduler == "cyclic_cosine" else 1
+        per = total_steps / cycles
+
+        def f(step):
+            t = (step % per) / per if step < total_steps else 1.0
+            return 0.5 * (1 + math.cos(math.pi * t)) * (1 - 1e-3) + 1e-3
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, f)
+    raise HaskdError(f"optim.scheduler must be onecycle, cosine or cyclic_cosine, got '{o.scheduler}'")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2])}
+
+
+def _set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(int(x) for x in s["python"]), None))
+    st = np.random.get_state()
+    np.random.set_state((st[0], s["numpy"].numpy().astype(np.uint32), int(s.get("numpy_pos", 624)), 0, 0.0))
+
+
+class JsonlLogger:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except Exception as e:  # tensorboard is optional at run time
+                log.warning("TensorBoard disabled (%s)", e)
+
+    def log(self, record: dict, step: int):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def snapshot_schedule(cfg: Config) -> list:
+    if cfg.train.snapshots <= 0:
+        return []
+    from ..asd import snapshot_epochs
+
+    return snapshot_epochs(cfg.train.epochs, cfg.train.snapshots, cfg.train.snapshot_schedule,
+                           cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)
+
+
+def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True) -> dict:
+    """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl)."""
+    device = dist_utils.setup(cfg.train.device, cfg.train.threads)
+    main = dist_utils.is_main()
+    out = Path(out_dir)
+    seed_everything(cfg.train.seed + dist_utils.rank())
+    # Read (and validate) all input before anything is written, so bad input leaves no partial output.
+    datasets = build_datasets(cfg)
+    train_set, val_set = datasets["train"], datasets["val"]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if cfg.role == "teacher" and main:
+        import json as _json
+
+        chosen = {**train_set.chosen_frames, **val_set.chosen_frames}
+        (out / "frames.json").write_text(_json.dumps(chosen, indent=1))
+    model = build_from_config(cfg).to(device)
+    task = build_task(cfg, model, device, datasets).to(device)
+    wrapped = task
+    if dist_utils.world_size() > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    params = [p for p in task.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist_utils.world_size(),
+                                                  rank=dist_utils.rank(), shuffle=True, seed=cfg.train.seed,
+                                                  drop_last=False)
+    bs = cfg.data.batch_size
+    steps_per_epoch = max(1, math.ceil(len(sampler) / bs))
+    sched = build_scheduler(cfg, opt, cfg.train.epochs * steps_per_epoch)
+    use_amp = device.type == "cuda" and cfg.optim.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, best, history = 0, -1.0, []
+    if resume and (out / "last.pt").is_file():
+        ck = load_checkpoint(out / "last.pt")
+        task.load_state_dict(ck["task_state"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        start_epoch, best = int(ck["epoch"]), float(ck.get("best_miou", -1.0))
+        if main:
+            log.info("resumed from %s at epoch %d", out / "last.pt", start_epoch)
+    snaps = set(snapshot_schedule(cfg))
+    logger = JsonlLogger(out, main)
+    cfg_dict = cfg.to_dict()
+    metrics = {}
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.workers, drop_last=False)
+        task.train()
+        it = loader
+        if progress and main:
+            from tqdm import tqdm
+
+            it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
+                      dynamic_ncols=True)
+        t0, sums, n = time.perf_counter(), {}, 0
+        for batch in it:
+            batch = move_to(batch, device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                losses, _ = wrapped(batch)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise HaskdError(f"loss became {total.item()} at epoch {epoch + 1}; lower optim.lr")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if cfg.optim.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            n += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+            if progress and main and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{float(total):.3f}", refresh=False)
+        rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
+               "epoch_time_s": time.perf_counter() - t0, **{f"train/{k}": v / max(n, 1) for k, v in sums.items()}}
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch:
+            metrics = evaluate(model, val_set, device, cfg.data.dataset, extra=getattr(val_set, "extra", None))
+            rec.update({"val/miou": metrics["miou"], "val/macc": metrics["macc"], "val/allacc": metrics["allacc"]})
+            history.append({"epoch": epoch + 1, "miou": metrics["miou"]})
+        logger.log(rec, step)
+        if main:
+            payload = dict(config=cfg_dict, state_dict=model.state_dict(), task_state=task.state_dict(),
+                           optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(),
+                           epoch=epoch + 1, best_miou=best, val_metrics=_plain(metrics))
+            if metrics and "val/miou" in rec and metrics["miou"] > best:
+                best = metrics["miou"]
+                payload["best_miou"] = best
+                save_checkpoint(out / "best.pt", config=cfg_dict, state_dict=model.state_dict(), epoch=epoch + 1,
+                                val_metrics=_plain(metrics))
+            save_checkpoint(out / "last.pt", **payload)
+            if epoch + 1 in snaps:
+                save_checkpoint(out / "snapshots" / f"epoch_{epoch + 1:03d}.pt", config=cfg_dict,
+                                state_dict=model.state_dict(), epoch=epoch + 1)
+            msg = f"epoch {epoch + 1}/{cfg.train.epochs} loss {rec['train/loss']:.4f}"
+            if "val/miou" in rec:
+                msg += f" val mIoU {rec['val/miou']:.4f}"
+            log.info(msg)
+        dist_utils.barrier()
+    logger.close()
+    if main and metrics:
+        (out / "val_metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def _plain(m: dict) -> dict:
+    """Metrics as JSON/weights_only-safe plain types (drop the bulky confusion matrix)."""
+    return {k: v for k, v in m.items() if k != "confusion"} if m else {}

@@ -1,0 +1,191 @@
+"""IHD: information-oriented heterogeneous distillation (multi-modal teacher -> point-only student).
+
+Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per student voxel ``i``:
+
+* logit term   ``w_i * tau^2 * KL(softmax(z_t,i / tau) || softmax(z_s,i / tau))``
+* feature term ``w_i * || normalize(P(f_s,i)) - normalize(f_t,i) ||^2``, ``P`` a linear :class:`Projector`
+  that lives in :class:`IHDLoss` (not in the student), so the saved inference model never carries it.
+* information weights ``w_i = visible_i * trust_i``; both terms are normalised by ``sum(w)``.
+
+The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
+
+Targets come either as logits (online teacher, or cached top-k logits made dense with ``-inf`` outside the
+top-k, see :mod:`haskd.cache`) or as probabilities that are *already the target distribution* (e.g. cached
+probabilities at temperature ``tau`` averaged onto augmented voxels); probabilities are used as given, only
+renormalised to sum to 1.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TRUST_MODES = ("hard", "soft", "none")
+TARGET_KINDS = ("logits", "probs")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def target_distribution(target: torch.Tensor, tau: float, target_kind: str = "logits") -> torch.Tensor:
+    """Detached target distribution ``(..., C)``.
+
+    ``target_kind="logits"``: ``softmax(target / tau)`` (``-inf`` entries get probability 0).
+    ``target_kind="probs"``: ``target`` is the target distribution already; it is only renormalised
+    (a top-k truncated distribution stays truncated).
+    """
+    _check_choice("target_kind", target_kind, TARGET_KINDS)
+    target = target.detach().float()
+    if target_kind == "logits":
+        return torch.softmax(target / tau, dim=-1)
+    p = target.clamp_min(0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def kl_per_point(student_logits: torch.Tensor, target_probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """``tau^2 * KL(p_t || softmax(z_s / tau))`` per row: ``(N, C), (N, C) -> (N,)``.
+
+    ``xlogy`` makes classes with ``p_t = 0`` (e.g. outside a top-k) contribute exactly 0, never NaN.
+    """
+    log_ps = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    kl = (torch.xlogy(target_probs, target_probs) - target_probs * log_ps).sum(-1)
+    return kl * (tau * tau)
+
+
+def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum(w * v) / sum(w)`` over points; plain mean when ``weights`` is None; 0 (still in the graph)
+    when there is no point or ``sum(w) == 0``. Values at zero-weight points are masked, so a NaN/inf
+    there cannot leak into the result."""
+    if weights is None:
+        weights = torch.ones_like(values)
+    weights = weights.detach().to(values.dtype)
+    zero = torch.zeros_like(values)
+    values = torch.where(weights > 0, values, zero)
+    total = weights.sum()
+    # torch.where on the denominator (not a clamp) keeps the gradient finite when total == 0.
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    return (weights * values).sum() / denom
+
+
+def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visible: Optional[torch.Tensor] = None,
+                        trust: str = "hard", ignore_index: int = -1, target_kind: str = "logits") -> torch.Tensor:
+    """Information-oriented weights ``w = visible * trust``: ``(N, C), (N,), (N,) -> (N,) float32``.
+
+    ``trust="hard"``: 1 where the teacher's argmax equals the label or the point is unlabeled
+    (``label == ignore_index``), else 0. ``"soft"``: the teacher's probability of the true class
+    (1 for unlabeled points), from ``softmax(logits)`` at temperature 1, or from the given probabilities when
+    ``target_kind="probs"``. ``"none"``: 1. ``visible`` (bool or float, None = all visible) is the fraction
+    of the point the teacher saw in images (0/1 per point, a fraction after averaging onto voxels).
+    """
+    _check_choice("trust", trust, TRUST_MODES)
+    _check_choice("target_kind", target_kind, TARGET_KINDS)
+    t = teacher_logits.detach().float()
+    n = t.shape[0]
+    labels = labels.to(t.device).long()
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
+    unlabeled = labels == ignore_index
+    safe = torch.where(unlabeled, torch.zeros_like(labels), labels)
+    if trust == "none":
+        tr = torch.ones(n, device=t.device)
+    elif trust == "hard":
+        tr = ((t.argmax(-1) == labels) | unlabeled).float()
+    else:
+        probs = target_distribution(t, 1.0, target_kind)
+        tr = torch.where(unlabeled, torch.ones(n, device=t.device), probs.gather(1, safe[:, None])[:, 0])
+    if visible is None:
+        return tr
+    visible = visible.detach().to(t.device).float().reshape(-1)
+    if visible.shape != (n,):
+        raise ValueError(f"visible must be ({n},), got {tuple(visible.shape)}")
+    return visible * tr
+
+
+def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
+          weights: Optional[torch.Tensor] = None, target_kind: str = "logits") -> torch.Tensor:
+    """Weighted KD loss: ``sum_i w_i * tau^2 * KL(p_t,i || p_s,i) / sum_i w_i`` (scalar).
+
+    student_logits: (N, C). target: (N, C) teacher logits (``target_kind="logits"``, tempered by ``tau``)
+    or the target distribution itself (``"probs"``, possibly top-k truncated; renormalised, not tempered).
+    weights: (N,) or None (plain mean). Returns 0 (no NaN) when ``sum(w) == 0`` or N == 0.
+    """
+    if student_logits.shape != target.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} and target {tuple(target.shape)} differ")
+    p_t = target_distribution(target, tau, target_kind)
+    return weighted_mean(kl_per_point(student_logits, p_t, tau), weights)
+
+
+def feature_loss(student_feat_projected: torch.Tensor, teacher_feat: torch.Tensor,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``|| normalize(a_i) - normalize(b_i) ||^2`` (in [0, 4]) weighted over points: ``(N, D), (N, D) -> ()``.
+
+    Normalising both sides makes the term scale-free, so teacher and student features of different
+    magnitudes (different networks) can be compared; the teacher side is detached.
+    """
+    if student_feat_projected.shape != teacher_feat.shape:
+        raise ValueError(f"projected student feat {tuple(student_feat_projected.shape)} and teacher feat "
+                         f"{tuple(teacher_feat.shape)} differ")
+    a = F.normalize(student_feat_projected.float(), dim=-1)
+    b = F.normalize(teacher_feat.detach().float(), dim=-1)
+    return weighted_mean(((a - b) ** 2).sum(-1), weights)
+
+
+class Projector(nn.Module):
+    """Linear map ``(N, D_s) -> (N, D_t)`` from student to teacher feature space, used only in training.
+
+    It belongs to the loss, not to the student, so checkpoints of the student never contain it.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(student_dim, teacher_dim, bias=bias)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.linear(feat)
+
+
+class IHDLoss(nn.Module):
+    """IHD loss module.
+
+    forward(student_out, teacher, labels):
+      student_out: ``{"logits": (N, C), "feat": (N, D_s)}`` (``feat`` needed only for the feature term).
+      teacher: ``{"logits": (N, C)}`` or ``{"probs": (N, C)}`` (see :func:`kd_kl`), optional
+      ``"feat": (N, D_t) or None``, optional ``"visible": (N,)`` (None/absent = all visible).
+      labels: (N,) int64, ``ignore_index`` = unlabeled.
+    Returns ``{"ihd_logit": logit_weight * L_logit, "ihd_feat": feat_weight * L_feat}``; ``ihd_feat`` is absent
+    when the teacher gives no features or ``feat_weight == 0``; ``ihd_logit`` is absent when ``logit_weight == 0``.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
+                 feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1):
+        super().__init__()
+        _check_choice("trust", trust, TRUST_MODES)
+        self.tau = float(tau)
+        self.logit_weight = float(logit_weight)
+        self.feat_weight = float(feat_weight)
+        self.trust = trust
+        self.ignore_index = ignore_index
+        # Built even when feat_weight == 0 so that state dicts keep one shape across ablations.
+        self.projector = Projector(student_dim, teacher_dim)
+
+    def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor) -> dict:
+        if "logits" in teacher and teacher["logits"] is not None:
+            t, kind = teacher["logits"], "logits"
+        elif "probs" in teacher and teacher["probs"] is not None:
+            t, kind = teacher["probs"], "probs"
+        else:
+            raise ValueError("teacher dict needs 'logits' or 'probs'")
+        w = information_weights(t, labels, teacher.get("visible"), trust=self.trust,
+                                ignore_index=self.ignore_index, target_kind=kind)
+        out = {}
+        if self.logit_weight != 0:
+            out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind)
+        t_feat = teacher.get("feat")
+        if t_feat is not None and self.feat_weight != 0:
+            proj = self.projector(student_out["feat"])
+            out["ihd_feat"] = self.feat_weight * feature_loss(proj, t_feat.to(proj.device), w)
+        return out

@@ -1,0 +1,187 @@
+"""The multi-modal teacher: a 3D sparse-conv branch + a 2D image branch on K frames picked by a frame filter (IOF),
+fused per point after lifting 2D features onto the voxels that the images see.
+
+Training only: at inference HAS-KD runs the point-only student. See METHOD.md "Teacher (multi-modal)".
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.frames import open_frames, scale_intrinsic
+from ..errors import HaskdError
+from ..lifting import lift
+from .image_unet import ImageUNet
+
+log = logging.getLogger(__name__)
+
+# ImageNet-like normalisation of RGB in [0, 1].
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+class MultiModalTeacher(nn.Module):
+    """``forward(batch)`` needs ``batch["frames"]`` (one dict per sample, see :func:`load_frames`) and
+    ``batch["world"]`` (voxel centres in the scene frame). Returns ``logits`` (N,C) fused, ``feat`` (N,D) fused
+    features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
+
+    def __init__(self, backbone: nn.Module, image_net: ImageUNet, num_classes: int, hidden: int = 128,
+                 depth_tau: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.image_net = image_net
+        c2d = image_net.out_channels
+        self.unseen = nn.Parameter(torch.zeros(c2d))
+        self.fusion = nn.Sequential(
+            nn.Linear(backbone.feat_dim + c2d + 1, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.feat_dim = hidden
+        self.depth_tau = depth_tau
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int):
+        from . import build_model
+
+        m, t = cfg.model, cfg.teacher
+        backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
+                               **m.kwargs)
+        image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths))
+        if t.image_weights:
+            image_net.load_pretrained(t.image_weights)
+        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau)
+
+    def lift_images(self, batch):
+        world = batch["world"]
+        N = world.shape[0]
+        f2d = world.new_zeros(N, self.image_net.out_channels)
+        vis = torch.zeros(N, dtype=torch.bool, device=world.device)
+        frames = batch.get("frames") or []
+        starts = [0] + batch["offset"].tolist()[:-1]
+        ends = batch["offset"].tolist()
+        # One image-net pass over every frame of the batch (BatchNorm sees them all).
+        imgs = [fr["color"] for fr in frames if fr is not None]
+        if not imgs:
+            return f2d, vis
+        x = torch.cat(imgs).float().div(255.0)
+        x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
+        feats = self.image_net(x)["feat"]
+        i = 0
+        for b, fr in enumerate(frames):
+            if fr is None:
+                continue
+            v = fr["color"].shape[0]
+            fb = feats[i:i + v]
+            i += v
+            sl = slice(starts[b], ends[b])
+            out = lift(world[sl], fb, fr["pose"], fr["K_color"], tuple(fr["color"].shape[-2:]), fr["depth"],
+                       fr["K_depth"], self.depth_tau)
+            f2d[sl] = out["feat"].to(f2d.dtype)
+            vis[sl] = out["visible"]
+        return f2d, vis
+
+    def forward(self, batch):
+        out3 = self.backbone(batch)
+        f2d, vis = self.lift_images(batch)
+        visf = vis.to(f2d.dtype)[:, None]
+        f2d = f2d * visf + self.unseen[None] * (1 - visf)
+        h = self.fusion(torch.cat([out3["feat"], f2d, visf], 1))
+        return {"logits": self.classifier(h), "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
+
+
+class TeacherTask(nn.Module):
+    """CE on fused logits + ``teacher.loss_3d`` x CE on the 3D branch."""
+
+    def __init__(self, model: MultiModalTeacher, cfg):
+        super().__init__()
+        self.model = model
+        self.w3d = cfg.teacher.loss_3d
+
+    def forward(self, batch):
+        from ..engine.tasks import ce_loss
+
+        out = self.model(batch)
+        losses = {"ce_fused": ce_loss(out["logits"], batch["segment"])}
+        if self.w3d > 0:
+            losses["ce_3d"] = self.w3d * ce_loss(out["logits_3d"], batch["segment"])
+        return losses, out
+
+
+def load_frames(frameset, ids, image_hw) -> dict:
+    """Load chosen frames as tensors: ``color`` (K,3,H,W) uint8 resized to image_hw, ``depth`` (K,h,w) metres,
+    ``pose`` (K,4,4), ``K_color`` (3,3) for the resized colour, ``K_depth`` (3,3)."""
+    from PIL import Image
+
+    H, W = image_hw
+    cols, deps, poses = [], [], []
+    K_color = None
+    for fid in ids:
+        fr = frameset.load(fid)
+        h0, w0 = fr.color.shape[:2]
+        img = Image.fromarray(fr.color).resize((W, H), Image.BILINEAR)
+        cols.append(np.asarray(img).transpose(2, 0, 1))
+        deps.append(fr.depth)
+        poses.append(fr.pose)
+        K_color = scale_intrinsic(fr.K_color, W / w0, H / h0)
+    dshapes = {d.shape for d in deps}
+    if len(dshapes) != 1:
+        raise HaskdError(f"{frameset.root}: depth images of different sizes {sorted(dshapes)}")
+    return {"color": torch.from_numpy(np.stack(cols)), "depth": torch.from_numpy(np.stack(deps)).float(),
+            "pose": torch.from_numpy(np.stack(poses)).float(), "K_color": torch.from_numpy(K_color).float(),
+            "K_depth": torch.from_numpy(frameset.K_depth).float(), "ids": list(ids)}
+
+
+def choose_frames(scene, cfg, frames_root=None, point_entropy=None):
+    """(FrameSet, chosen ids, selection dict) for a scene: real frames win, else virtual views are rendered."""
+    from ..iof import select_frames
+    from ..virtual_views import ensure_frames
+
+    t = cfg.teacher
+    fdir = ensure_frames(scene.path, num_views=t.virtual_views)
+    fs = open_frames(fdir)
+    if fs is None:
+        return None, [], {}
+    sel = select_frames(scene.coord, fs, k=t.num_frames, policy=t.frame_policy, voxel_size=cfg.data.voxel_size,
+                        tau=t.depth_tau, point_entropy=point_entropy, seed=cfg.train.seed, stride=t.frame_stride)
+    return fs, sel["ids"], sel
+
+
+def attach_frames(dataset, cfg, selections: dict = None):
+    """Give every scene of ``dataset`` its K frames (chosen once, kept in memory); samples then carry ``frames``.
+
+    ``selections``: optional {scene name: [frame ids]} (e.g. from ``haskd frames select``) instead of choosing here.
+    """
+    data, chosen = [], {}
+    for scene in dataset.scenes:
+        if selections and scene.name in selections:
+            from ..virtual_views import ensure_frames
+
+            fs = open_frames(ensure_frames(scene.path, num_views=cfg.teacher.virtual_views))
+            ids = list(selections[scene.name])
+        else:
+            fs, ids, _ = choose_frames(scene, cfg)
+        if fs is None or not ids:
+            log.warning("%s: no usable frame; the teacher sees points only here", scene.path)
+            data.append(None)
+            continue
+        data.append(load_frames(fs, ids, tuple(cfg.teacher.image_size)))
+        chosen[scene.name] = list(ids)
+    dataset.frame_data = data
+    dataset.chosen_frames = chosen
+
+    def extra(sample, i):
+        sample["frames"] = data[i]
+        return sample
+
+    dataset.extra = extra
+    return chosen
+
+
+def save_selection(chosen: dict, path):
+    Path(path).write_text(json.dumps(chosen, indent=1))

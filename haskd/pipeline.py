@@ -1,0 +1,178 @@
+"""The whole HAS-KD recipe as resumable stages (METHOD.md "Pipeline"):
+
+1. ``teacher``   multi-modal teacher (points + K frames chosen by the frame filter)
+2. ``baseline``  the point-only student trained alone (same budget) -- the reference
+3. ``stage1``    student with CE + IHD, saving M snapshots
+4. ``experts``   per-class IoU of each snapshot on val -> expert table
+5. ``student``   final student with CE + IHD + ASD
+Then ``summary.json`` (checkpoint + val metrics of baseline / teacher / student) and ``report.html``.
+A stage whose run folder already holds its final metrics is skipped; an interrupted one resumes from last.pt.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from .config import Config, save_config
+from .engine.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "baseline", "stage1", "experts", "student")
+
+
+def _plain_student(cfg: Config) -> Config:
+    c = copy.deepcopy(cfg)
+    c.role = "student"
+    c.distill.teacher_ckpt = ""
+    c.distill.experts = ""
+    c.train.snapshots = 0
+    return c
+
+
+def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
+    """Configs of the training stages. ``variant`` switches parts off for ablations:
+    ``ihd`` (bool), ``asd`` (bool), ``frame_policy`` (str)."""
+    v = {"ihd": True, "asd": True, "frame_policy": cfg.teacher.frame_policy, **(variant or {})}
+    teacher = _plain_student(cfg)
+    teacher.role = "teacher"
+    teacher.teacher.frame_policy = v["frame_policy"]
+    if cfg.teacher.model_preset:
+        teacher.model.preset = cfg.teacher.model_preset
+    if cfg.teacher.epochs:
+        teacher.train.epochs = cfg.teacher.epochs
+    baseline = _plain_student(cfg)
+    stage1 = _plain_student(cfg)
+    if v["ihd"]:
+        stage1.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
+    stage1.train.snapshots = cfg.train.snapshots or 5
+    student = _plain_student(cfg)
+    if v["ihd"]:
+        student.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
+    if v["asd"]:
+        student.distill.experts = str(out / "stage1" / "experts.json")
+    return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}
+
+
+def _done(run_dir: Path, epochs: int) -> bool:
+    last = run_dir / "last.pt"
+    if not (run_dir / "val_metrics.json").is_file() or not last.is_file():
+        return False
+    return int(load_checkpoint(last).get("epoch", 0)) >= epochs
+
+
+def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
+    from .engine.trainer import train
+
+    if _done(run_dir, cfg.train.epochs):
+        log.info("[%s] done already: %s", name, run_dir)
+        return json.loads((run_dir / "val_metrics.json").read_text())
+    log.info("[%s] training -> %s", name, run_dir)
+    return train(cfg, run_dir, resume=True, progress=progress)
+
+
+def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, progress=True, report=True) -> dict:
+    """Run every stage (skipping finished ones); returns the summary dict (also written to OUT/summary.json)."""
+    from .engine.distributed import is_main
+    from .experts import build_expert_table
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    v = {"ihd": True, "asd": True, **(variant or {})}
+    cfgs = stage_configs(cfg, out, v)
+    summary = {"config": str(out / "config.yaml"), "variant": v}
+    if v["ihd"]:
+        summary["teacher"] = _entry(out / "teacher", run_stage("teacher", cfgs["teacher"], out / "teacher", progress))
+    if with_baseline:
+        summary["baseline"] = _entry(out / "baseline", run_stage("baseline", cfgs["baseline"], out / "baseline",
+                                                                 progress))
+    if v["asd"]:
+        run_stage("stage1", cfgs["stage1"], out / "stage1", progress)
+        exp = out / "stage1" / "experts.json"
+        if not exp.is_file() and is_main():
+            build_expert_table(out / "stage1", cfg.data.root, cfg.data.val_split, "cpu"
+                               if cfg.train.device in ("auto", "cpu") else cfg.train.device,
+                               topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress)
+        summary["experts"] = str(exp)
+        summary["student"] = _entry(out / "student", run_stage("student", cfgs["student"], out / "student", progress))
+    else:
+        summary["student"] = _entry(out / "stage1", run_stage("stage1", cfgs["stage1"], out / "stage1", progress))
+    if is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if report:
+            from .report import write_report
+
+            write_report(out, summary, cfg)
+    return summary
+
+
+def _entry(run_dir: Path, metrics: dict) -> dict:
+    return {"ckpt": str(run_dir / "last.pt"),
+            "metrics": {k: metrics[k] for k in ("miou", "macc", "allacc", "per_class_iou") if k in metrics},
+            "confusion": metrics.get("confusion")}
+
+
+ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only", "HAS-KD")
+
+
+def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
+    """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
+
+    Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
+    stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
+    """
+    import numpy as np
+
+    from .experts import build_expert_table
+
+    out = Path(out)
+    results = {r: [] for r in ABLATION_ROWS}
+    per_class = {r: [] for r in ABLATION_ROWS}
+    for seed in seeds:
+        c = copy.deepcopy(cfg)
+        c.train.seed = seed
+        d = out / f"seed{seed}"
+        iof = stage_configs(c, d)
+        uni = stage_configs(c, d / "uniform", {"frame_policy": "uniform"})
+        dev = "cpu" if c.train.device in ("auto", "cpu") else c.train.device
+        base_cfg = copy.deepcopy(iof["baseline"])
+        base_cfg.train.snapshots = c.train.snapshots or 5
+        runs = {}
+        runs["baseline"] = run_stage("baseline", base_cfg, d / "baseline", progress)
+        run_stage("teacher", iof["teacher"], d / "teacher", progress)
+        runs["+IHD (IOF)"] = run_stage("stage1", iof["stage1"], d / "stage1", progress)
+        run_stage("teacher-uniform", uni["teacher"], d / "uniform" / "teacher", progress)
+        ihd_uni = copy.deepcopy(uni["stage1"])
+        ihd_uni.train.snapshots = 0
+        runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
+        for run_dir in (d / "baseline", d / "stage1"):
+            if not (run_dir / "experts.json").is_file():
+                build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
+                                   progress=progress)
+        asd_only = _plain_student(c)
+        asd_only.distill.experts = str(d / "baseline" / "experts.json")
+        runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
+        runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
+        for r in ABLATION_ROWS:
+            results[r].append(runs[r]["miou"])
+            per_class[r].append(runs[r]["per_class_iou"])
+    table = {"seeds": list(seeds), "rows": {}}
+    for r in ABLATION_ROWS:
+        v = np.array(results[r]) * 100
+        table["rows"][r] = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                            "per_class_iou": per_class[r]}
+    md = ablation_markdown(table)
+    (out / "ablation.md").write_text(md + "\n")
+    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    return table
+
+
+def ablation_markdown(table: dict) -> str:
+    base = table["rows"]["baseline"]["mean"]
+    lines = [f"| variant | val mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |", "|---|---|---|"]
+    for r, v in table["rows"].items():
+        lines.append(f"| {r} | {v['mean']:.2f} +- {v['std']:.2f} | {v['mean'] - base:+.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""ASD: snapshot schedule, expert selection, and the loss against hand-computed values.
+
+Reference numbers (tau = 2): expert logits [2 ln 3, 0] -> target [0.75, 0.25]; student [0, 0] -> uniform;
+tau^2 * KL = 0.5232481438. Target [0.625, 0.375] (half [0.75, 0.25] + half uniform) vs uniform: 0.1263357696.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from haskd.asd import ASDLoss, asd_loss, expert_heatmap_png, select_experts, snapshot_epochs
+from haskd.errors import HaskdError
+
+LN3 = math.log(3.0)
+KD_075 = 0.5232481437645479
+KD_0625 = 0.12633576960785303
+NAN = float("nan")
+
+
+def test_snapshot_epochs_second_half():
+    assert snapshot_epochs(100) == [60, 70, 80, 90, 100]
+    assert snapshot_epochs(10, 5) == [6, 7, 8, 9, 10]
+    assert snapshot_epochs(9, 3) == [6, 8, 9]  # 4 + ceil(5k/3)
+    assert snapshot_epochs(7, 5) == [3, 4, 5, 6, 7]  # second half too short: last 5 epochs
+    assert snapshot_epochs(1, 5) == [1]
+    assert snapshot_epochs(100, 1) == [100]
+
+
+def test_snapshot_epochs_cycles():
+    assert snapshot_epochs(100, 5, "cycles") == [20, 40, 60, 80, 100]
+    assert snapshot_epochs(100, 5, "cycles", cycles=10) == [60, 70, 80, 90, 100]
+    assert snapshot_epochs(60, 5, "cycles", cycles=[10, 20, 30]) == [10, 30, 60]
+    with pytest.raises(HaskdError):
+        snapshot_epochs(60, 5, "cycles", cycles=[10, 20])
+    with pytest.raises(HaskdError):
+        snapshot_epochs(0, 5)
+    with pytest.raises(HaskdError):
+        snapshot_epochs(10, 5, "linear")
+
+
+IOU = np.array([
+    # c0   c1   c2   c3   c4   c5
+    [0.5, 0.2, NAN, 0.3, NAN, 0.0],
+    [0.6, 0.2, NAN, 0.1, 0.3, 0.0],
+    [0.4, 0.1, NAN, 0.3, NAN, 0.0],
+])
+
+
+def test_select_experts_top1_ties_and_nan():
+    t = select_experts(IOU)
+    # c1: tie 0/1 -> later (1); c2: all NaN -> last (2); c3: tie 0/2 -> 2; c4: NaN elsewhere; c5: all 0 -> last
+    assert t["expert"].tolist() == [1, 1, 2, 2, 1, 2]
+    assert t["indices"].shape == (6, 1) and t["weights"].tolist() == [[1.0]] * 6
+
+
+def test_select_experts_topk_weights():
+    t = select_experts(IOU, topk=2)
+    assert t["indices"].tolist() == [[1, 0], [1, 0], [2, 1], [2, 0], [1, 2], [2, 1]]
+    np.testing.assert_allclose(t["weights"], [[0.6 / 1.1, 0.5 / 1.1], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5],
+                                              [1.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+    assert t["expert"].tolist() == t["indices"][:, 0].tolist()
+    assert select_experts(IOU, topk=10)["indices"].shape == (6, 3)  # k clipped to M
+
+
+def _toy():
+    """3 points, 2 classes, 2 snapshots; expert(0) = snapshot 0, expert(1) = snapshot 1."""
+    student = torch.zeros(3, 2, requires_grad=True)
+    experts = torch.tensor([
+        [[2 * LN3, 0.0], [5.0, -5.0], [0.0, 0.0]],   # snapshot 0
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 2 * LN3]],    # snapshot 1 (final)
+    ], requires_grad=True)
+    labels = torch.tensor([0, 1, -1])
+    return student, experts, labels, np.array([0, 1])
+
+
+def test_asd_loss_hand_values():
+    s, e, y, table = _toy()
+    # point 0: class 0 -> snapshot 0 -> [.75, .25] -> 0.52325; point 1: class 1 -> snapshot 1 -> uniform -> 0
+    assert asd_loss(s, e, y, table, tau=2.0, unlabeled="skip").item() == pytest.approx(KD_075 / 2, rel=1e-6)
+    # point 2 unlabeled: the final snapshot predicts class 1 -> expert 1 -> [.25, .75] -> 0.52325
+    assert asd_loss(s, e, y, table, 2.0, "final").item() == pytest.approx(2 * KD_075 / 3, rel=1e-6)
+    # given final prediction 0 -> expert 0 on point 2 -> uniform -> 0
+    v = asd_loss(s, e, y, table, 2.0, "final", final_pred=torch.tensor([0, 0, 0]))
+    assert v.item() == pytest.approx(KD_075 / 3, rel=1e-6)
+    # the select_experts dict works the same as a plain expert array
+    d = select_experts(np.array([[0.9, 0.1], [0.2, 0.8]]))
+    assert asd_loss(s, e, y, d, 2.0, "skip").item() == pytest.approx(KD_075 / 2, rel=1e-6)
+
+
+def test_asd_loss_topk_mixture():
+    s, e, y, _ = _toy()
+    table = {"indices": np.array([[0, 1], [1, 0]]), "weights": np.array([[0.5, 0.5], [1.0, 0.0]])}
+    # point 0: 0.5 * [.75, .25] + 0.5 * uniform = [.625, .375]; point 1: snapshot 1 (weight 1) -> uniform
+    assert asd_loss(s, e, y, table, 2.0, "skip").item() == pytest.approx(KD_0625 / 2, rel=1e-6)
+
+
+def test_asd_class_supervised_only_by_its_expert():
+    s, e, y, table = _toy()
+    base = asd_loss(s, e, y, table, 2.0, "skip")
+    base.backward()
+    assert e.grad is None  # experts are frozen: never a gradient source
+    assert s.grad.abs().sum() > 0
+    e2 = e.detach().clone()
+    e2[0, 1] = torch.tensor([-7.0, 3.0])  # snapshot 0 is not the expert of class 1 (point 1)
+    e2[1, 0] = torch.tensor([4.0, 1.0])   # snapshot 1 is not the expert of class 0 (point 0)
+    assert asd_loss(s, e2, y, table, 2.0, "skip").item() == pytest.approx(base.item(), abs=1e-7)
+    e3 = e.detach().clone()
+    e3[0, 0] = torch.tensor([0.0, 0.0])   # the expert of class 0 on a class-0 point: the loss moves
+    assert asd_loss(s, e3, y, table, 2.0, "skip").item() != pytest.approx(base.item(), abs=1e-4)
+
+
+def test_asd_probs_and_module():
+    s, e, y, table = _toy()
+    probs = torch.softmax(e.detach() / 2.0, -1)
+    ref = asd_loss(s, e, y, table, 2.0, "final")
+    got = asd_loss(s, probs, y, table, 2.0, "final", target_kind="probs")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    mod = ASDLoss(select_experts(np.array([[0.9, 0.1], [0.2, 0.8]])), tau=2.0, weight=3.0)
+    out = mod({"logits": s}, e, y)
+    assert set(out) == {"asd"} and out["asd"].item() == pytest.approx(3 * ref.item(), rel=1e-6)
+    out = mod(s, {"probs": probs, "final_pred": torch.tensor([0, 0, 0])}, y)
+    assert out["asd"].item() == pytest.approx(3 * KD_075 / 3, rel=1e-6)
+
+
+def test_asd_no_used_point_is_zero():
+    s = torch.randn(4, 3, requires_grad=True)
+    loss = asd_loss(s, torch.randn(2, 4, 3), torch.full((4,), -1), np.array([0, 1, 1]), unlabeled="skip")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(s.grad).all()
+
+
+def test_expert_heatmap_png(tmp_path):
+    t = select_experts(IOU)
+    p = expert_heatmap_png(IOU, [f"class{i}" for i in range(6)], t["expert"], tmp_path / "sub" / "experts.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,127 @@
+"""Soft-label cache: round trip, documented top-k truncation, and cached == online targets (unaugmented)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from haskd.asd import asd_loss
+from haskd.cache import (dense_logits_from_topk, gather_to_voxels, load_scene_cache, read_manifest, topk_probs,
+                         write_scene_cache)
+from haskd.errors import HaskdError, InputError
+from haskd.ihd import IHDLoss, kd_kl
+
+
+def test_topk_truncation_hand_values(tmp_path):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    write_scene_cache(tmp_path, "s", logits, topk=2)
+    c = load_scene_cache(tmp_path, "s")
+    # kept: classes 1 and 2, best first, stored relative to the max logit (3): [0, -1]
+    assert c["topk_index"].tolist() == [[1, 2]] and c["topk_index"].dtype == np.int16
+    assert c["topk_logits"].tolist() == [[0.0, -1.0]] and c["topk_logits"].dtype == np.float16
+    dense = dense_logits_from_topk(c["topk_logits"], c["topk_index"], c["num_classes"])
+    assert dense.tolist() == [[-math.inf, 0.0, -1.0, -math.inf]]
+    # tau = 1: e / (e + 1) = 0.7310586; tau = 2: 1 / (1 + e^-0.5) = 0.6224593
+    p1 = topk_probs(c["topk_logits"], c["topk_index"], 4, tau=1.0)
+    np.testing.assert_allclose(p1.numpy(), [[0.0, 0.7310586, 0.2689414, 0.0]], atol=1e-6)
+    p2 = topk_probs(c["topk_logits"], c["topk_index"], 4, tau=2.0)
+    np.testing.assert_allclose(p2.numpy(), [[0.0, 0.6224593, 0.3775407, 0.0]], atol=1e-6)
+    # dense logits with -inf give the same truncated target through the loss
+    s = torch.zeros(1, 4)
+    assert kd_kl(s, dense, 2.0).item() == pytest.approx(kd_kl(s, p2, 2.0, target_kind="probs").item(), rel=1e-6)
+
+
+def test_round_trip_manifest_and_errors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 6, generator=g) * 3
+    feat = torch.randn(50, 4, generator=g)
+    vis = torch.rand(50, generator=g) > 0.5
+    path = write_scene_cache(tmp_path, "scene0000_00", logits, feat=feat, visible=vis)  # default: all classes
+    assert path.name == "scene0000_00.npz"
+    m = read_manifest(tmp_path)
+    assert (m["topk"], m["num_classes"], m["feat_dim"], m["lead_shape"]) == (6, 6, 4, [])
+    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == "haskd-soft-label-cache"
+    c = load_scene_cache(tmp_path, "scene0000_00", expected_points=50)
+    dense = dense_logits_from_topk(c["topk_logits"], c["topk_index"], 6)
+    rel = logits - logits.max(1, keepdim=True).values
+    np.testing.assert_allclose(dense.numpy(), rel.numpy(), atol=2e-2)  # fp16 of values up to ~20
+    np.testing.assert_allclose(c["feat"].astype(np.float32), feat.numpy(), atol=2e-3)
+    assert c["visible"].dtype == bool and (c["visible"] == vis.numpy()).all()
+
+    with pytest.raises(HaskdError):  # same dir, other settings
+        write_scene_cache(tmp_path, "other", logits, topk=3)
+    with pytest.raises(InputError):
+        load_scene_cache(tmp_path, "missing")
+    with pytest.raises(InputError):
+        load_scene_cache(tmp_path, "scene0000_00", expected_points=49)
+    with pytest.raises(InputError):
+        load_scene_cache(tmp_path / "nowhere", "scene0000_00")
+    with pytest.raises(InputError):
+        write_scene_cache(tmp_path, "../evil", logits, feat=feat, visible=vis, topk=6)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError):
+        load_scene_cache(tmp_path, "broken")
+
+
+def test_gather_to_voxels_mean():
+    out = gather_to_voxels(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 2]), num_voxels=4)
+    assert out.tolist() == [1.5, 3.0, 4.0, 0.0]  # empty voxel -> 0
+    frac = gather_to_voxels(np.array([True, False, True]), np.array([0, 0, 1]))
+    assert frac.tolist() == [0.5, 1.0]
+    x = torch.arange(12.0).reshape(2, 3, 2)  # (M, P, C), gather along the point dim
+    g = gather_to_voxels(x, torch.tensor([1, 0, 1]), dim=1)
+    assert g.tolist() == [[[2.0, 3.0], [2.0, 3.0]], [[8.0, 9.0], [8.0, 9.0]]]
+
+
+def _voxelize(n_points=300, grid=0.25, seed=0):
+    """Random points -> (inverse (P,), N_vox): the point->voxel map of an unaugmented batch."""
+    rng = np.random.default_rng(seed)
+    coord = rng.uniform(0, 1, (n_points, 3))
+    _, inverse = np.unique(np.floor(coord / grid).astype(np.int64), axis=0, return_inverse=True)
+    inverse = torch.from_numpy(inverse.reshape(-1))
+    return inverse, int(inverse.max()) + 1
+
+
+def test_cached_equals_online_unaugmented(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    inverse, n_vox = _voxelize()
+    c, d_t, tau = 5, 8, 2.0
+    t_vox = torch.randn(n_vox, c, generator=g) * 3        # online teacher on the student's voxels
+    f_vox = torch.randn(n_vox, d_t, generator=g)
+    vis_vox = torch.rand(n_vox, generator=g) > 0.3
+    labels = torch.randint(-1, c, (n_vox,), generator=g)
+    student = {"logits": torch.randn(n_vox, c, generator=g), "feat": torch.randn(n_vox, 6, generator=g)}
+    # the cache holds per ORIGINAL point: each point carries its voxel's outputs
+    write_scene_cache(tmp_path, "s", t_vox[inverse], feat=f_vox[inverse], visible=vis_vox[inverse], topk=c)
+    e = load_scene_cache(tmp_path, "s", expected_points=inverse.numel())
+
+    ihd = IHDLoss(6, d_t, tau=tau, trust="soft")
+    online = ihd(student, {"logits": t_vox, "feat": f_vox, "visible": vis_vox}, labels)
+    dense = gather_to_voxels(dense_logits_from_topk(e["topk_logits"], e["topk_index"], c), inverse, n_vox)
+    feat = gather_to_voxels(e["feat"], inverse, n_vox)
+    vis = gather_to_voxels(e["visible"], inverse, n_vox)
+    cached = ihd(student, {"logits": dense, "feat": feat, "visible": vis}, labels)
+    for k in ("ihd_logit", "ihd_feat"):
+        assert cached[k].item() == pytest.approx(online[k].item(), rel=1e-2, abs=1e-3)
+    # the probabilities route (what augmented batches use) gives the same target
+    probs = gather_to_voxels(topk_probs(e["topk_logits"], e["topk_index"], c, tau=tau), inverse, n_vox)
+    w = vis.float()
+    assert kd_kl(student["logits"], probs, tau, w, target_kind="probs").item() == pytest.approx(
+        kd_kl(student["logits"], t_vox, tau, w).item(), rel=1e-2, abs=1e-3)
+
+
+def test_cached_experts_equal_online(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    inverse, n_vox = _voxelize(200, seed=3)
+    m, c = 3, 4
+    ex_vox = torch.randn(m, n_vox, c, generator=g) * 2
+    write_scene_cache(tmp_path, "s", ex_vox[:, inverse], topk=c)  # (M, P, C) in one file
+    e = load_scene_cache(tmp_path, "s")
+    assert e["topk_logits"].shape == (m, inverse.numel(), c) and read_manifest(tmp_path)["lead_shape"] == [m]
+    dense = gather_to_voxels(dense_logits_from_topk(e["topk_logits"], e["topk_index"], c), inverse, n_vox, dim=1)
+    student = torch.randn(n_vox, c, generator=g)
+    labels = torch.randint(-1, c, (n_vox,), generator=g)
+    table = np.array([0, 2, 1, 2])
+    got = asd_loss(student, dense, labels, table, tau=2.0)
+    assert got.item() == pytest.approx(asd_loss(student, ex_vox, labels, table, tau=2.0).item(), rel=1e-2, abs=1e-3)
