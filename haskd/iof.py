@@ -232,7 +232,9 @@ def coverage(points, frameset, ids, voxel_size: float = 0.05, tau: float = 0.1,
 
 
 def contact_sheet(frameset, ids, scores, path, thumb_width: int = 320, cols: int = 5, title: str = "") -> Path:
-    """Write a PNG grid of the chosen frames, each captioned with its id and score. Returns the path."""
+    """Write a PNG grid of the chosen frames captioned with id and score (a None score is left out).
+
+    Returns the path."""
     from PIL import Image, ImageDraw
 
     thumbs = []
@@ -251,10 +253,12 @@ def contact_sheet(frameset, ids, scores, path, thumb_width: int = 320, cols: int
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((4, 4), title, fill=(0, 0, 0))
+    scores = list(scores) if scores is not None else []
+    scores += [None] * (len(thumbs) - len(scores))
     for i, (t, fid, s) in enumerate(zip(thumbs, ids, scores)):
         x, y = (i % cols) * thumb_width, top + (i // cols) * (th + cap)
         sheet.paste(t, (x, y))
-        draw.text((x + 4, y + th + 3), f"#{i + 1} {fid}  score {s:.4g}", fill=(0, 0, 0))
+        draw.text((x + 4, y + th + 3), f"#{i + 1} {fid}" + ("" if s is None else f"  score {s:.4g}"), fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

@@ -7,10 +7,10 @@ of the room, wide), yaws evenly spaced with a seeded jitter, pitch alternating b
 ``pitch_deg - 15`` so both walls and the furniture/floor in front of them are seen. The up axis is +z (ScanNet,
 S3DIS).
 
-Splatting: every point covers a square footprint of ``ceil(point_size * fx / z / 2 - 1/2)`` pixels radius (capped;
-point_size = the point's local spacing, see :func:`point_spacing`), the nearest depth wins per pixel. Vectorised: one pass per footprint offset, then a sort by (pixel, depth) and the
-first entry per pixel. Cameras follow the conventions of :mod:`haskd.lifting` (OpenCV axes, camera-to-world pose,
-pixel-centre intrinsics).
+Splatting: every point covers a square footprint of ``ceil(point_size * fx / z / 2 - 1/2)`` pixels radius
+(capped; point_size = the point's local spacing, see :func:`point_spacing`), the nearest depth wins per pixel.
+Vectorised: one pass per footprint offset, then a sort by (pixel, depth) and the first entry per pixel. Cameras
+follow the conventions of :mod:`haskd.lifting` (OpenCV axes, camera-to-world pose, pixel-centre intrinsics).
 """
 from __future__ import annotations
 

@@ -29,3 +29,17 @@ def _few_threads():
     torch.set_num_threads(min(2, old))
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_rooms(tmp_path_factory):
+    """Three small synthetic rooms with frames: 2 train, 1 val (shared by the end-to-end tests)."""
+    from haskd.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("rooms")
+    write_dataset(root, num_train=2, num_val=1, seed=7, progress=False, points_per_m2=120.0, num_frames=6,
+                  image_size=(60, 80))
+    return root
+
+
+TINY = ["model.preset=tiny", "data.voxel_size=0.1", "data.batch_size=2", "optim.lr=0.02", "train.device=cpu"]

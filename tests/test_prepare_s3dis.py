@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_bad_room_fails_alone(raw, tmp_path, capsys, case):
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if "FAILED" in ln)
     assert line.startswith("  FAILED Area_1_conferenceRoom_1: ") and str(root) in line
-    assert __import__("re").search(pattern, line), line
+    assert re.search(pattern, line), line
     assert (out / "val" / "Area_5_office_2" / "coord.npy").is_file()
     assert not (out / "train" / "Area_1_conferenceRoom_1").exists()
 

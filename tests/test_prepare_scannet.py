@@ -1,6 +1,7 @@
 """ScanNetV2 importer and .sens reader/writer, on official-layout fixtures built from the real ScanNet samples."""
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -223,10 +224,11 @@ def test_prepare_reproduces_source_exactly(raw, tmp_path, shared_data):
     assert fs.ids == ["000000", "000004"] and not fs.skipped
     src = shared_data / AI360
     sens_frames = _sens_frames(src)
+    from PIL import Image
+
     for fid, k in zip(fs.ids, (0, 4)):
         d = fs.root
         assert (d / "color" / f"{fid}.jpg").read_bytes() == sens_frames[k]["color_bytes"]
-        from PIL import Image
         np.testing.assert_array_equal(np.asarray(Image.open(d / "depth" / f"{fid}.png")), sens_frames[k]["depth"])
         assert fs.pose(fid).astype(np.float32).tobytes() == sens_frames[k]["pose"].tobytes()
     np.testing.assert_allclose(fs.K_color, _sens_header(src).intrinsic_color[:3, :3], atol=1e-5)
@@ -243,7 +245,8 @@ def test_vertex_normals_are_area_weighted():
     n = scannet.vertex_normals(v, f)
     want0 = np.array([0, 0, 4.0]) + np.array([1.0, 0, 0])   # cross products = 2 * area * unit normal
     np.testing.assert_allclose(n[0], want0 / np.linalg.norm(want0), rtol=1e-6)
-    np.testing.assert_allclose(n[1], [0, 0, 1]) and np.testing.assert_allclose(n[3], [1, 0, 0])
+    np.testing.assert_allclose(n[1], [0, 0, 1], atol=1e-7)
+    np.testing.assert_allclose(n[3], [1, 0, 0], atol=1e-7)
     iso = scannet.vertex_normals(np.zeros((1, 3), np.float32), np.zeros((0, 3), np.int64))
     np.testing.assert_array_equal(iso, 0)
 
@@ -360,7 +363,7 @@ def test_bad_input_fails_that_scene_only(raw, tmp_path, capsys, case):
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if "FAILED" in ln)
     assert line.startswith("  FAILED scene0000_00: ") and str(root) in line
-    assert __import__("re").search(pattern, line), line
+    assert re.search(pattern, line), line
     assert "failed 1" in err
     assert (out / "train" / "scene0000_01" / "coord.npy").is_file()   # good scenes are kept
     assert (out / "test" / "scene0000_02" / "coord.npy").is_file()

@@ -170,6 +170,23 @@ def test_bad_config_is_reported():
         PointTransformerV3(6, 5, backend="minkowski")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_forward_backward():
+    model = _tiny(backend="torch").cuda().train()
+    batch = {k: v.cuda() for k, v in _batch(_sample(90, 1), _sample(37, 2)).items()}
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = model(batch)
+    assert out["logits"].shape == (127, 5) and bool(torch.isfinite(out["logits"]).all())
+    out["logits"].float().logsumexp(1).mean().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
+def test_set_backend_switches_every_conv():
+    model = _tiny()
+    assert model.set_backend("torch") is model
+    assert {m.backend for m in model.modules() if hasattr(m, "kernel_size")} == {"torch"}
+
+
 def _voxelize(xyz, rgb, size):
     grid = np.floor((xyz - xyz.min(0)) / size).astype(np.int64)
     _, first = np.unique(grid, axis=0, return_index=True)

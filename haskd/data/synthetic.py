@@ -141,7 +141,8 @@ class _Layout:
         self.wall_tex = _Tex(base=rng.uniform(125, 200) + rng.uniform(-12, 12, 3), low_amp=rng.uniform(3, 7),
                              low_freq=rng.uniform(-0.8, 0.8, (2, 2)), low_phase=rng.uniform(0, 6.3, 2),
                              speck_amp=rng.uniform(4, 9), speck_freq=rng.uniform(8, 25, (2, 2)))
-        fb = np.array(self._pick([(150, 110, 70), (120, 85, 60), (170, 160, 150), (95, 95, 100)])) + rng.uniform(-15, 15, 3)
+        fb = np.array(self._pick([(150, 110, 70), (120, 85, 60), (170, 160, 150), (95, 95, 100)]), float)
+        fb = fb + rng.uniform(-15, 15, 3)
         self.floor_tex = _Tex(base=fb, low_amp=5, low_freq=rng.uniform(-0.5, 0.5, (2, 2)),
                               low_phase=rng.uniform(0, 6.3, 2), kind="wood", amp=rng.uniform(8, 18),
                               period=rng.uniform(0.12, 0.25), phase=rng.uniform(0, 6.3), cdir=np.array([1.0, 0.9, 0.7]))
@@ -341,7 +342,8 @@ class _Layout:
                 x, y = r.uniform(lo[0], hi[0] - sz[0]), r.uniform(lo[1], hi[1] - sz[1])
                 z = hi[2]
             else:
-                x, y, z = r.uniform(0.05, self.size[0] - sz[0] - 0.05), r.uniform(0.05, self.size[1] - sz[1] - 0.05), 0.0
+                x = r.uniform(0.05, self.size[0] - sz[0] - 0.05)
+                y, z = r.uniform(0.05, self.size[1] - sz[1] - 0.05), 0.0
             box = (np.array([x, y, z]), np.array([x, y, z]) + sz)
             others = [(b.lo, b.hi) for b in self.boxes]
             # may touch the top it stands on, never cut into anything
@@ -499,10 +501,7 @@ def _sample_points(lay: _Layout, rng, density, ceiling_density):
     keep = np.ones(len(coord), bool)
     eps = 1e-6
     for j, b in enumerate(lay.boxes):
-        inside = np.all(coord > b.lo - eps, 1) & np.all(coord < b.hi + eps, 1) & (prim != 6 + j)
-        # a point exactly on this box's outer face that belongs to a neighbour face in the same plane is hidden
-        # only if it is strictly within the box footprint on the other two axes, which `inside` already implies
-        keep &= ~inside
+        keep &= ~(np.all(coord > b.lo - eps, 1) & np.all(coord < b.hi + eps, 1) & (prim != 6 + j))
     return coord[keep], axis[keep], sign[keep], prim[keep]
 
 
@@ -670,8 +669,12 @@ def render(lay: _Layout, pose, K, image_size):
 def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, image_size=(240, 320),
               ceiling_density: float = 0.25, color_noise: float = 5.0, position_noise: float = 0.002,
               label_noise_band: float = 0.04, label_noise_prob: float = 0.5, hard_relief=(0.008, 0.02),
-              hard_color_shift=(4.0, 10.0), hard_texture_amp=(30.0, 50.0), name: Optional[str] = None) -> dict:
+              hard_color_shift=(4.0, 10.0), hard_texture_amp=(30.0, 50.0), name: Optional[str] = None,
+              poses: Optional[list] = None) -> dict:
     """One synthetic room, fully determined by ``seed`` (see the module docstring for the returned keys).
+
+    ``poses``: camera-to-world 4x4 matrices to render instead of the default camera path (the room itself does
+    not depend on them, so the same seed gives the same room seen from elsewhere).
 
     ``points_per_m2`` sets the surface sampling density (400 gives roughly 30-60k points); ``hard_*`` control how
     weakly the hard classes show in the points: relief (m), mean colour shift (levels) and pattern amplitude.
@@ -689,7 +692,8 @@ def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, ima
     noisy = boundary_label_noise(coord, label, rng, band=label_noise_band, prob=label_noise_prob)
     K = intrinsics(image_size)
     frames = []
-    for pose in camera_path(lay, rng, num_frames):
+    path = camera_path(lay, rng, num_frames)
+    for pose in (path if poses is None else [np.asarray(p, np.float64) for p in poses]):
         c, dep = render(lay, pose, K, image_size)
         frames.append(SynthFrame(c, dep, pose, K.copy()))
     return {

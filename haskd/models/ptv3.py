@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import HaskdError
-from ..sparse import SparseTensor, SubMConv3d, resolve_backend
+from ..sparse import SparseTensor, SubMConv3d, resolve_backend, set_backend
 from .serialization import MAX_DEPTH, ORDERS, batch_from_offset, serialize
 
 # Serialize with a fixed curve depth (grid coords < 2^16) so that a sample's order never depends on the extent of
@@ -266,6 +266,7 @@ class PointTransformerV3(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.orders, self.shuffle_orders, self.patch_size = tuple(orders), shuffle_orders, patch_size
         self.feat_dim = dec_channels[0]
+        self.backend = backend
 
         self.stem = _Stem(in_channels, enc_channels[0], stem_kernel, backend)
         # Stochastic depth grows linearly over the encoder blocks, as in PTv3.
@@ -287,6 +288,10 @@ class PointTransformerV3(nn.Module):
             self.dec.append(nn.ModuleList([Block(dec_channels[i], dec_num_heads[i], mlp_ratio, 0.0, backend)
                                            for _ in range(dec_depths[i])]))
         self.head = nn.Linear(self.feat_dim, num_classes)
+
+    def set_backend(self, backend: str) -> "PointTransformerV3":
+        """Run the CPE/stem sparse convs with ``backend`` from now on (weights unchanged)."""
+        return set_backend(self, backend)
 
     def _level(self, grid, batch, offset, stride=1) -> _Level:
         perm = list(range(len(self.orders)))

@@ -26,7 +26,7 @@ import tempfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 from ..errors import HaskdError
 
@@ -159,11 +159,9 @@ class Summary:
 
 def _call(worker: Callable, job: Job, out_dir: str) -> dict:
     """Run one job in a worker; turn any exception into a one-line failure reason instead of killing the run."""
-    from ..errors import HaskdError as _HE
-
     try:
         res = worker(job.name, job.params, out_dir)
-    except _HE as e:
+    except HaskdError as e:
         return {"ok": False, "reason": str(e)}
     except Exception as e:  # a bug or an unforeseen input problem: fail this scene only, say what it was
         return {"ok": False, "reason": f"{type(e).__name__}: {e}"}
