@@ -10,6 +10,15 @@ from haskd.models.ptv3 import PTV3_PRESETS, GridPooling, PointTransformerV3, _pa
 from haskd.models.serialization import (batch_from_offset, encode, hilbert_encode, serialize, z_order_encode)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These inputs are tiny: with 2 threads on 2 busy shared cores, thread hand-offs cost ~5x the work itself.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +167,13 @@ def test_order_shuffle_only_in_training():
     model.train()
     perms = {tuple(model._level(grid, b, off).perm) for _ in range(20)}
     assert len(perms) > 1 and all(sorted(p) == [0, 1, 2, 3] for p in perms)
+
+
+def test_single_stage_network():
+    model = PointTransformerV3(6, 5, enc_channels=(16,), enc_depths=(1,), num_heads=(2,), dec_channels=(),
+                               dec_depths=())
+    out = check_student(model, _batch(_sample(30, 1)), num_classes=5)
+    assert out["feat"].shape == (30, 16)
 
 
 def test_bad_config_is_reported():

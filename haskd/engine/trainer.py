@@ -142,8 +142,9 @@ def snapshot_schedule(cfg: Config) -> list:
                            cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)
 
 
-def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True) -> dict:
-    """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl)."""
+def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, return_model: bool = False):
+    """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl), or
+    ``(metrics, model)`` with ``return_model``."""
     device = dist_utils.setup(cfg.train.device, cfg.train.threads)
     main = dist_utils.is_main()
     out = Path(out_dir)
@@ -163,6 +164,8 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True) -> 
     task = build_task(cfg, model, device, datasets).to(device)
     wrapped = task
     if dist_utils.world_size() > 1:
+        if device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU, BN statistics stay per rank
+            task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     params = [p for p in task.parameters() if p.requires_grad]
@@ -224,7 +227,7 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True) -> 
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
             if progress and main and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{float(total):.3f}", refresh=False)
+                it.set_postfix(loss=f"{float(total.detach()):.3f}", refresh=False)
         rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
                "epoch_time_s": time.perf_counter() - t0, **{f"train/{k}": v / max(n, 1) for k, v in sums.items()}}
         last_epoch = epoch + 1 == cfg.train.epochs
@@ -254,7 +257,7 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True) -> 
     logger.close()
     if main and metrics:
         (out / "val_metrics.json").write_text(json.dumps(metrics))
-    return metrics
+    return (metrics, model) if return_model else metrics
 
 
 def _plain(m: dict) -> dict:

@@ -23,7 +23,6 @@ its fused kernels on CUDA.
 """
 from __future__ import annotations
 
-import random
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -39,16 +38,16 @@ from .serialization import MAX_DEPTH, ORDERS, batch_from_offset, serialize
 SERIAL_DEPTH = MAX_DEPTH
 
 PTV3_PRESETS: Dict[str, dict] = {
-    # CPU-friendly: a few seconds per small scene.
+    # For CPU runs and tests.
     "tiny": dict(enc_channels=(16, 32, 64, 128), enc_depths=(1, 1, 1, 1), dec_channels=(32, 32, 64),
                  dec_depths=(1, 1, 1), num_heads=(1, 2, 4, 8), patch_size=48, drop_path=0.0),
-    # The constructor defaults.
+    # The constructor defaults, with stochastic depth.
     "small": dict(enc_channels=(32, 64, 128, 256), enc_depths=(1, 1, 2, 1), dec_channels=(64, 64, 128),
                   dec_depths=(1, 1, 1), num_heads=(2, 4, 8, 16), patch_size=64, drop_path=0.1),
     # The published PTv3 ScanNet configuration (5 stages, ~46M parameters), for GPU runs.
     "base": dict(enc_channels=(32, 64, 128, 256, 512), enc_depths=(2, 2, 2, 6, 2), dec_channels=(64, 64, 128, 256),
                  dec_depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16, 32), dec_num_heads=(4, 4, 8, 16),
-                 patch_size=1024, drop_path=0.3),
+                 patch_size=1024, drop_path=0.3, stem_kernel=5),
 }
 
 
@@ -265,7 +264,7 @@ class PointTransformerV3(nn.Module):
             dec_num_heads = [max(1, c // (enc_channels[i] // num_heads[i])) for i, c in enumerate(dec_channels)]
         self.in_channels, self.num_classes = in_channels, num_classes
         self.orders, self.shuffle_orders, self.patch_size = tuple(orders), shuffle_orders, patch_size
-        self.feat_dim = dec_channels[0]
+        self.feat_dim = dec_channels[0] if s > 1 else enc_channels[0]
         self.backend = backend
 
         self.stem = _Stem(in_channels, enc_channels[0], stem_kernel, backend)
@@ -296,7 +295,7 @@ class PointTransformerV3(nn.Module):
     def _level(self, grid, batch, offset, stride=1) -> _Level:
         perm = list(range(len(self.orders)))
         if self.training and self.shuffle_orders:
-            random.shuffle(perm)
+            perm = torch.randperm(len(perm)).tolist()  # torch's RNG, so torch.manual_seed reproduces a run
         return _Level(grid, batch, offset, self.orders, self.patch_size, perm, stride)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

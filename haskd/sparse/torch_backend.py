@@ -105,19 +105,33 @@ class KernelMap:
 
 def _pairs_from_table(table: torch.Tensor, skip=None):
     """Turn a ``(K, N_out)`` table of input rows (-1 = none) into ``(in_idx, out_idx, groups)``."""
-    ins, outs, groups, start = [], [], [], 0
     hit = table >= 0
-    counts = hit.sum(1).tolist()
+    if skip is not None:
+        hit[skip] = False
+    k_idx, out_idx = hit.nonzero(as_tuple=True)  # one call for all offsets: sorted by offset, then output row
+    in_idx = table[k_idx, out_idx]
+    counts = torch.bincount(k_idx, minlength=table.shape[0]).tolist()
+    groups, start = [], 0
     for k, cnt in enumerate(counts):
-        if k == skip or cnt == 0:  # empty offsets cost nothing later
-            continue
-        o = torch.nonzero(hit[k]).squeeze(1)
-        ins.append(table[k, o])
-        outs.append(o)
-        groups.append((k, start, start + cnt))
-        start += cnt
-    empty = table.new_zeros(0)
-    return (torch.cat(ins) if ins else empty), (torch.cat(outs) if outs else empty), groups
+        if cnt:  # empty offsets cost nothing later
+            groups.append((k, start, start + cnt))
+            start += cnt
+    return in_idx, out_idx, groups
+
+
+def unique_coords(coords: torch.Tensor) -> torch.Tensor:
+    """Sorted unique rows of ``(N, 4)`` int64 coords (1-D unique on packed keys: ``unique(dim=0)`` is slow on CPU)."""
+    if coords.shape[0] == 0:
+        return coords
+    size = coords.max(0).values + 1
+    key = ((coords[:, 0] * size[1] + coords[:, 1]) * size[2] + coords[:, 2]) * size[3] + coords[:, 3]
+    key = torch.unique(key)
+    out = torch.empty((key.numel(), 4), dtype=coords.dtype, device=coords.device)
+    for d in (3, 2, 1):
+        out[:, d] = key % size[d]
+        key = torch.div(key, size[d], rounding_mode="floor")
+    out[:, 0] = key
+    return out
 
 
 def build_subm_map(coords: torch.Tensor, kernel_size: int, hash_: CoordHash | None = None) -> KernelMap:
@@ -142,14 +156,14 @@ def build_down_map(coords: torch.Tensor, kernel_size: int, stride: int):
     if kernel_size == stride:
         out_coords = coords.clone()
         out_coords[:, 1:] = torch.div(coords[:, 1:], stride, rounding_mode="floor")
-        out_coords = torch.unique(out_coords, dim=0)
+        out_coords = unique_coords(out_coords)
     else:
         cand = coords[None].repeat(offs.shape[0], 1, 1)
         cand[:, :, 1:] -= offs[:, None, :]
         ok = ((cand[:, :, 1:] >= 0) & (cand[:, :, 1:] % stride == 0)).all(-1)
         cand = cand[ok]
         cand[:, 1:] = torch.div(cand[:, 1:], stride, rounding_mode="floor")
-        out_coords = torch.unique(cand, dim=0)
+        out_coords = unique_coords(cand)
     h = CoordHash(coords)
     q = out_coords[None].repeat(offs.shape[0], 1, 1)
     q[:, :, 1:] = q[:, :, 1:] * stride + offs[:, None, :]
