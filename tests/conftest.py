@@ -2,6 +2,8 @@
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see haskd/cli.py)
+
 import pytest
 import torch
 

@@ -11,6 +11,15 @@ from haskd.sparse.torch_backend import build_subm_map
 GRID = 8  # even, so that stride-2 levels of the dense reference line up with the sparse ones
 B = 2
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Many small ops: on a loaded 2-core machine, 2 OpenMP threads wait on each other at every op.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 needs_spconv = pytest.mark.skipif(not spconv_available(), reason="spconv not installed")
 
 
@@ -150,6 +159,18 @@ def test_kernel_map_pairs_are_symmetric():
     assert m.identity_k == 13
 
 
+def test_searchsorted_lookup_matches_dense_table(monkeypatch):
+    from haskd.sparse import torch_backend as tb
+
+    coords, feats = make_input(9)
+    dense = tb.build_subm_map(coords, 3)
+    monkeypatch.setattr(tb, "DENSE_MAX_CELLS", 0)  # force the binary-search path (huge sparse boxes)
+    assert tb.CoordIndex(coords, 1).table is None
+    sparse = tb.build_subm_map(coords, 3)
+    assert dense.groups == sparse.groups
+    assert torch.equal(dense.in_idx, sparse.in_idx) and torch.equal(dense.out_idx, sparse.out_idx)
+
+
 def test_empty_and_single_voxel():
     conv = SubMConv3d(2, 3, backend="torch")
     one = SparseTensor(torch.ones(1, 2, requires_grad=True), torch.tensor([[0, 5, 5, 5]]))
@@ -181,7 +202,11 @@ def test_spconv_subm_forward_matches_torch_and_dense():
         out = conv(SparseTensor(feats, coords))
     assert torch.equal(out.coords, coords)
     torch.testing.assert_close(out.feats, ref.detach(), atol=1e-5, rtol=1e-5)
-    assert torch.get_num_threads() == min(2, torch.get_num_threads())  # restored
+    assert torch.get_num_threads() == 1  # restored to the caller's setting
+    torch.set_num_threads(2)  # spconv's forward must not use >1 thread (wrong numbers in 2.3.8): forced back to 1
+    with torch.no_grad():
+        again = conv(SparseTensor(feats, coords))
+    assert torch.equal(again.feats, out.feats) and torch.get_num_threads() == 2
 
 
 @needs_spconv

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import HaskdError
 from ..sparse import SparseConv3d, SparseInverseConv3d, SparseTensor, SubMConv3d, set_backend
+from ..sparse.torch_backend import unique_coords
 
 SPUNET_PRESETS: Dict[str, dict] = {
     # Quick CPU experiments and tests.
@@ -149,23 +150,24 @@ def synthetic_room(n_voxels: int = 50000, seed: int = 0) -> torch.Tensor:
     cost of a sparse conv; a random cloud of the same size would be far cheaper and not representative.
     """
     gen = torch.Generator().manual_seed(seed)
-    scale = 1.0
+    scale = max(0.1, (n_voxels / 45000) ** 0.5)
+    plane = lambda a, b: torch.stack(torch.meshgrid(a, b, indexing="ij"), -1).reshape(-1, 2)  # noqa: E731
     while True:
-        sx, sy, sz = int(120 * scale), int(95 * scale), int(50 * scale)
+        sx, sy, sz = int(120 * scale), int(95 * scale), max(4, int(50 * scale))
         ax = [torch.arange(s) for s in (sx, sy, sz)]
-        g = lambda a, b: torch.stack(torch.meshgrid(a, b, indexing="ij"), -1).reshape(-1, 2)  # noqa: E731
-        xy, xz, yz = g(ax[0], ax[1]), g(ax[0], ax[2]), g(ax[1], ax[2])
+        xy, xz, yz = plane(ax[0], ax[1]), plane(ax[0], ax[2]), plane(ax[1], ax[2])
         parts = [torch.cat([xy, torch.zeros(len(xy), 1, dtype=torch.long)], 1)]  # floor
         for x0 in (0, sx - 1):
             parts.append(torch.cat([torch.full((len(yz), 1), x0), yz], 1))
         for y0 in (0, sy - 1):
             parts.append(torch.stack([xz[:, 0], torch.full((len(xz),), y0), xz[:, 1]], 1))
-        for t in range(6):  # table tops at random places
-            w = torch.randint(10, 25, (2,), generator=gen)
-            o = torch.stack([torch.randint(2, sx - 27, (1,), generator=gen), torch.randint(2, sy - 27, (1,), generator=gen)])
-            top = g(torch.arange(w[0]) + o[0], torch.arange(w[1]) + o[1])
-            parts.append(torch.cat([top, torch.full((len(top), 1), 15)], 1))
-        vox = torch.unique(torch.cat(parts), dim=0)
+        for _ in range(6):  # table tops (a fifth of the room's width at most) at 30% of its height
+            w = (torch.rand(2, generator=gen) * 0.12 + 0.08) * torch.tensor([sx, sy])
+            o = torch.rand(2, generator=gen) * (torch.tensor([sx, sy]) - w - 2) + 1
+            top = plane(torch.arange(int(w[0]) + 1) + int(o[0]), torch.arange(int(w[1]) + 1) + int(o[1]))
+            parts.append(torch.cat([top, torch.full((len(top), 1), max(1, int(0.3 * sz)))], 1))
+        vox = torch.cat(parts)
+        vox = unique_coords(torch.cat([torch.zeros(len(vox), 1, dtype=torch.long), vox], 1))[:, 1:]
         if len(vox) >= n_voxels:
             return vox[torch.randperm(len(vox), generator=gen)[:n_voxels]]
         scale *= 1.05

@@ -1,7 +1,7 @@
-"""Adapter that runs haskd's sparse conv layers through spconv 2.x (optional: ``pip install spconv`` / ``spconv-cu12x``).
+"""Adapter that runs haskd's sparse conv layers through spconv 2.x (optional: ``pip install spconv``, ``spconv-cu120``).
 
 The layer keeps its own weight (spconv layout ``(Cout, kx, ky, kz, Cin)``, the same tensor the torch backend uses);
-spconv's module is only a cached shell called through ``torch.func.functional_call`` with that weight, so switching
+spconv's module is only a cached, unregistered shell that is handed that weight at every call, so switching
 backends never touches the state dict. Kernel maps live in spconv's ``indice_dict``, which we keep in the
 :class:`~haskd.sparse.SparseTensor` cache so that every conv of one forward shares it (spconv's ``indice_key``).
 
@@ -71,7 +71,7 @@ def _module(layer, kind: str, indice_key: str):
 
 
 def conv(layer, x, kind: str, indice_key: str, out_stride: int):
-    """Run ``layer`` (a haskd sparse conv) on SparseTensor ``x`` with spconv. Returns ``(feats, coords, spatial_shape)``.
+    """Run ``layer`` (a haskd sparse conv) on SparseTensor ``x`` with spconv -> ``(feats, coords, spatial_shape)``.
 
     ``kind``: ``'subm'``, ``'down'`` or ``'inverse'``; coords are returned as ``(M, 4)`` int64.
     """
@@ -85,7 +85,8 @@ def conv(layer, x, kind: str, indice_key: str, out_stride: int):
     if cpu:
         torch.set_num_threads(1)  # spconv 2.3.8 CPU subm conv is wrong/nondeterministic with >1 thread
     try:
-        out = torch.func.functional_call(shell, {"weight": layer.weight}, (st,))
+        shell._parameters["weight"] = layer.weight  # ours, every call (a .to() may have replaced it)
+        out = shell(st)
     finally:
         if cpu:
             torch.set_num_threads(old_threads)

@@ -17,47 +17,63 @@ are viewed as ``(Cout, K, Cin)`` with the offsets enumerated x-major (``k = (dx 
 from __future__ import annotations
 
 import itertools
+import threading
 import warnings
 
 import torch
 
 
 def kernel_offsets(kernel_size: int, centered: bool, device=None) -> torch.Tensor:
-    """Offsets of a cubic kernel, ``(K, 3)`` int64, x-major. Centered (submanifold): ``-k//2 .. k//2``; else ``0..k-1``."""
+    """Offsets of a cubic kernel, ``(K, 3)`` int64, x-major: ``-k//2..k//2`` if centered, else ``0..k-1``."""
     start = -(kernel_size // 2) if centered else 0
     r = range(start, start + kernel_size)
     return torch.tensor(list(itertools.product(r, r, r)), dtype=torch.int64, device=device)
 
 
-class CoordHash:
-    """Sorted int64 keys of ``(N, 4)`` coords ``[b, x, y, z]`` for vectorised lookups (``searchsorted``).
+# A dense voxel -> row table is used while the padded box has at most this many cells per voxel (or 2^20 cells in
+# all), and never above 2^26 cells (256 MiB of int32); beyond that, lookups binary-search the sorted keys.
+DENSE_CELLS_PER_VOXEL = 64
+DENSE_MAX_CELLS = 1 << 26
 
-    Coordinates are packed as ``((b * Sx + x) * Sy + y) * Sz + z`` with ``S = max + 1`` per axis, so every coordinate
-    inside the box has a unique key; queries outside the box are rejected before packing.
+
+class CoordIndex:
+    """Row lookup for ``(N, 4)`` int64 coords ``[b, x, y, z]`` (non-negative, unique).
+
+    Coordinates are shifted by ``pad`` and packed linearly as ``b * Sx*Sy*Sz + x * Sy*Sz + y * Sz + z`` in a box
+    padded by ``pad`` on every side, so that for any offset ``|d| <= pad`` the key of ``c + d`` is simply
+    ``key(c) + key(d)``: a whole kernel's queries are one broadcast add, with no bounds checks. Lookups use a dense
+    cell -> row table when the box is small enough (one gather per query), else ``searchsorted`` on sorted keys.
     """
 
-    def __init__(self, coords: torch.Tensor):
+    def __init__(self, coords: torch.Tensor, pad: int):
         self.n = coords.shape[0]
-        self.maxc = coords.max(0).values if self.n else torch.zeros(4, dtype=torch.int64, device=coords.device)
-        self.size = self.maxc + 1
-        if bool((coords.min(0).values < 0).any()) if self.n else False:
+        dev = coords.device
+        if self.n and bool((coords.min(0).values < 0).any()):
             raise ValueError("sparse coords must be non-negative")
-        keys = self.pack(coords)
+        hi = coords.max(0).values.tolist() if self.n else [0, 0, 0, 0]
+        sx, sy, sz = (int(h) + 1 + 2 * pad for h in hi[1:])
+        self.mult = torch.tensor([sx * sy * sz, sy * sz, sz, 1], dtype=torch.int64, device=dev)
+        self.pad = pad
+        self.volume = (int(hi[0]) + 1) * sx * sy * sz
+        keys = coords @ self.mult + pad * int(self.mult[1:].sum()) if self.n else coords.new_zeros(0)
         self.keys, self.order = torch.sort(keys)
+        self.table = None
+        if self.volume <= min(DENSE_MAX_CELLS, max(DENSE_CELLS_PER_VOXEL * self.n, 1 << 20)):
+            self.table = torch.full((self.volume,), -1, dtype=torch.int32, device=dev)
+            self.table[keys] = torch.arange(self.n, dtype=torch.int32, device=dev)
 
-    def pack(self, c: torch.Tensor) -> torch.Tensor:
-        s = self.size
-        return ((c[..., 0] * s[1] + c[..., 1]) * s[2] + c[..., 2]) * s[3] + c[..., 3]
+    def delta(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Key shift of each ``(K, 3)`` offset, ``(K,)``; valid for ``|offset| <= pad``."""
+        return offsets @ self.mult[1:]
 
-    def lookup(self, q: torch.Tensor) -> torch.Tensor:
-        """Rows of the hashed coords equal to each query ``(..., 4)``; -1 where absent. Returns ``(...)`` int64."""
-        inside = ((q >= 0) & (q <= self.maxc)).all(-1)
-        key = self.pack(torch.where(inside[..., None], q, torch.zeros_like(q)))
+    def find(self, qkeys: torch.Tensor) -> torch.Tensor:
+        """Rows whose key equals each query (keys from :meth:`delta` shifts, so inside the box); -1 where none."""
         if self.n == 0:
-            return torch.full(key.shape, -1, dtype=torch.int64, device=q.device)
-        pos = torch.searchsorted(self.keys, key).clamp_(max=self.n - 1)
-        hit = inside & (self.keys[pos] == key)
-        return torch.where(hit, self.order[pos], torch.full_like(pos, -1))
+            return torch.full_like(qkeys, -1)
+        if self.table is not None:
+            return self.table[qkeys].long()
+        pos = torch.searchsorted(self.keys, qkeys).clamp_(max=self.n - 1)
+        return torch.where(self.keys[pos] == qkeys, self.order[pos], torch.full_like(pos, -1))
 
 
 class KernelMap:
@@ -103,46 +119,57 @@ class KernelMap:
         return self._csr[side, dtype]
 
 
-def _pairs_from_table(table: torch.Tensor, skip=None):
-    """Turn a ``(K, N_out)`` table of input rows (-1 = none) into ``(in_idx, out_idx, groups)``."""
+def _pairs_from_table(table: torch.Tensor, out_rows: torch.Tensor | None = None, skip=None):
+    """``(K, M)`` table of input rows (-1 = none) -> ``(in_idx, out_idx, groups)``.
+
+    Column ``j`` of the table is output row ``out_rows[j]`` (default ``j``); offset ``skip`` is left out.
+    """
     hit = table >= 0
     if skip is not None:
         hit[skip] = False
-    k_idx, out_idx = hit.nonzero(as_tuple=True)  # one call for all offsets: sorted by offset, then output row
-    in_idx = table[k_idx, out_idx]
-    counts = torch.bincount(k_idx, minlength=table.shape[0]).tolist()
+    k_idx, j = hit.nonzero(as_tuple=True)  # one call for all offsets: sorted by offset, then column
+    in_idx = table[k_idx, j]
+    out_idx = j if out_rows is None else out_rows[j]
+    return in_idx, out_idx, _groups(torch.bincount(k_idx, minlength=table.shape[0]))
+
+
+def _groups(counts: torch.Tensor):
     groups, start = [], 0
-    for k, cnt in enumerate(counts):
+    for k, cnt in enumerate(counts.tolist()):
         if cnt:  # empty offsets cost nothing later
             groups.append((k, start, start + cnt))
             start += cnt
-    return in_idx, out_idx, groups
+    return groups
 
 
-def unique_coords(coords: torch.Tensor) -> torch.Tensor:
-    """Sorted unique rows of ``(N, 4)`` int64 coords (1-D unique on packed keys: ``unique(dim=0)`` is slow on CPU)."""
+def unique_coords(coords: torch.Tensor, return_inverse: bool = False):
+    """Sorted unique rows of ``(N, 4)`` int64 coords (1-D unique on packed keys: ``unique(dim=0)`` is slow on CPU).
+
+    Returns ``(M, 4)``, plus the ``(N,)`` row of each input in it when ``return_inverse``.
+    """
     if coords.shape[0] == 0:
-        return coords
-    size = coords.max(0).values + 1
+        return (coords, coords.new_zeros(0)) if return_inverse else coords
+    size = (coords.max(0).values + 1).tolist()
     key = ((coords[:, 0] * size[1] + coords[:, 1]) * size[2] + coords[:, 2]) * size[3] + coords[:, 3]
-    key = torch.unique(key)
+    key, inverse = torch.unique(key, return_inverse=True)
     out = torch.empty((key.numel(), 4), dtype=coords.dtype, device=coords.device)
     for d in (3, 2, 1):
         out[:, d] = key % size[d]
         key = torch.div(key, size[d], rounding_mode="floor")
     out[:, 0] = key
-    return out
+    return (out, inverse) if return_inverse else out
 
 
-def build_subm_map(coords: torch.Tensor, kernel_size: int, hash_: CoordHash | None = None) -> KernelMap:
-    """Submanifold map: output coords = input coords; ``(N, 4)`` int64 coords -> :class:`KernelMap`."""
-    h = hash_ or CoordHash(coords)
+def build_subm_map(coords: torch.Tensor, kernel_size: int) -> KernelMap:
+    """Submanifold map: output coords = input coords; ``(N, 4)`` int64 coords -> :class:`KernelMap`.
+
+    Pairs are listed in key order (spatially coherent), which keeps the gathers cache-friendly.
+    """
+    index = CoordIndex(coords, pad=kernel_size // 2)
     offs = kernel_offsets(kernel_size, centered=True, device=coords.device)
-    q = coords[None, :, :].clone().repeat(offs.shape[0], 1, 1)
-    q[:, :, 1:] += offs[:, None, :]
-    table = h.lookup(q)  # (K, N)
-    centre = offs.shape[0] // 2 if kernel_size % 2 == 1 else None
-    in_idx, out_idx, groups = _pairs_from_table(table, skip=centre)
+    table = index.find(index.keys[None, :] + index.delta(offs)[:, None])  # (K, N), column j = row order[j]
+    centre = offs.shape[0] // 2
+    in_idx, out_idx, groups = _pairs_from_table(table, index.order, skip=centre)
     return KernelMap(coords.shape[0], coords.shape[0], in_idx, out_idx, groups, identity_k=centre)
 
 
@@ -152,46 +179,82 @@ def build_down_map(coords: torch.Tensor, kernel_size: int, stride: int):
     Output coords are every ``p >= 0`` that covers at least one input (for kernel = stride: ``unique(coords // s)``
     per batch), sorted by (b, x, y, z). Returns ``(out_coords (M, 4) int64, KernelMap)``.
     """
-    offs = kernel_offsets(kernel_size, centered=False, device=coords.device)
     if kernel_size == stride:
-        out_coords = coords.clone()
-        out_coords[:, 1:] = torch.div(coords[:, 1:], stride, rounding_mode="floor")
-        out_coords = unique_coords(out_coords)
-    else:
-        cand = coords[None].repeat(offs.shape[0], 1, 1)
-        cand[:, :, 1:] -= offs[:, None, :]
-        ok = ((cand[:, :, 1:] >= 0) & (cand[:, :, 1:] % stride == 0)).all(-1)
-        cand = cand[ok]
-        cand[:, 1:] = torch.div(cand[:, 1:], stride, rounding_mode="floor")
-        out_coords = unique_coords(cand)
-    h = CoordHash(coords)
-    q = out_coords[None].repeat(offs.shape[0], 1, 1)
-    q[:, :, 1:] = q[:, :, 1:] * stride + offs[:, None, :]
-    table = h.lookup(q)  # (K, M)
+        # Every input lies in exactly one window: its offset is coords % s, no lookup needed.
+        q = coords.clone()
+        q[:, 1:] = torch.div(coords[:, 1:], stride, rounding_mode="floor")
+        rem = coords[:, 1:] - q[:, 1:] * stride
+        k = (rem[:, 0] * stride + rem[:, 1]) * stride + rem[:, 2]
+        out_coords, inverse = unique_coords(q, return_inverse=True)
+        k_sorted, perm = torch.sort(k, stable=True)
+        kmap = KernelMap(coords.shape[0], out_coords.shape[0], perm, inverse[perm],
+                         _groups(torch.bincount(k_sorted, minlength=stride ** 3)))
+        return out_coords, kmap
+    offs = kernel_offsets(kernel_size, centered=False, device=coords.device)
+    cand = coords[None].repeat(offs.shape[0], 1, 1)
+    cand[:, :, 1:] -= offs[:, None, :]
+    ok = ((cand[:, :, 1:] >= 0) & (cand[:, :, 1:] % stride == 0)).all(-1)
+    cand = cand[ok]
+    cand[:, 1:] = torch.div(cand[:, 1:], stride, rounding_mode="floor")
+    out_coords = unique_coords(cand)
+    index = CoordIndex(coords, pad=kernel_size)
+    base = out_coords.clone()
+    base[:, 1:] *= stride
+    bkeys = base @ index.mult + index.pad * int(index.mult[1:].sum())
+    table = index.find(bkeys[None, :] + index.delta(offs)[:, None])  # (K, M)
     in_idx, out_idx, groups = _pairs_from_table(table)
     return out_coords, KernelMap(coords.shape[0], out_coords.shape[0], in_idx, out_idx, groups)
 
 
-def _gemm_pairs(src: torch.Tensor, idx: torch.Tensor, groups, w: torch.Tensor, transpose_w: bool) -> torch.Tensor:
-    """Gather ``src[idx]`` then multiply each offset's slice by its weight. ``w``: ``(Cout, K, Cin)``.
+_WORKSPACE = threading.local()
 
-    ``transpose_w=True`` computes ``x @ W_k^T`` (forward, Cin -> Cout); False computes ``g @ W_k`` (input grad).
-    Returns ``(P, C')``.
+
+def _buffer(slot: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``(rows, cols)`` scratch tensor reused across calls (CPU only).
+
+    Fresh multi-MB allocations are returned to the OS and page-faulted back in on every call, which costs as much
+    as the gather itself; intermediate pair buffers are never returned nor saved for backward, so they can be
+    reused. Per thread; :func:`release_workspace` frees them.
     """
-    g = src.index_select(0, idx)
-    c_out = w.shape[0] if transpose_w else w.shape[2]
-    y = src.new_empty((idx.numel(), c_out))
+    if like.device.type != "cpu":
+        return like.new_empty((rows, cols))
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    n = rows * cols
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+        buf = bufs[slot] = torch.empty(int(n * 1.25) + 1024, dtype=like.dtype)
+    return buf[:n].view(rows, cols)
+
+
+def release_workspace():
+    """Free this thread's scratch buffers."""
+    _WORKSPACE.__dict__.pop("bufs", None)
+
+
+def _gather(src: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.index_select(src, 0, idx, out=_buffer(slot, idx.numel(), src.shape[1], src))
+
+
+def _per_offset_mm(g: torch.Tensor, groups, w: torch.Tensor, transpose_w: bool, slot: int) -> torch.Tensor:
+    """``y[s:e] = g[s:e] @ W_k^T`` (``transpose_w``, forward) or ``g[s:e] @ W_k`` (input gradient) per offset group.
+
+    ``w``: ``(Cout, K, Cin)``. Returns ``(P, Cout)`` (or ``(P, Cin)``), in scratch slot ``slot``.
+    """
+    y = _buffer(slot, g.shape[0], w.shape[0] if transpose_w else w.shape[2], g)
     for k, s, e in groups:
         wk = w[:, k, :]
         torch.mm(g[s:e], wk.t() if transpose_w else wk, out=y[s:e])
     return y
 
 
-def _reduce(m: KernelMap, side: str, y: torch.Tensor, n: int) -> torch.Tensor:
+def _reduce(m: KernelMap, side: str, y: torch.Tensor) -> torch.Tensor:
+    """Sum pair rows ``y (P, C)`` into the ``side`` rows: a 0/1 CSR product on CPU, ``index_add_`` elsewhere."""
+    n = m.n_out if side == "out" else m.n_in
     if y.shape[0] == 0:
         return y.new_zeros((n, y.shape[1]))
-    return torch.sparse.mm(m.reducer(side, y.dtype), y) if y.device.type == "cpu" else (
-        y.new_zeros((n, y.shape[1])).index_add_(0, m.out_idx if side == "out" else m.in_idx, y))
+    if y.device.type == "cpu":
+        return torch.sparse.mm(m.reducer(side, y.dtype), y)
+    return y.new_zeros((n, y.shape[1])).index_add_(0, m.out_idx if side == "out" else m.in_idx, y)
 
 
 class SparseConvFunction(torch.autograd.Function):
@@ -205,9 +268,9 @@ class SparseConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, kmap: KernelMap):
         ctx.kmap = kmap
         ctx.save_for_backward(x, weight)
-        y = _gemm_pairs(x, kmap.in_idx, kmap.groups, weight, transpose_w=True)
-        out = _reduce(kmap, "out", y, kmap.n_out)
-        if kmap.identity_k is not None:
+        y = _per_offset_mm(_gather(x, kmap.in_idx, 0), kmap.groups, weight, True, 1)
+        out = _reduce(kmap, "out", y)
+        if kmap.identity_k is not None:  # centre of a submanifold kernel: a plain matmul, no gather/scatter
             out.addmm_(x, weight[:, kmap.identity_k, :].t())
         return out
 
@@ -217,19 +280,17 @@ class SparseConvFunction(torch.autograd.Function):
         m: KernelMap = ctx.kmap
         grad_out = grad_out.contiguous()
         gx = gw = None
+        go = _gather(grad_out, m.out_idx, 0)  # shared by both gradients
         if ctx.needs_input_grad[0]:
-            dg = _gemm_pairs(grad_out, m.out_idx, m.groups, weight, transpose_w=False)
-            gx = _reduce(m, "in", dg, m.n_in)
+            gx = _reduce(m, "in", _per_offset_mm(go, m.groups, weight, False, 1))
             if m.identity_k is not None:
                 gx.addmm_(grad_out, weight[:, m.identity_k, :])
         if ctx.needs_input_grad[1]:
             # (K, Cout, Cin) so that every offset's slice is contiguous for mm(out=...)
             gw = weight.new_zeros((weight.shape[1], weight.shape[0], weight.shape[2]))
-            if m.groups:
-                xi = x.index_select(0, m.in_idx)
-                go = grad_out.index_select(0, m.out_idx)
-                for k, s, e in m.groups:
-                    torch.mm(go[s:e].t(), xi[s:e], out=gw[k])
+            xi = _gather(x, m.in_idx, 2)
+            for k, s, e in m.groups:
+                torch.mm(go[s:e].t(), xi[s:e], out=gw[k])
             if m.identity_k is not None:
                 torch.mm(grad_out.t(), x, out=gw[m.identity_k])
             gw = gw.permute(1, 0, 2)
