@@ -38,12 +38,14 @@ def iou_bars_png(summary: dict, path):
 
     plt = _plt()
     keys = [k for k in ("baseline", "teacher", "student") if k in summary]
-    names = list(summary[keys[0]]["metrics"]["per_class_iou"])
+    # only classes that occur (a class absent from labels and predictions has IoU None everywhere)
+    names = [c for c in summary[keys[0]]["metrics"]["per_class_iou"]
+             if any(summary[k]["metrics"]["per_class_iou"].get(c) is not None for k in keys)]
     x = np.arange(len(names))
     w = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.6), 4))
     for i, k in enumerate(keys):
-        vals = [v if v is not None else 0 for v in summary[k]["metrics"]["per_class_iou"].values()]
+        vals = [summary[k]["metrics"]["per_class_iou"].get(c) or 0 for c in names]
         ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=k)
     ax.set_xticks(x, names, rotation=60, ha="right")
     ax.set_ylabel("IoU (val)")
@@ -59,6 +61,8 @@ def confusion_png(conf, names, path, title=""):
 
     plt = _plt()
     m = np.asarray(conf, dtype=np.float64)
+    keep = (m.sum(0) + m.sum(1)) > 0  # classes that occur in labels or predictions
+    m, names = m[keep][:, keep], [n for n, k in zip(names, keep) if k]
     m = m / np.maximum(m.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.imshow(m, cmap="Blues", vmin=0, vmax=1)

@@ -81,18 +81,23 @@ def write_intrinsics(frames_dir, K_color, K_depth=None):
         np.savetxt(d / name, M, fmt="%.6f")
 
 
-def write_frame(frames_dir, frame_id, color, depth_m=None, pose=None, depth_mm=None, quality=95):
-    """Write one frame. ``color`` (H,W,3) uint8; depth as metres (float) or millimetres (uint16); pose 4x4."""
+def write_frame(frames_dir, frame_id, color=None, depth_m=None, pose=None, depth_mm=None, quality=95,
+                color_bytes=None):
+    """Write one frame. ``color`` (H,W,3) uint8, or ``color_bytes`` (an encoded JPEG, written as-is, lossless);
+    depth as metres (float) or millimetres (uint16); pose 4x4 (written with enough digits to round-trip)."""
     from PIL import Image
 
     d = Path(frames_dir)
     for sub in ("color", "depth", "pose"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(color, dtype=np.uint8)).save(d / "color" / f"{frame_id}.jpg", quality=quality)
+    if color_bytes is not None:
+        (d / "color" / f"{frame_id}.jpg").write_bytes(color_bytes)
+    else:
+        Image.fromarray(np.asarray(color, dtype=np.uint8)).save(d / "color" / f"{frame_id}.jpg", quality=quality)
     if depth_mm is None:
         depth_mm = np.clip(np.round(np.asarray(depth_m) * 1000.0), 0, 65535).astype(np.uint16)
     Image.fromarray(np.asarray(depth_mm, dtype=np.uint16)).save(d / "depth" / f"{frame_id}.png")
-    np.savetxt(d / "pose" / f"{frame_id}.txt", np.asarray(pose, dtype=np.float64), fmt="%.8f")
+    np.savetxt(d / "pose" / f"{frame_id}.txt", np.asarray(pose, dtype=np.float64), fmt="%.17g")
 
 
 def open_frames(frames_dir, strict: bool = False):

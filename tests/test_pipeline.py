@@ -1,0 +1,90 @@
+"""The HAS-KD pipeline end to end on tiny synthetic rooms (2 epochs per stage): every stage, summary, report,
+and the no-inference-cost contract (the HAS-KD student is the baseline network, parameter for parameter)."""
+import json
+
+import pytest
+import torch
+
+from haskd.config import load_config
+from haskd.engine.checkpoint import load_checkpoint
+from haskd.pipeline import run_pipeline
+
+from conftest import TINY
+
+PIPE = [*TINY, "train.epochs=2", "train.eval_every=0", "train.snapshots=2", "teacher.image_size=[30,40]",
+        "teacher.image_widths=[8,16]", "teacher.image_channels=8", "teacher.num_frames=2", "data.use_normal=true"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_rooms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe")
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    summary = run_pipeline(cfg, out, progress=False)
+    return out, summary
+
+
+def test_stages_summary_and_report(pipeline_run):
+    out, summary = pipeline_run
+    for k in ("baseline", "teacher", "student"):
+        m = summary[k]["metrics"]
+        assert 0 <= m["miou"] <= 1 and set(m) >= {"miou", "macc", "allacc", "per_class_iou"}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["student"]["ckpt"].endswith("student/last.pt")
+    html = (out / "report.html").read_text()
+    for needle in ("iou_bars.png", "confusion_teacher.png", "experts.png", "topdown_"):
+        assert needle in html
+    assert (out / "stage1" / "experts.json").is_file() and len(list((out / "stage1" / "snapshots").iterdir())) == 2
+    assert json.loads((out / "teacher" / "frames.json").read_text())  # frames chosen per scene
+
+
+def test_student_is_the_baseline_network(pipeline_run):
+    out, summary = pipeline_run
+    a = load_checkpoint(out / "baseline" / "last.pt")["state_dict"]
+    b = load_checkpoint(out / "student" / "last.pt")["state_dict"]
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    assert sum(v.numel() for v in a.values()) == sum(v.numel() for v in b.values())
+    assert not any("projector" in k or "teacher" in k for k in b)
+
+
+def test_rerun_skips_finished_stages(pipeline_run, tiny_rooms, caplog):
+    out, summary = pipeline_run
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    again = run_pipeline(cfg, out, progress=False, report=False)
+    assert again["student"]["metrics"]["miou"] == summary["student"]["metrics"]["miou"]
+    assert caplog.text.count("done already") == 4
+
+
+def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run, tiny_rooms):
+    """The soft-label cache gives the same IHD + ASD losses as running the frozen models online."""
+    from haskd.config import load_config
+    from haskd.data.transforms import collate
+    from haskd.distill import DistillTask
+    from haskd.engine.evaluate import scene_sample
+    from haskd.engine.trainer import build_datasets
+    from haskd.models import build_from_config
+    from haskd.models.teacher import attach_frames
+
+    out, _ = pipeline_run
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}",
+                                          f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
+                                          f"distill.experts={out / 'stage1' / 'experts.json'}"])
+    torch.manual_seed(0)
+    student = build_from_config(cfg).eval()
+    losses = {}
+    for cache in (True, False):
+        cfg.distill.cache = cache
+        ds = build_datasets(cfg)
+        torch.manual_seed(1)  # same projector initialisation in both tasks
+        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+        scene = ds["train"].scenes[0]
+        sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
+        if not cache:
+            sample["frames"] = ds["train"].frame_data[0]
+        with torch.no_grad():
+            losses[cache], _ = task(collate([sample]))
+    assert set(losses[True]) == set(losses[False]) == {"ce", "ihd_logit", "ihd_feat", "asd"}
+    for k in losses[True]:
+        assert torch.allclose(losses[True][k], losses[False][k], rtol=2e-2, atol=2e-3), k
