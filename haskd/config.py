@@ -42,6 +42,7 @@ class ModelConfig:
     preset: str = "small"
     backend: str = "auto"                # sparse conv backend: auto | torch | spconv
     kwargs: dict = field(default_factory=dict)
+    module: str = ""                     # a Python file or module to import first (registers a user's network)
 
 
 @dataclass

@@ -37,9 +37,38 @@ def build_model(name, in_channels, num_classes, preset="small", backend="auto", 
     return REGISTRY[name](in_channels, num_classes, preset=preset, backend=backend, **kwargs)
 
 
+def import_user_module(spec: str):
+    """Import a user's Python file (path ending in .py) or module name, so that it can ``register`` models."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if not spec:
+        return
+    if spec.endswith(".py"):
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise HaskdError(f"{spec}: model.module file not found")
+        name = f"haskd_user_{path.stem}"
+        if name in sys.modules:
+            return
+        s = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(s)
+        sys.modules[name] = mod
+        s.loader.exec_module(mod)
+    else:
+        try:
+            importlib.import_module(spec)
+        except ImportError as e:
+            raise HaskdError(f"model.module '{spec}' cannot be imported ({e})") from None
+
+
 def build_from_config(cfg):
     """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'``."""
     from ..data.dataset import in_channels
+
+    import_user_module(cfg.model.module)
 
     cin = in_channels(cfg.data.use_normal)
     if cfg.role == "teacher":

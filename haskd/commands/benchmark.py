@@ -1,0 +1,78 @@
+"""``haskd benchmark``: latency / training-step / memory comparison, or one of ``--layers``, ``--loading``, ``--ddp``.
+
+Prints Markdown tables and writes the full result as JSON (``--out``). See docs/performance.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub):
+    p = sub.add_parser("benchmark", help="time inference, training steps, sparse-conv layers, data loading, DDP")
+    p.add_argument("--ckpt", default=None, help="student checkpoint (model benchmark; config for --loading/--ddp)")
+    p.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
+    p.add_argument("--split", default="val")
+    p.add_argument("--teacher", default=None, help="multi-modal teacher checkpoint")
+    p.add_argument("--snapshots", default=None, help="folder of epoch_*.pt snapshots (ensemble; ASD experts)")
+    p.add_argument("--baseline", default=None, help="baseline student checkpoint (same network)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared: default 1)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--max-scenes", type=int, default=3, help="scenes of the split to time")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--layers", action="store_true", help="per-layer FLOP rate of the torch sparse conv")
+    mode.add_argument("--loading", action="store_true", help="DataLoader share of a training step")
+    mode.add_argument("--ddp", action="store_true", help="torchrun 2 x 1 thread vs 1 process x 2 threads")
+    p.add_argument("--scene", default=None, help="--layers: scene name (default: the first)")
+    p.add_argument("--preset", default="small", help="--layers: SpUNet preset")
+    p.add_argument("--voxels", type=int, default=50000, help="--layers: target voxel count of the room")
+    p.add_argument("--no-unet", action="store_true", help="--layers: skip the whole-UNet backend comparison")
+    p.add_argument("--steps", type=int, default=4, help="--loading / --ddp: timed steps")
+    p.add_argument("--config", default=None, help="--loading / --ddp: config (default: --ckpt's, else preset)")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for --loading / --ddp")
+    p.set_defaults(func=run)
+
+
+def _config(args):
+    from ..config import apply_overrides, from_dict, load_config
+    from ..engine.checkpoint import load_checkpoint
+
+    if args.ckpt and not args.config:
+        cfg = from_dict(load_checkpoint(args.ckpt)["config"], source=str(args.ckpt))
+        apply_overrides(cfg, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    cfg.data.root = args.data
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def run(args) -> int:
+    from .. import benchmark as B
+    from ..errors import HaskdError
+
+    if args.runs < 1 or args.warmup < 0:
+        raise HaskdError("--runs must be >= 1 and --warmup >= 0")
+    if args.layers:
+        res = B.benchmark_layers(args.data, args.scene, args.preset, args.threads, runs=min(args.runs, 3),
+                                 target_voxels=args.voxels, unet=not args.no_unet)
+    elif args.loading:
+        res = B.benchmark_loading(_config(args), steps=args.steps, threads=args.threads)
+    elif args.ddp:
+        res = B.benchmark_ddp(_config(args), steps=args.steps)
+    else:
+        if not args.ckpt:
+            raise HaskdError("haskd benchmark needs --ckpt STUDENT.pt (or one of --layers, --loading, --ddp)")
+        res = B.benchmark_models(args.ckpt, args.data, args.split, args.teacher, args.snapshots, args.baseline,
+                                 args.runs, args.warmup, args.threads, args.device, args.max_scenes,
+                                 train_steps=not args.no_train)
+    print(B.to_markdown(res))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"-> {out}")
+    return 0
