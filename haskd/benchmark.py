@@ -261,7 +261,9 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
             res["latency"][name] = _latency(predict, ds.scenes, runs, warmup, device)
         res["memory_mb"][f"infer_{name}"] = mem.mb
 
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the torch backend's reusable scratch buffers would become inference tensors
+    # and fail in the training steps that follow (see docs/performance.md).
+    with torch.no_grad():
         measure("student", lambda i: predict_points(model, ds.scenes[i], vs, C, device, nrm))
         if baseline:
             base = load_model(baseline, device=device)
@@ -381,6 +383,14 @@ def to_markdown(res: dict) -> str:
         lines += ["", "| workers | wait s/step | step s | loading share |", "|---|---|---|---|"]
         for v in res["loading"]:
             lines.append(f"| {v['workers']} | {_fmt(v['wait_s'])} | {_fmt(v['step_s'])} | {v['share']:.1%} |")
+    if "chunked" in res:
+        lines += ["", f"{res['scene']}: {res['points']} points, voxel {res['voxel_size']} m, label agreement "
+                      f"{res['label_agreement']:.4f}", "", "| path | peak RSS MiB | seconds | chunks |",
+                  "|---|---|---|---|",
+                  f"| chunked (max_voxels {res['max_voxels']}) | {_fmt(res['chunked']['peak_rss_mb'], 0)} | "
+                  f"{_fmt(res['chunked']['seconds'], 2)} | {res['chunked']['chunks']} |",
+                  f"| one-shot | {_fmt(res['one_shot']['peak_rss_mb'], 0)} | {_fmt(res['one_shot']['seconds'], 2)} "
+                  f"| 1 |"]
     if "ddp" in res:
         lines += ["", "| setup | samples/s | wall s | steps |", "|---|---|---|---|"]
         for v in res["ddp"]:
@@ -586,6 +596,58 @@ def unet_backends(batch, preset="small", runs=3, threads_list=(1, 2)) -> list:
     finally:
         torch.set_num_threads(old)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ chunked inference
+def tiled_scene(scene, grid=3, gap=0.5):
+    """``grid x grid`` translated copies of a scene (``gap`` metres apart): a large multi-room test scene."""
+    from .data.scene import Scene
+
+    ext = scene.coord.max(0) - scene.coord.min(0)
+    shifts = [np.array([i * (ext[0] + gap), j * (ext[1] + gap), 0], np.float32)
+              for i in range(grid) for j in range(grid)]
+    return Scene(f"{scene.name}_x{grid * grid}", np.concatenate([scene.coord + s for s in shifts]),
+                 np.concatenate([scene.color] * len(shifts)))
+
+
+def benchmark_chunked(data, ckpt=None, scene=None, grid=3, max_voxels=100000, overlap=1.0, preset="small",
+                      voxel_size=0.05, threads=1) -> dict:
+    """Peak memory and time of chunked vs one-shot inference on a tiled real room; label agreement of the two.
+
+    Chunked runs first: the one-shot pass's freed memory may stay mapped and would inflate a later peak.
+    """
+    from .engine.checkpoint import load_model
+    from .engine.chunked import predict_points_chunked
+    from .engine.evaluate import predict_points
+    from .models.spunet import SPUNET_PRESETS, SpUNet
+
+    torch.set_num_threads(threads)
+    if ckpt:
+        model, cfg = load_model(ckpt, return_config=True)
+        voxel_size, C, nrm = cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal
+    else:
+        torch.manual_seed(0)
+        model, C, nrm = SpUNet(3, 20, backend="torch", **SPUNET_PRESETS[preset]).eval(), 20, False
+    big = tiled_scene(_load_real_scene(data, scene), grid)
+    res = {"env": env_info("cpu"), "scene": big.name, "points": big.num_points, "voxel_size": voxel_size,
+           "max_voxels": max_voxels, "overlap_m": overlap, "model": str(ckpt) if ckpt else f"untrained {preset}"}
+    info = {}
+    with torch.no_grad():
+        with PeakMemory("cpu") as m1:
+            t0 = time.perf_counter()
+            a = predict_points_chunked(model, big, voxel_size, C, "cpu", nrm, max_voxels=max_voxels,
+                                       overlap=overlap, info=info)
+            t1 = time.perf_counter()
+        res["chunked"] = {"peak_rss_mb": m1.mb, "seconds": t1 - t0, **info}
+        a = a.argmax(1)
+        with PeakMemory("cpu") as m2:
+            t0 = time.perf_counter()
+            b = predict_points(model, big, voxel_size, C, "cpu", nrm).argmax(1)
+            t1 = time.perf_counter()
+        res["one_shot"] = {"peak_rss_mb": m2.mb, "seconds": t1 - t0}
+    res["label_agreement"] = float((a == b).float().mean())
+    res["memory_method"] = m1.method
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ data loading

@@ -75,6 +75,7 @@ class TeacherConfig:
     image_size: list = field(default_factory=lambda: [240, 320])   # H, W
     image_channels: int = 32
     image_widths: list = field(default_factory=lambda: [32, 64, 128])
+    image_stem_stride: int = 2           # full-resolution stem, then H/2 (see haskd/models/image_unet.py)
     image_weights: str = ""              # optional local state_dict for the 2D branch
     num_frames: int = 5                  # K frames per scene picked by the frame filter
     frame_policy: str = "iof"            # iof | uniform | random

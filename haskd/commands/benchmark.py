@@ -1,4 +1,5 @@
-"""``haskd benchmark``: latency / training-step / memory comparison, or one of ``--layers``, ``--loading``, ``--ddp``.
+"""``haskd benchmark``: latency / training-step / memory comparison, or one of ``--layers``, ``--chunked``,
+``--loading``, ``--ddp``.
 
 Prints Markdown tables and writes the full result as JSON (``--out``). See docs/performance.md.
 """
@@ -25,11 +26,15 @@ def register(sub):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--layers", action="store_true", help="per-layer FLOP rate of the torch sparse conv")
     mode.add_argument("--loading", action="store_true", help="DataLoader share of a training step")
+    mode.add_argument("--chunked", action="store_true", help="chunked vs one-shot inference on a tiled room")
     mode.add_argument("--ddp", action="store_true", help="torchrun 2 x 1 thread vs 1 process x 2 threads")
     p.add_argument("--scene", default=None, help="--layers: scene name (default: the first)")
     p.add_argument("--preset", default="small", help="--layers: SpUNet preset")
     p.add_argument("--voxels", type=int, default=50000, help="--layers: target voxel count of the room")
     p.add_argument("--no-unet", action="store_true", help="--layers: skip the whole-UNet backend comparison")
+    p.add_argument("--grid", type=int, default=3, help="--chunked: grid x grid copies of the room")
+    p.add_argument("--max-voxels", type=int, default=100000, help="--chunked: voxel budget per chunk")
+    p.add_argument("--overlap", type=float, default=1.0, help="--chunked: chunk overlap (m)")
     p.add_argument("--steps", type=int, default=4, help="--loading / --ddp: timed steps")
     p.add_argument("--config", default=None, help="--loading / --ddp: config (default: --ckpt's, else preset)")
     p.add_argument("--out", required=True, help="result JSON")
@@ -60,6 +65,9 @@ def run(args) -> int:
     if args.layers:
         res = B.benchmark_layers(args.data, args.scene, args.preset, args.threads, runs=min(args.runs, 3),
                                  target_voxels=args.voxels, unet=not args.no_unet)
+    elif args.chunked:
+        res = B.benchmark_chunked(args.data, args.ckpt, args.scene, args.grid, args.max_voxels, args.overlap,
+                                  args.preset, threads=args.threads)
     elif args.loading:
         res = B.benchmark_loading(_config(args), steps=args.steps, threads=args.threads)
     elif args.ddp:

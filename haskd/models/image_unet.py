@@ -58,20 +58,23 @@ class ImageUNet(nn.Module):
         num_classes: when set, a 1x1 classifier adds ``logits``.
         blocks: residual blocks per encoder stage.
         norm: "batch" or "group".
+        stem_stride: 2 runs the stem conv at full resolution (so fine texture reaches the network) and everything
+            after it at H/2, W/2: about 4x cheaper than stride 1; features come out at H/2 (lifting samples any
+            resolution over the same field of view).
     Forward: ``x`` (V, in_channels, H, W) float (normalised RGB) ->
-        dict ``feat`` (V, out_channels, H, W), ``logits`` (V, num_classes, H, W) when ``num_classes`` is set.
+        dict ``feat`` (V, out_channels, H/s, W/s), ``logits`` (V, num_classes, H/s, W/s) when ``num_classes`` is set.
     Any H, W works (odd sizes are handled by resizing the upsampled map to the skip's size).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, widths=(32, 64, 128, 256), num_classes=None,
-                 blocks: int = 1, norm: str = "batch"):
+                 blocks: int = 1, norm: str = "batch", stem_stride: int = 1):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if not widths:
             raise ValueError("widths must not be empty")
         self.out_channels = out_channels
         self.num_classes = num_classes
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), _norm(norm, widths[0]),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False), _norm(norm, widths[0]),
                                   nn.ReLU(inplace=True))
         self.enc = nn.ModuleList()
         for i, w in enumerate(widths):

@@ -52,7 +52,7 @@ class MultiModalTeacher(nn.Module):
         m, t = cfg.model, cfg.teacher
         backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
                                **m.kwargs)
-        image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths))
+        image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride)
         if t.image_weights:
             image_net.load_pretrained(t.image_weights)
         return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau)

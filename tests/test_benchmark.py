@@ -1,0 +1,99 @@
+"""`haskd benchmark` modes run on tiny inputs and write well-formed JSON (no timing assertions)."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY
+from haskd.cli import main
+from haskd.config import load_config
+from haskd.engine.checkpoint import save_checkpoint
+from haskd.models import build_from_config
+
+TINY_TEACHER = ["role=teacher", "teacher.image_size=[60,80]", "teacher.num_frames=2", "teacher.image_widths=[8,16]",
+                "teacher.image_channels=8", "teacher.fusion_hidden=16", "teacher.virtual_views=4"]
+
+
+def _ckpt(path, overrides, seed=0):
+    cfg = load_config(None, TINY + list(overrides))
+    torch.manual_seed(seed)
+    save_checkpoint(path, config=cfg.to_dict(), state_dict=build_from_config(cfg).state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_rooms, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_ckpts")
+    data = [f"data.root={tiny_rooms}", "data.max_voxels=3000"]
+    out = {"student": _ckpt(d / "student.pt", data), "baseline": _ckpt(d / "baseline.pt", data, seed=1),
+           "teacher": _ckpt(d / "teacher" / "teacher.pt", data + TINY_TEACHER, seed=2)}
+    for e in (1, 2):
+        _ckpt(d / "snapshots" / f"epoch_{e:03d}.pt", data, seed=10 + e)
+    out["snapshots"] = d / "snapshots"
+    return out
+
+
+def test_model_benchmark_json(tiny_rooms, ckpts, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["benchmark", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms), "--baseline",
+               str(ckpts["baseline"]), "--teacher", str(ckpts["teacher"]), "--snapshots", str(ckpts["snapshots"]),
+               "--runs", "1", "--warmup", "0", "--max-scenes", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(r["latency"]) == {"student", "baseline", "teacher", "ensemble_2"}
+    assert r["params"]["student"] == r["params"]["baseline"] > 0
+    assert r["params"]["ensemble"] == 2 * r["params"]["student"]
+    assert set(r["train_step"]) >= {"baseline", "haskd_cached", "haskd_online"}
+    for k in ("student_over_baseline", "teacher_over_student", "step_haskd_cached_over_baseline"):
+        assert r["ratios"][k] > 0
+    assert r["env"]["torch"] == torch.__version__ and "sparse_backend" in r["env"]
+    assert all(v is None or v > 0 for v in r["memory_mb"].values())
+    assert "| student |" in capsys.readouterr().out
+
+
+def test_layers_benchmark_json(tiny_rooms, tmp_path):
+    out = tmp_path / "l.json"
+    assert main(["benchmark", "--layers", "--data", str(tiny_rooms), "--preset", "tiny", "--voxels", "3000",
+                 "--runs", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    kinds = set(r["layer_types"])
+    assert {"subm L0", "down L0->L1", "inverse L1->L0"} <= kinds
+    assert all(v["gflop"] > 0 and v["fwd_gflops"] > 0 for v in r["layer_types"].values())
+    backends = [(u["backend"], u["threads"]) for u in r["unet"]]
+    assert ("torch", 1) in backends and ("torch", 2) in backends
+    spc = [u for u in r["unet"] if u["backend"] == "spconv"]
+    assert spc and (spc[0]["threads"] is None or spc[0]["mismatch_rows"] == 0)  # forced 1 thread is right
+
+
+def test_loading_benchmark_json(tiny_rooms, ckpts, tmp_path):
+    out = tmp_path / "d.json"
+    assert main(["benchmark", "--loading", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms),
+                 "--steps", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [x["workers"] for x in r["loading"]] == [0, 1]
+    assert all(0 <= x["share"] <= 1 for x in r["loading"])
+
+
+def test_ddp_gradients_match_single_process(tiny_rooms, tmp_path):
+    """2 gloo ranks (1 sample each, BN in eval mode: CPU BN statistics are per rank) vs one process on the same
+    global batch of 2: the averaged gradients agree within float tolerance."""
+    from haskd.benchmark import reference_grads, run_ddp
+
+    cfg = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "data.batch_size=1"])
+    out = tmp_path / "grads.pt"
+    run_ddp(cfg, out, nproc=2, threads=1, steps=1, global_batch=2, grad=True, port=29571, timeout=300)
+    got = torch.load(out, weights_only=True)
+    ref = reference_grads(cfg, global_batch=2, world=2)
+    assert set(got) == set(ref) and len(ref) > 10
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_chunked_benchmark_json(tiny_rooms, tmp_path):
+    out = tmp_path / "c.json"
+    assert main(["benchmark", "--chunked", "--data", str(tiny_rooms), "--preset", "tiny", "--grid", "2",
+                 "--max-voxels", "3000", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["chunked"]["chunks"] > 1 and r["chunked"]["largest_chunk"] <= 3000
+    assert 0.9 <= r["label_agreement"] <= 1.0
