@@ -386,3 +386,39 @@ def test_split_file_moves_scenes(raw, tmp_path):
     assert scannet.run(_args(root, out, "--frames-every", "0", "--split-file", f"val={tmp_path / 'val.txt'}")) == 0
     assert [p.name for p in (out / "val").iterdir()] == ["scene0000_01"]
     assert [p.name for p in (out / "train").iterdir()] == ["scene0000_00"]
+
+
+def test_sigkill_halfway_then_rerun_equals_clean_run(raw, tmp_path):
+    """A real kill (SIGKILL, no cleanup code runs) of `haskd prepare scannet` as soon as one scene is done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = raw
+    clean = tmp_path / "clean"
+    assert scannet.run(_args(root, clean, "--frames-every", "1")) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "haskd", "prepare", "scannet", "--raw", str(root), "--out", str(out),
+           "--workers", "1", "--frames-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        m = out / MANIFEST_NAME
+        try:
+            done = json.loads(m.read_text())["scenes"] if m.is_file() else {}
+        except ValueError:  # manifest being replaced right now
+            done = {}
+        if len(done) >= 1:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    summary = scannet.prepare_scannet(root, out, frames_every=1)
+    if killed:
+        assert summary.skipped and not summary.failed
+    assert _tree(out) == _tree(clean)
