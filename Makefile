@@ -9,7 +9,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup setup-test demo test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -20,13 +20,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The tests also exercise the optional spconv backend (CPU wheel); skipped cleanly where it cannot install.
+setup-test: setup
+	@$(if $(HAS_GPU),true,$(PY) -c "import spconv" 2>/dev/null || $(PY) -m pip install -q "spconv>=2.3" || echo "spconv not installed: its tests will skip")
+
 demo: setup
 	$(VENV)/bin/haskd demo
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup-test
 	$(PY) -m pytest -q -m slow
 
 clean:

@@ -400,21 +400,17 @@ def to_markdown(res: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ layers
 def _load_real_scene(data, scene=None, split="val"):
+    """Scene ``scene`` from any split of ``data`` (default: the first scene of ``split``, else of train)."""
     from .data.scene import list_scenes, load_scene
 
     root = Path(data)
-    dirs = []
-    for sp in (split, "train", "val"):
-        if (root / sp).is_dir():
-            dirs = list_scenes(root, sp)
-            if dirs:
-                break
-    if not dirs:
-        raise InputError(root, "no scene folders under <root>/<split>/")
+    others = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    splits = [sp for sp in dict.fromkeys([split, "train", "val", *others]) if (root / sp).is_dir()]
+    dirs = [d for sp in splits for d in list_scenes(root, sp)]
     if scene:
         dirs = [d for d in dirs if d.name == scene]
-        if not dirs:
-            raise InputError(root, f"scene {scene} not found")
+    if not dirs:
+        raise InputError(root, f"scene {scene} not found" if scene else "no scene folders under <root>/<split>/")
     return load_scene(dirs[0])
 
 

@@ -3,7 +3,7 @@ import json
 
 from haskd.cli import main
 
-from conftest import REPO, TINY
+from conftest import REPO
 from test_pipeline import PIPE
 
 

@@ -65,7 +65,6 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     from haskd.engine.evaluate import scene_sample
     from haskd.engine.trainer import build_datasets
     from haskd.models import build_from_config
-    from haskd.models.teacher import attach_frames
 
     out, _ = pipeline_run
     cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}",
@@ -88,3 +87,12 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     assert set(losses[True]) == set(losses[False]) == {"ce", "ihd_logit", "ihd_feat", "asd"}
     for k in losses[True]:
         assert torch.allclose(losses[True][k], losses[False][k], rtol=2e-2, atol=2e-3), k
+
+
+def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path):
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "model.name=ptv3", "model.preset=tiny"])
+    summary = run_pipeline(cfg, tmp_path / "ptv3", progress=False, report=False)
+    assert 0 <= summary["student"]["metrics"]["miou"] <= 1
+    a = load_checkpoint(tmp_path / "ptv3" / "baseline" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "ptv3" / "student" / "last.pt")["state_dict"]
+    assert list(a) == list(b) and sum(v.numel() for v in a.values()) == sum(v.numel() for v in b.values())

@@ -10,13 +10,6 @@ from haskd.models.ptv3 import PTV3_PRESETS, GridPooling, PointTransformerV3, _pa
 from haskd.models.serialization import (batch_from_offset, encode, hilbert_encode, serialize, z_order_encode)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These inputs are tiny: with 2 threads on 2 busy shared cores, thread hand-offs cost ~5x the work itself.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,6 @@ from haskd.sparse.torch_backend import build_subm_map
 GRID = 8  # even, so that stride-2 levels of the dense reference line up with the sparse ones
 B = 2
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: on a loaded 2-core machine, 2 OpenMP threads wait on each other at every op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 needs_spconv = pytest.mark.skipif(not spconv_available(), reason="spconv not installed")

@@ -6,13 +6,6 @@ from haskd.models.spunet import SPUNET_PRESETS, SpUNet, synthetic_room
 from haskd.sparse import spconv_available
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: on a loaded 2-core machine, 2 OpenMP threads wait on each other at every op (10-60x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_batch(n_per_scene=(300, 200), cin=6, seed=0):

@@ -93,7 +93,6 @@ def test_resume_matches_uninterrupted(tiny_rooms, tmp_path):
 
     part_dir = tmp_path / "part"
     orig = T.save_checkpoint
-    calls = {"n": 0}
 
     class Stop(Exception):
         pass

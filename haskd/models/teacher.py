@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..data.frames import open_frames, scale_intrinsic
 from ..errors import HaskdError
