@@ -83,7 +83,7 @@ class TeacherConfig:
     depth_tau: float = 0.1               # depth-consistency threshold (m), about one voxel or two
     fusion_hidden: int = 128
     loss_3d: float = 1.0                 # CE on the 3D branch
-    loss_2d: float = 0.0                 # CE on 2D logits at projected labeled pixels (0 = off)
+    loss_2d: float = 0.5                 # CE on 2D logits at projected labeled pixels (0 = off)
     virtual_views: int = 20              # rendered views for scenes without frames
     model_preset: str = ""               # 3D branch preset ("" = the student's preset)
     epochs: int = 0                      # teacher epochs in the pipeline (0 = train.epochs)

@@ -51,15 +51,19 @@ class MultiModalTeacher(nn.Module):
         m, t = cfg.model, cfg.teacher
         backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
                                **m.kwargs)
-        image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride)
+        image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
+                              num_classes=cfg.data.num_classes if t.loss_2d > 0 else None)
         if t.image_weights:
             image_net.load_pretrained(t.image_weights)
         return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau)
 
     def lift_images(self, batch):
+        """(N, C2d [+ num_classes]) lifted image features (+ 2D logits when the image net has a classifier) and
+        (N,) visibility."""
         world = batch["world"]
         N = world.shape[0]
-        f2d = world.new_zeros(N, self.image_net.out_channels)
+        c = self.image_net.out_channels + (self.image_net.num_classes or 0)
+        f2d = world.new_zeros(N, c)
         vis = torch.zeros(N, dtype=torch.bool, device=world.device)
         frames = batch.get("frames") or []
         starts = [0] + batch["offset"].tolist()[:-1]
@@ -70,7 +74,8 @@ class MultiModalTeacher(nn.Module):
             return f2d, vis
         x = torch.cat(imgs).float().div(255.0)
         x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
-        feats = self.image_net(x)["feat"]
+        out2d = self.image_net(x)
+        feats = out2d["feat"] if "logits" not in out2d else torch.cat([out2d["feat"], out2d["logits"]], 1)
         i = 0
         for b, fr in enumerate(frames):
             if fr is None:
@@ -87,11 +92,16 @@ class MultiModalTeacher(nn.Module):
 
     def forward(self, batch):
         out3 = self.backbone(batch)
-        f2d, vis = self.lift_images(batch)
+        lifted, vis = self.lift_images(batch)
+        c2d = self.image_net.out_channels
+        f2d, logits_2d = lifted[:, :c2d], lifted[:, c2d:]
         visf = vis.to(f2d.dtype)[:, None]
         f2d = f2d * visf + self.unseen[None] * (1 - visf)
         h = self.fusion(torch.cat([out3["feat"], f2d, visf], 1))
-        return {"logits": self.classifier(h), "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
+        out = {"logits": self.classifier(h), "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
+        if logits_2d.shape[1]:
+            out["logits_2d"] = logits_2d  # image-branch logits lifted onto the voxels (mean over views)
+        return out
 
 
 class TeacherTask(nn.Module):
@@ -101,14 +111,21 @@ class TeacherTask(nn.Module):
         super().__init__()
         self.model = model
         self.w3d = cfg.teacher.loss_3d
+        self.w2d = cfg.teacher.loss_2d
 
     def forward(self, batch):
         from ..engine.tasks import ce_loss
 
         out = self.model(batch)
-        losses = {"ce_fused": ce_loss(out["logits"], batch["segment"])}
+        y = batch["segment"]
+        losses = {"ce_fused": ce_loss(out["logits"], y)}
         if self.w3d > 0:
-            losses["ce_3d"] = self.w3d * ce_loss(out["logits_3d"], batch["segment"])
+            losses["ce_3d"] = self.w3d * ce_loss(out["logits_3d"], y)
+        if self.w2d > 0 and "logits_2d" in out:
+            # 2D supervision at the pixels where labeled points project (3D labels carried into the images):
+            # it teaches the image branch directly what the textures mean.
+            seen = out["visible"] > 0
+            losses["ce_2d"] = self.w2d * ce_loss(out["logits_2d"][seen], y[seen])
         return losses, out
 
 
