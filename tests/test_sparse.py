@@ -228,3 +228,17 @@ def test_spconv_refuses_cpu_backward():
     out = conv(SparseTensor(feats.requires_grad_(), coords))
     with pytest.raises(HaskdError, match="cannot train on CPU"):
         out.feats.sum().backward()
+
+
+def test_scratch_buffers_survive_inference_mode_then_training():
+    """Evaluate under inference_mode, then train in the same process (the experts stage does exactly this)."""
+    from haskd.sparse import SparseTensor, SubMConv3d
+
+    torch.manual_seed(0)
+    coords = torch.cat([torch.zeros(300, 1, dtype=torch.long), torch.randint(0, 12, (300, 3))], 1).unique(dim=0)
+    conv = SubMConv3d(4, 8, 3, backend="torch")
+    with torch.inference_mode():
+        conv(SparseTensor(torch.randn(coords.shape[0], 4), coords))
+    out = conv(SparseTensor(torch.randn(coords.shape[0], 4, requires_grad=True), coords))
+    out.feats.sum().backward()
+    assert conv.weight.grad is not None

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 DEMO_PRESET = "demo_synthetic"
 HASKD_PRESET = "scannet20_haskd"
-DEMO_ROOMS = {"train": 8, "val": 4, "seed": 0}  # the built-in default: 12 synthetic rooms with RGB-D frames
+DEMO_ROOMS = {"train": 16, "val": 4, "seed": 0}  # the built-in default: 12 synthetic rooms with RGB-D frames
 
 
 def register(sub):

@@ -73,6 +73,14 @@ class MultiModalTeacher(nn.Module):
         if not imgs:
             return f2d, vis
         x = torch.cat(imgs).float().div(255.0)
+        if self.training:
+            # Photometric jitter per image (brightness, contrast): the points get colour jitter, the images get
+            # theirs, so the 2D branch cannot memorise the few training rooms' exact colours.
+            v = x.shape[0]
+            gain = 1 + (torch.rand(v, 1, 1, 1, device=x.device) - 0.5) * 0.4
+            bias = (torch.rand(v, 1, 1, 1, device=x.device) - 0.5) * 0.2
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * gain + mean + bias).clamp(0, 1)
         x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
         out2d = self.image_net(x)
         feats = out2d["feat"] if "logits" not in out2d else torch.cat([out2d["feat"], out2d["logits"]], 1)

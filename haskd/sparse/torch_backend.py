@@ -220,9 +220,11 @@ def _buffer(slot: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor
         return like.new_empty((rows, cols))
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
     n = rows * cols
-    buf = bufs.get(slot)
+    # A buffer made under inference_mode cannot be written outside it (and vice versa): keep one per mode.
+    key = (slot, torch.is_inference_mode_enabled())
+    buf = bufs.get(key)
     if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-        buf = bufs[slot] = torch.empty(int(n * 1.25) + 1024, dtype=like.dtype)
+        buf = bufs[key] = torch.empty(int(n * 1.25) + 1024, dtype=like.dtype)
     return buf[:n].view(rows, cols)
 
 
