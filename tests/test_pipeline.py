@@ -96,3 +96,18 @@ def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path
     a = load_checkpoint(tmp_path / "ptv3" / "baseline" / "last.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "ptv3" / "student" / "last.pt")["state_dict"]
     assert list(a) == list(b) and sum(v.numel() for v in a.values()) == sum(v.numel() for v in b.values())
+
+
+def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
+    from haskd.pipeline import ABLATION_ROWS, run_ablation
+
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    table = run_ablation(cfg, tmp_path / "abl", seeds=(0,), progress=False)
+    assert list(table["rows"]) == list(ABLATION_ROWS)
+    for r in ABLATION_ROWS:
+        assert len(table["rows"][r]["miou"]) == 1 and 0 <= table["rows"][r]["mean"] <= 100
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "+IHD (uniform frames)" in md and "HAS-KD" in md
+    # the uniform-frames teacher really used the uniform policy
+    assert load_checkpoint(tmp_path / "abl" / "seed0" / "uniform" / "teacher" / "last.pt")["config"]["teacher"][
+        "frame_policy"] == "uniform"
