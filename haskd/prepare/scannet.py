@@ -64,6 +64,15 @@ def _read_ply(path: Path):
         raise InputError(path, f"truncated or corrupt PLY ({type(e).__name__}: {e})") from None
 
 
+def _read_vertices(path: Path):
+    """(PlyData, vertex records) of a PLY file; InputError when it has no vertex element."""
+    ply = _read_ply(path)
+    try:
+        return ply, ply["vertex"].data
+    except KeyError:
+        raise InputError(path, "no 'vertex' element") from None
+
+
 def read_mesh(path) -> tuple:
     """Read a ScanNet ``_vh_clean_2.ply``.
 
@@ -72,11 +81,7 @@ def read_mesh(path) -> tuple:
     face indices out of range.
     """
     path = Path(path)
-    ply = _read_ply(path)
-    try:
-        v = ply["vertex"].data
-    except KeyError:
-        raise InputError(path, "no 'vertex' element") from None
+    ply, v = _read_vertices(path)
     names = v.dtype.names or ()
     for k in ("x", "y", "z", "red", "green", "blue"):
         if k not in names:
@@ -135,11 +140,7 @@ def vertex_normals(coord: np.ndarray, faces: np.ndarray) -> np.ndarray:
 def read_labels(path, num_vertices: int) -> np.ndarray:
     """NYU40 id per vertex (N,) int64 from ``_vh_clean_2.labels.ply``; its vertex count must match the mesh."""
     path = Path(path)
-    ply = _read_ply(path)
-    try:
-        v = ply["vertex"].data
-    except KeyError:
-        raise InputError(path, "no 'vertex' element") from None
+    _, v = _read_vertices(path)
     if "label" not in (v.dtype.names or ()):
         raise InputError(path, "vertex property 'label' missing")
     if len(v) != num_vertices:
