@@ -143,14 +143,8 @@ def build_parser():
     pr.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     pr.set_defaults(func=cmd_predict)
 
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("haskd.commands"):
-                continue
-            raise
-        mod.register(sub)
+    for name in COMMAND_MODULES:  # imported here: the command modules import add_common from this module
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
     return p
 
 

@@ -15,9 +15,6 @@ follow the conventions of :mod:`haskd.lifting` (OpenCV axes, camera-to-world pos
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +150,7 @@ def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg
 
     The folder is written into a temporary sibling and renamed, so an interrupted run leaves no half folder.
     """
-    from .data.scene import load_scene
+    from .data.scene import load_scene, atomic_dir
 
     scene_dir = Path(scene_dir)
     if open_frames(scene_dir / "frames") is not None:
@@ -165,16 +162,9 @@ def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg
     views = render_views(scene.coord, scene.color, num_views, image_size, fov_deg, seed)
     if not any((d > 0).any() for _, d, _, _ in views):
         raise InputError(scene_dir, "virtual views: no point projects into any rendered view")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{VIRTUAL_DIR}.", dir=scene_dir))
-    try:
+    with atomic_dir(out) as tmp:
         for i, (c, d, pose, K) in enumerate(views):
             write_frame(tmp, f"{i:05d}", c, depth_m=d, pose=pose)
         write_intrinsics(tmp, views[0][3])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("%s: rendered %d virtual views into %s", scene_dir, len(views), out)
     return out

@@ -66,15 +66,11 @@ def _ints(text, what):
 
 
 def _entropy_model(ckpt):
-    """(model, cfg) from a checkpoint, or None when the engine is not available (the term is then skipped)."""
+    """(model, cfg) from a checkpoint, or None without one (the uncertainty term is then skipped)."""
     if not ckpt:
         return None
-    try:
-        from ..engine.checkpoint import load_model
-        from ..engine.evaluate import predict_points  # noqa: F401  (checked here, used per scene)
-    except ImportError as e:
-        log.warning("--ckpt ignored: the model loader is not available (%s); uncertainty term off", e)
-        return None
+    from ..engine.checkpoint import load_model
+
     model, cfg = load_model(ckpt, return_config=True)
     if getattr(cfg, "role", None) == "teacher":
         log.warning("--ckpt is a teacher; its entropy needs frames, so the uncertainty term is off")

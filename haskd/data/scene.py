@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -113,17 +114,32 @@ def load_scene(path, num_classes: Optional[int] = None, need_labels: bool = Fals
     return validate(scene, path, num_classes=num_classes, need_labels=need_labels)
 
 
-def write_scene(path, coord, color, segment=None, normal=None, instance=None, label_name="segment20.npy",
-                extra_files: Optional[dict] = None, frames_from=None) -> Path:
-    """Write a scene folder atomically: build it in a temporary sibling folder, then rename.
-
-    ``extra_files``: {relative name: np.ndarray} written as .npy. ``frames_from``: a folder copied as ``frames/``.
-    An interrupted write never leaves a half scene at ``path``.
-    """
+@contextmanager
+def atomic_dir(path):
+    """Build a folder in a temporary sibling and yield it; on success it replaces ``path`` in one rename, on any
+    error (or interruption) it is removed, so ``path`` is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_scene(path, coord, color, segment=None, normal=None, instance=None, label_name="segment20.npy",
+                extra_files: Optional[dict] = None, write_frames=None) -> Path:
+    """Write a scene folder atomically (see :func:`atomic_dir`).
+
+    ``extra_files``: {relative name: np.ndarray} written as .npy. ``write_frames``: optional callable that writes the
+    RGB-D frames straight into the given ``frames/`` folder of the scene being built (no staging copy).
+    """
+    path = Path(path)
+    with atomic_dir(path) as tmp:
         np.save(tmp / "coord.npy", np.ascontiguousarray(coord, dtype=np.float32))
         np.save(tmp / "color.npy", np.ascontiguousarray(color, dtype=np.uint8))
         if segment is not None:
@@ -134,14 +150,8 @@ def write_scene(path, coord, color, segment=None, normal=None, instance=None, la
             np.save(tmp / "instance.npy", np.ascontiguousarray(instance, dtype=np.int32))
         for name, arr in (extra_files or {}).items():
             np.save(tmp / name, arr)
-        if frames_from is not None:
-            shutil.copytree(frames_from, tmp / "frames")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if write_frames is not None:
+            write_frames(tmp / "frames")
     return path
 
 

@@ -712,24 +712,21 @@ def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, ima
 
 def write_room(room: dict, path, frame_quality: int = 95) -> Path:
     """Write one room from :func:`make_room` as a scene folder (atomic), with ``frames/`` and clean labels."""
-    import tempfile
-
     from .frames import write_frame, write_intrinsics
     from .scene import write_scene
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.frames.", dir=path.parent) as tmp:
-        frames = room["frames"]
+    frames = room["frames"]
+
+    def write_frames(d):
         for i, fr in enumerate(frames):
-            write_frame(tmp, f"{i:05d}", fr.color, depth_m=fr.depth, pose=fr.pose, quality=frame_quality)
-        if frames:
-            # depth is rendered at the colour resolution, so both intrinsics are the same
-            write_intrinsics(tmp, frames[0].K, frames[0].K)
-        return write_scene(path, room["coord"], room["color"], segment=room["segment"], normal=room["normal"],
-                           instance=room["instance"],
-                           extra_files={"segment20_clean.npy": room["segment_clean"].astype(np.int16)},
-                           frames_from=tmp if frames else None)
+            write_frame(d, f"{i:05d}", fr.color, depth_m=fr.depth, pose=fr.pose, quality=frame_quality)
+        # depth is rendered at the colour resolution, so both intrinsics are the same
+        write_intrinsics(d, frames[0].K, frames[0].K)
+
+    return write_scene(path, room["coord"], room["color"], segment=room["segment"], normal=room["normal"],
+                       instance=room["instance"],
+                       extra_files={"segment20_clean.npy": room["segment_clean"].astype(np.int16)},
+                       write_frames=write_frames if frames else None)
 
 
 def _scene_seed(seed: int, split: str, index: int) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -262,12 +261,7 @@ def write_job(job: dict, out: Path) -> Path:
     label_name = "segment20.npy" if job["dataset"] == "scannet" else "segment.npy"
     args = dict(coord=kw["coord"], color=kw["color"], segment=kw.get("segment"), normal=kw.get("normal"),
                 instance=kw.get("instance"), label_name=label_name, extra_files=kw.get("extra_files"))
-    if stage is None:
-        return write_scene(path, **args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.frames.", dir=path.parent) as tmp:
-        stage(Path(tmp))
-        return write_scene(path, frames_from=tmp, **args)
+    return write_scene(path, write_frames=stage, **args)
 
 
 def prepare_samples(src, out, val_rooms=DEFAULT_VAL_ROOMS, overwrite: bool = False, progress: bool = True,

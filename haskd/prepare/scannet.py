@@ -336,24 +336,20 @@ def prepare_scene(name: str, params: dict, out_dir: str) -> dict:
     info = {"faces": int(faces.shape[0])}
     warnings = []
     out_dir = Path(out_dir)
-    staging = None
-    try:
-        if params["frames_every"] > 0 and files["sens"].is_file():
-            staging = out_dir.parent / f".{name}.frames"
-            shutil.rmtree(staging, ignore_errors=True)
-            fi = export_frames(files["sens"], staging, params["frames_every"], params["image_size"], align)
-            info["frames"] = fi
-            if fi["skipped_pose"]:
-                warnings.append(f"{files['sens']}: skipped {fi['skipped_pose']} frame(s) with a non-finite pose")
-            if fi["written"] == 0:
-                warnings.append(f"{files['sens']}: no frame with a finite pose; scene has no frames/")
-                shutil.rmtree(staging, ignore_errors=True)
-                staging = None
-        write_scene(out_dir, coord, color, segment=segment, normal=normal, instance=instance,
-                    label_name="segment20.npy", extra_files=extra, frames_from=staging)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def write_frames(frames_dir):
+        # Exported straight into the scene folder being built (atomically, with the arrays).
+        fi = export_frames(files["sens"], frames_dir, params["frames_every"], params["image_size"], align)
+        info["frames"] = fi
+        if fi["skipped_pose"]:
+            warnings.append(f"{files['sens']}: skipped {fi['skipped_pose']} frame(s) with a non-finite pose")
+        if fi["written"] == 0:
+            warnings.append(f"{files['sens']}: no frame with a finite pose; scene has no frames/")
+            shutil.rmtree(frames_dir, ignore_errors=True)
+
+    with_frames = params["frames_every"] > 0 and files["sens"].is_file()
+    write_scene(out_dir, coord, color, segment=segment, normal=normal, instance=instance,
+                label_name="segment20.npy", extra_files=extra, write_frames=write_frames if with_frames else None)
     return {"num_points": n, "info": info, "warnings": warnings}
 
 
