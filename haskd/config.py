@@ -87,6 +87,10 @@ class TeacherConfig:
     virtual_views: int = 20              # rendered views for scenes without frames
     model_preset: str = ""               # 3D branch preset ("" = the student's preset)
     epochs: int = 0                      # teacher epochs in the pipeline (0 = train.epochs)
+    train_frames: str = "selected"       # selected: train on the K chosen frames | random: K random frames of a
+                                         # per-scene pool each step (more 2D data; caching still uses the K chosen)
+    frame_pool: int = 24                 # pool size for train_frames=random (spread evenly over the frames)
+    fusion: str = "concat"               # concat: logits = head(mlp[f3d, f2d, vis]) | residual: 3D logits + head(...)
 
 
 @dataclass

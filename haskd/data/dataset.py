@@ -32,6 +32,7 @@ class SceneDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.repeat = max(1, repeat) if train else 1
         self.frame_data = None  # per-scene frame tensors, set by haskd.models.teacher.attach_frames
+        self.frame_k = 0        # > 0: training samples draw this many frames at random from the scene's pool
         self.extra = None
 
     def set_epoch(self, epoch: int):
@@ -63,10 +64,23 @@ class SceneDataset(torch.utils.data.Dataset):
         if "segment" in vox:
             sample["segment"] = vox["segment"]
         if self.frame_data is not None:
-            sample["frames"] = self.frame_data[idx % len(self.scenes)]
+            fr = self.frame_data[idx % len(self.scenes)]
+            if fr is not None and self.train and 0 < self.frame_k < fr["color"].shape[0]:
+                fr = subset_frames(fr, np.sort(rng.choice(fr["color"].shape[0], self.frame_k, replace=False)))
+            sample["frames"] = fr
         if not self.train and scene.segment is not None:
             sample["point_segment"] = scene.segment
         return sample
+
+
+def subset_frames(frames: dict, rows) -> dict:
+    """The frames at ``rows`` of a per-scene frame dict (see :func:`haskd.models.teacher.load_frames`)."""
+    rows = np.asarray(rows)
+    out = dict(frames)
+    for key in ("color", "depth", "pose"):
+        out[key] = frames[key][torch.from_numpy(rows)]
+    out["ids"] = [frames["ids"][i] for i in rows]
+    return out
 
 
 def in_channels(use_normal: bool) -> int:

@@ -48,8 +48,10 @@ def build_datasets(cfg: Config, splits=("train", "val")):
     if cfg.role == "teacher":
         from ..models.teacher import attach_frames
 
-        for ds in out.values():
-            attach_frames(ds, cfg)
+        if cfg.teacher.train_frames not in ("selected", "random"):
+            raise HaskdError(f"teacher.train_frames must be 'selected' or 'random', got {cfg.teacher.train_frames!r}")
+        for which, ds in out.items():
+            attach_frames(ds, cfg, pool=which == "train" and cfg.teacher.train_frames == "random")
     return out
 
 

@@ -31,8 +31,13 @@ class MultiModalTeacher(nn.Module):
     features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
 
     def __init__(self, backbone: nn.Module, image_net: ImageUNet, num_classes: int, hidden: int = 128,
-                 depth_tau: float = 0.1):
+                 depth_tau: float = 0.1, fusion: str = "concat"):
         super().__init__()
+        if fusion not in ("concat", "residual"):
+            raise HaskdError(f"teacher.fusion must be 'concat' or 'residual', got {fusion!r}")
+        # residual: the fused head only corrects the 3D branch's logits, so where images add nothing the
+        # teacher stays the 3D network (our change, see docs/method.md); concat: the head alone decides.
+        self.fusion_mode = fusion
         self.backbone = backbone
         self.image_net = image_net
         c2d = image_net.out_channels
@@ -55,7 +60,7 @@ class MultiModalTeacher(nn.Module):
                               num_classes=cfg.data.num_classes if t.loss_2d > 0 else None)
         if t.image_weights:
             image_net.load_pretrained(t.image_weights)
-        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau)
+        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion)
 
     def lift_images(self, batch):
         """(N, C2d [+ num_classes]) lifted image features (+ 2D logits when the image net has a classifier) and
@@ -106,7 +111,10 @@ class MultiModalTeacher(nn.Module):
         visf = vis.to(f2d.dtype)[:, None]
         f2d = f2d * visf + self.unseen[None] * (1 - visf)
         h = self.fusion(torch.cat([out3["feat"], f2d, visf], 1))
-        out = {"logits": self.classifier(h), "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
+        logits = self.classifier(h)
+        if self.fusion_mode == "residual":
+            logits = logits + out3["logits"]
+        out = {"logits": logits, "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
         if logits_2d.shape[1]:
             out["logits_2d"] = logits_2d  # image-branch logits lifted onto the voxels (mean over views)
         return out
@@ -176,10 +184,13 @@ def choose_frames(scene, cfg, frames_root=None, point_entropy=None):
     return fs, sel["ids"], sel
 
 
-def attach_frames(dataset, cfg, selections: dict = None):
+def attach_frames(dataset, cfg, selections: dict = None, pool: bool = False):
     """Give every scene of ``dataset`` its K frames (chosen once, kept in memory); samples then carry ``frames``.
 
     ``selections``: optional {scene name: [frame ids]} (e.g. from ``haskd frames select``) instead of choosing here.
+    ``pool``: load up to ``teacher.frame_pool`` frames per scene (spread evenly) and let the dataset draw
+    ``teacher.num_frames`` of them at random per training sample (``teacher.train_frames=random``); the K chosen
+    frames are still what ``dataset.chosen_frames`` records (and what distillation caches with).
     """
     data, chosen = [], {}
     for scene in dataset.scenes:
@@ -194,13 +205,28 @@ def attach_frames(dataset, cfg, selections: dict = None):
             log.warning("%s: no usable frame; the teacher sees points only here", scene.path)
             data.append(None)
             continue
-        data.append(load_frames(fs, ids, tuple(cfg.teacher.image_size)))
         chosen[scene.name] = list(ids)
+        if pool:
+            from ..iof import select_frames
+
+            t = cfg.teacher
+            spread = select_frames(scene.coord, fs, k=max(t.frame_pool, len(ids)), policy="uniform",
+                                   voxel_size=cfg.data.voxel_size, tau=t.depth_tau, seed=cfg.train.seed,
+                                   stride=t.frame_stride)["ids"]
+            # the chosen frames first (rows 0..K-1, what evaluation and caching use), then the evenly spread rest
+            ids = (list(ids) + [f for f in spread if f not in set(ids)])[: max(t.frame_pool, len(ids))]
+        data.append(load_frames(fs, ids, tuple(cfg.teacher.image_size)))
     dataset.frame_data = data
+    dataset.frame_k = cfg.teacher.num_frames if pool else 0
     dataset.chosen_frames = chosen
 
     def extra(sample, i):
-        sample["frames"] = data[i]
+        fr = data[i]
+        if pool and fr is not None:
+            from ..data.dataset import subset_frames
+
+            fr = subset_frames(fr, np.arange(len(chosen[dataset.scenes[i].name])))
+        sample["frames"] = fr
         return sample
 
     dataset.extra = extra

@@ -1,0 +1,73 @@
+"""Teacher options: residual fusion and training on random frames from a per-scene pool."""
+import torch
+
+from haskd.config import load_config
+from haskd.data.transforms import collate
+from haskd.engine.trainer import build_datasets
+from haskd.models.teacher import MultiModalTeacher
+
+from conftest import TINY
+
+TEACH = [*TINY, "role=teacher", "teacher.image_size=[30,40]", "teacher.image_widths=[8,16]",
+         "teacher.image_channels=8", "teacher.num_frames=2", "teacher.fusion_hidden=16"]
+
+
+def _cfg(root, *extra):
+    return load_config("scannet20_haskd", [*TEACH, f"data.root={root}", *extra])
+
+
+def test_random_training_frames_come_from_a_pool_with_the_chosen_frames_first(tiny_rooms):
+    cfg = _cfg(tiny_rooms, "teacher.train_frames=random", "teacher.frame_pool=5")
+    ds = build_datasets(cfg)
+    train, val = ds["train"], ds["val"]
+    assert train.frame_k == 2 and val.frame_k == 0
+    for i, scene in enumerate(train.scenes):
+        pool = train.frame_data[i]["ids"]
+        chosen = train.chosen_frames[scene.name]
+        assert len(chosen) == 2 and pool[:2] == chosen and len(pool) == 5 and len(set(pool)) == 5
+        # evaluation / caching hooks see exactly the chosen frames
+        assert train.extra({}, i)["frames"]["ids"] == chosen
+    seen = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        fr = train[0]["frames"]
+        assert fr["color"].shape[0] == 2 and fr["depth"].shape[0] == 2 and fr["pose"].shape[0] == 2
+        assert set(fr["ids"]) <= set(train.frame_data[0]["ids"])
+        seen.update(fr["ids"])
+    assert len(seen) > 2  # draws vary over epochs
+    assert val[0]["frames"]["ids"] == val.chosen_frames[val.scenes[0].name]
+
+
+def test_selected_training_frames_are_the_chosen_ones(tiny_rooms):
+    ds = build_datasets(_cfg(tiny_rooms))
+    train = ds["train"]
+    assert train.frame_k == 0
+    assert train[0]["frames"]["ids"] == train.chosen_frames[train.scenes[0].name]
+
+
+def test_residual_fusion_adds_the_head_to_the_3d_logits(tiny_rooms):
+    cfg = _cfg(tiny_rooms, "teacher.fusion=residual")
+    ds = build_datasets(cfg, ("val",))["val"]
+    model = MultiModalTeacher.from_config(cfg, in_channels=ds[0]["feat"].shape[1]).eval()
+    batch = collate([ds[0]])
+    with torch.no_grad():
+        out = model(batch)
+        lifted, vis = model.lift_images(batch)
+        c2d = model.image_net.out_channels
+        visf = vis.float()[:, None]
+        f2d = lifted[:, :c2d] * visf + model.unseen[None] * (1 - visf)
+        h = model.fusion(torch.cat([model.backbone(batch)["feat"], f2d, visf], 1))
+    torch.testing.assert_close(out["logits"], model.classifier(h) + out["logits_3d"])
+    torch.testing.assert_close(out["feat"], h)
+
+
+def test_bad_fusion_and_train_frames_values_are_one_line_errors(tiny_rooms):
+    import pytest
+
+    from haskd.errors import HaskdError
+
+    with pytest.raises(HaskdError, match="teacher.train_frames"):
+        build_datasets(_cfg(tiny_rooms, "teacher.train_frames=all"))
+    cfg = _cfg(tiny_rooms, "teacher.fusion=sum")
+    with pytest.raises(HaskdError, match="teacher.fusion"):
+        MultiModalTeacher.from_config(cfg, in_channels=6)
