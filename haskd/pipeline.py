@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from .config import Config, save_config
-from .engine.checkpoint import load_checkpoint
+from .engine.checkpoint import load_checkpoint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def _entry(run_dir: Path, metrics: dict) -> dict:
 
 
 ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only", "HAS-KD")
+TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)")
 
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
@@ -129,8 +130,9 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
     from .experts import build_expert_table
 
     out = Path(out)
-    results = {r: [] for r in ABLATION_ROWS}
-    per_class = {r: [] for r in ABLATION_ROWS}
+    rows = ABLATION_ROWS + TEACHER_ROWS
+    results = {r: [] for r in rows}
+    per_class = {r: [] for r in rows}
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -142,9 +144,15 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
         base_cfg.train.snapshots = c.train.snapshots or 5
         runs = {}
         runs["baseline"] = run_stage("baseline", base_cfg, d / "baseline", progress)
-        run_stage("teacher", iof["teacher"], d / "teacher", progress)
+        runs["teacher (IOF frames)"] = run_stage("teacher", iof["teacher"], d / "teacher", progress)
         runs["+IHD (IOF)"] = run_stage("stage1", iof["stage1"], d / "stage1", progress)
-        run_stage("teacher-uniform", uni["teacher"], d / "uniform" / "teacher", progress)
+        if c.teacher.train_frames == "random":
+            # The teacher trained on random frames does not depend on the frame policy: only the frames it
+            # sees when it writes soft labels do. Reuse its weights with uniformly chosen frames.
+            runs["teacher (uniform frames)"] = reuse_teacher(d / "teacher", d / "uniform" / "teacher", "uniform", dev)
+        else:
+            runs["teacher (uniform frames)"] = run_stage("teacher-uniform", uni["teacher"], d / "uniform" / "teacher",
+                                                         progress)
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
@@ -156,23 +164,58 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
         asd_only.distill.experts = str(d / "baseline" / "experts.json")
         runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
         runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
-        for r in ABLATION_ROWS:
+        for r in rows:
             results[r].append(runs[r]["miou"])
             per_class[r].append(runs[r]["per_class_iou"])
-    table = {"seeds": list(seeds), "rows": {}}
-    for r in ABLATION_ROWS:
+    table = {"seeds": list(seeds), "rows": {}, "teacher": {}}
+    for r in rows:
         v = np.array(results[r]) * 100
-        table["rows"][r] = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                            "per_class_iou": per_class[r]}
+        entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                 "per_class_iou": per_class[r]}
+        table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
     md = ablation_markdown(table)
     (out / "ablation.md").write_text(md + "\n")
     (out / "ablation.json").write_text(json.dumps(table, indent=1))
     return table
 
 
+def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
+    """``dst``: the teacher of ``src`` (same weights) that sees frames chosen by ``policy``.
+
+    Writes ``dst/last.pt`` (a copy), ``dst/frames.json`` (the policy's frames for the train and val scenes, which
+    distillation caches with) and ``dst/val_metrics.json`` (the teacher evaluated with those frames)."""
+    import shutil
+
+    from .engine.evaluate import evaluate
+    from .engine.trainer import build_datasets
+    from .models.teacher import save_selection
+
+    dst = Path(dst)
+    if (dst / "val_metrics.json").is_file() and (dst / "frames.json").is_file():
+        return json.loads((dst / "val_metrics.json").read_text())
+    model, cfg = load_model(src / "last.pt", device=device, return_config=True)
+    cfg.teacher.frame_policy = policy
+    cfg.teacher.train_frames = "selected"
+    sets = build_datasets(cfg)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_selection({**sets["train"].chosen_frames, **sets["val"].chosen_frames}, dst / "frames.json")
+    metrics = evaluate(model, sets["val"], device, cfg.data.dataset, extra=sets["val"].extra)
+    tmp = dst / "last.pt.tmp"
+    shutil.copyfile(src / "last.pt", tmp)
+    tmp.replace(dst / "last.pt")
+    (dst / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
 def ablation_markdown(table: dict) -> str:
     base = table["rows"]["baseline"]["mean"]
     lines = [f"| variant | val mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |", "|---|---|---|"]
-    for r, v in table["rows"].items():
+    for r, v in {**table["rows"], **table.get("teacher", {})}.items():
         lines.append(f"| {r} | {v['mean']:.2f} +- {v['std']:.2f} | {v['mean'] - base:+.2f} |")
+    t = table.get("teacher", {}).get("teacher (IOF frames)")
+    if t is not None and "HAS-KD" in table["rows"]:
+        gap = t["mean"] - base
+        got = table["rows"]["HAS-KD"]["mean"] - base
+        frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
+        lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
     return "\n".join(lines)

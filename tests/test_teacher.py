@@ -71,3 +71,42 @@ def test_bad_fusion_and_train_frames_values_are_one_line_errors(tiny_rooms):
     cfg = _cfg(tiny_rooms, "teacher.fusion=sum")
     with pytest.raises(HaskdError, match="teacher.fusion"):
         MultiModalTeacher.from_config(cfg, in_channels=6)
+
+
+def test_reused_teacher_keeps_weights_and_sees_the_policy_frames(tiny_rooms, tmp_path):
+    import json
+
+    from haskd.engine.checkpoint import load_checkpoint
+    from haskd.engine.trainer import train
+    from haskd.iof import select_frames
+    from haskd.pipeline import reuse_teacher
+
+    cfg = _cfg(tiny_rooms, "teacher.train_frames=random", "train.epochs=1", "train.eval_every=0")
+    train(cfg, tmp_path / "t", progress=False)
+    metrics = reuse_teacher(tmp_path / "t", tmp_path / "u", "uniform")
+    a = load_checkpoint(tmp_path / "t" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "u" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    chosen = json.loads((tmp_path / "u" / "frames.json").read_text())
+    ds = build_datasets(_cfg(tiny_rooms))
+    for scene in ds["train"].scenes + ds["val"].scenes:
+        from haskd.data.frames import open_frames
+
+        want = select_frames(scene.coord, open_frames(scene.path / "frames"), k=2, policy="uniform",
+                             voxel_size=cfg.data.voxel_size, tau=cfg.teacher.depth_tau, seed=cfg.train.seed)["ids"]
+        assert chosen[scene.name] == want
+    assert 0 <= metrics["miou"] <= 1
+    assert json.loads((tmp_path / "u" / "val_metrics.json").read_text())["miou"] == metrics["miou"]
+
+
+def test_ablation_table_reports_the_share_of_the_teacher_gap_closed():
+    from haskd.pipeline import ablation_markdown
+
+    row = lambda m: {"mean": m, "std": 0.5}  # noqa: E731
+    table = {"seeds": [0, 1, 2], "rows": {"baseline": row(40.0), "HAS-KD": row(43.0)},
+             "teacher": {"teacher (IOF frames)": row(46.0)}}
+    md = ablation_markdown(table)
+    assert "| HAS-KD | 43.00 +- 0.50 | +3.00 |" in md and "| teacher (IOF frames) | 46.00 +- 0.50 | +6.00 |" in md
+    assert "closes 50% of it" in md
+    table["teacher"]["teacher (IOF frames)"] = row(39.0)
+    assert "n/a" in ablation_markdown(table)
