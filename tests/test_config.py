@@ -46,3 +46,28 @@ def test_missing_file():
 def test_haskd_preset_has_distillation_defaults():
     cfg = apply_overrides(load_config("scannet20_haskd"), [])
     assert cfg.train.snapshots == 5 and cfg.distill.tau == 2.0 and cfg.teacher.num_frames == 5
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    import haskd
+
+    names = sorted(p.stem for p in (Path(haskd.__file__).parent / "configs").glob("*.yaml"))
+    assert "synthetic_bench" in names and "demo_synthetic" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.data.num_classes > 0
+
+
+def test_ablate_seed_lists():
+    import argparse
+
+    import pytest
+
+    from haskd.commands.pipeline import _seed_list
+
+    assert _seed_list("3") == (0, 1, 2) and _seed_list("1,2") == (1, 2) and _seed_list("2,") == (2,)
+    for bad in ("0", "a", "-1,2", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seed_list(bad)

@@ -28,8 +28,25 @@ def register(sub):
 
     a = sub.add_parser("ablate", help="baseline | +IHD (uniform) | +IHD (IOF) | +ASD only | HAS-KD over seeds")
     add_common(a)
-    a.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    a.add_argument("--seeds", type=_seed_list, default=(0, 1, 2),
+                   help="N (seeds 0..N-1) or a comma list such as 1,2 (finished runs are reused, so seeds can run "
+                        "in separate processes into one --out and a last call with all of them writes the table)")
     a.set_defaults(func=run_ablate)
+
+
+def _seed_list(text: str) -> tuple:
+    import argparse
+
+    try:
+        if "," in text:
+            seeds = tuple(int(t) for t in text.split(",") if t.strip())
+        else:
+            seeds = tuple(range(int(text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or a comma list of seeds, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected N >= 1 or non-negative seeds, got {text!r}")
+    return seeds
 
 
 def _default_config(args, preset):
@@ -86,7 +103,7 @@ def run_ablate(args) -> int:
     if args.epochs is not None:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
-    table = run_ablation(cfg, out, seeds=tuple(range(args.seeds)))
+    table = run_ablation(cfg, out, seeds=args.seeds)
     from ..pipeline import ablation_markdown
 
     print(ablation_markdown(table))
