@@ -110,3 +110,22 @@ def test_ablation_table_reports_the_share_of_the_teacher_gap_closed():
     assert "closes 50% of it" in md
     table["teacher"]["teacher (IOF frames)"] = row(39.0)
     assert "n/a" in ablation_markdown(table)
+
+
+def test_ablation_table_shows_the_hard_classes_when_scored():
+    from haskd.pipeline import ablation_markdown
+
+    def row(m, pic, win):
+        return {"mean": m, "std": 0.0, "per_class_iou": [{"picture": pic, "window": win, "wall": 0.9}] * 2}
+
+    table = {"seeds": [0, 1], "rows": {"baseline": row(40.0, 0.0, 0.1), "HAS-KD": row(41.0, 0.1, 0.3)},
+             "teacher": {"teacher (IOF frames)": row(45.0, 0.2, 0.4)}}
+    md = ablation_markdown(table)
+    assert "picture / window mean IoU" in md
+    assert "| baseline | 40.00 +- 0.00 | +0.00 | 5.00 +- 0.00 |" in md
+    assert "| teacher (IOF frames) | 45.00 +- 0.00 | +5.00 | 30.00 +- 0.00 |" in md
+    table["rows"]["baseline"]["per_class_iou"] = [{"wall": 0.9}]
+    for r in ("HAS-KD",):
+        table["rows"][r]["per_class_iou"] = [{"wall": 0.9}]
+    table["teacher"]["teacher (IOF frames)"]["per_class_iou"] = [{"wall": 0.9}]
+    assert "mean IoU" not in ablation_markdown(table)
