@@ -10,6 +10,7 @@ Layout (our choice)::
                                    topk_index  (..., P, k) int16     their class ids, best first
                                    feat        (P, D) float16        optional (teacher features)
                                    visible     (P,) bool             optional (teacher saw the point in images)
+                                   gain        (P,) float16          optional (what the images add, ihd.image_gain)
 
 ``...`` is an optional leading shape, e.g. ``(M,)`` for M snapshot experts in one file.
 
@@ -101,7 +102,7 @@ def _ensure_manifest(cache_dir, settings: dict) -> None:
 
 
 def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=None,
-                      topk: Optional[int] = None) -> Path:
+                      topk: Optional[int] = None, gain=None) -> Path:
     """Store one scene's frozen outputs; returns the ``.npz`` path.
 
     logits: (..., P, C) per original point (torch or numpy; e.g. (P, C) teacher, (M, P, C) experts).
@@ -135,8 +136,14 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
         if v.shape[0] != p:
             raise ValueError(f"visible must be ({p},), got {tuple(v.shape)}")
         arrays["visible"] = (v > 0).numpy() if v.dtype != torch.bool else v.numpy()
+    if gain is not None:
+        g = _as_tensor(gain).detach().float().cpu().reshape(-1)
+        if g.shape[0] != p:
+            raise ValueError(f"gain must be ({p},), got {tuple(g.shape)}")
+        arrays["gain"] = g.numpy().astype(np.float16)
     _ensure_manifest(cache_dir, {"topk": k, "num_classes": int(c), "lead_shape": [int(s) for s in lead],
-                                 "feat_dim": feat_dim, "has_visible": visible is not None})
+                                 "feat_dim": feat_dim, "has_visible": visible is not None,
+                                 "has_gain": gain is not None})
     path = _scene_file(cache_dir, scene_name)
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
@@ -146,7 +153,8 @@ def load_scene_cache(cache_dir, scene_name: str, expected_points: Optional[int] 
     """Read one scene's cache.
 
     Returns numpy arrays ``{"topk_logits": (..., P, k) float16, "topk_index": (..., P, k) int16,
-    "num_classes": int, "feat": (P, D) float16 (if stored), "visible": (P,) bool (if stored)}``.
+    "num_classes": int, "feat": (P, D) float16 (if stored), "visible": (P,) bool (if stored),
+    "gain": (P,) float16 (if stored)}``.
     Raises :class:`InputError` when the file is missing, broken, or (``expected_points``) stale.
     """
     manifest = read_manifest(cache_dir)

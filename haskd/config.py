@@ -100,6 +100,7 @@ class DistillConfig:
     logit_weight: float = 1.0
     feat_weight: float = 1.0
     trust: str = "hard"                  # hard | soft | none
+    image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
     experts: str = ""                    # ASD on when set: experts JSON written by `haskd experts`
     asd_weight: float = 1.0
     asd_topk: int = 1

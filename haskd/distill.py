@@ -26,7 +26,7 @@ from .engine.checkpoint import load_model
 from .engine.evaluate import scene_sample
 from .engine.tasks import ce_loss, move_to
 from .errors import HaskdError
-from .ihd import IHDLoss
+from .ihd import IHDLoss, image_gain
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def scene_outputs(model, scene, cfg, device, extra=None) -> dict:
     if "visible" in out:
         res["visible"] = out["visible"][inv].cpu() > 0.5
         res["feat"] = out["feat"].float()[inv].cpu()
+    if "logits_3d" in out and scene.segment is not None:
+        res["gain"] = image_gain(res["logits"], out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment))
     return res
 
 
@@ -88,7 +90,7 @@ class DistillTask(nn.Module):
                 raise HaskdError(f"{d.teacher_ckpt}: distill.teacher_ckpt must be a teacher checkpoint")
             _frozen(teacher)
             ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
-                          feat_weight=d.feat_weight, trust=d.trust)
+                          feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain)
             from .models.teacher import attach_frames
 
             sel = _read_selection(Path(d.teacher_ckpt).parent / "frames.json")
@@ -123,7 +125,7 @@ class DistillTask(nn.Module):
         N = batch["grid_coord"].shape[0]
         starts = [0] + batch["point_offset"].tolist()[:-1]
         ends = batch["point_offset"].tolist()
-        probs, feats, vis, rows = [], [], [], []
+        probs, feats, vis, gains, rows = [], [], [], [], []
         for b, name in enumerate(batch["scene"]):
             key = (kind, name)
             if key not in self._mem:
@@ -140,6 +142,8 @@ class DistillTask(nn.Module):
                 feats.append(torch.from_numpy(c["feat"])[k].float())
             if "visible" in c:
                 vis.append(torch.from_numpy(c["visible"])[k])
+            if "gain" in c:
+                gains.append(torch.from_numpy(c["gain"])[k].float())
         dev = batch["grid_coord"].device
         rows = torch.cat(rows).to(dev)
         p = torch.cat(probs, dim=-2).to(dev)
@@ -148,6 +152,8 @@ class DistillTask(nn.Module):
             out["feat"] = sl_cache.gather_to_voxels(torch.cat(feats).to(dev), rows, N)
         if vis:
             out["visible"] = (sl_cache.gather_to_voxels(torch.cat(vis).to(dev), rows, N) > 0.5).float()
+        if gains:
+            out["gain"] = sl_cache.gather_to_voxels(torch.cat(gains).to(dev), rows, N)
         return out
 
     @torch.no_grad()
@@ -155,7 +161,8 @@ class DistillTask(nn.Module):
         if "teacher" in self.cache_dirs:
             return self._cached("teacher", batch)
         out = self._teacher.module(batch)
-        return {"logits": out["logits"].float(), "feat": out["feat"].float(), "visible": out["visible"]}
+        return {"logits": out["logits"].float(), "feat": out["feat"].float(), "visible": out["visible"],
+                "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"])}
 
     @torch.no_grad()
     def expert_targets(self, batch):
@@ -225,7 +232,7 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
     for i, scene in enumerate(tqdm(dataset.scenes, desc="teacher soft labels", unit="scene", leave=False)):
         o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s, i=i: extra(s, i)) if extra else None)
         sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], feat=o.get("feat") if feat else None,
-                                   visible=o.get("visible"), topk=topk)
+                                   visible=o.get("visible"), topk=topk, gain=o.get("gain"))
     return cache_dir
 
 

@@ -5,7 +5,8 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
 * logit term   ``w_i * tau^2 * KL(softmax(z_t,i / tau) || softmax(z_s,i / tau))``
 * feature term ``w_i * || normalize(P(f_s,i)) - normalize(f_t,i) ||^2``, ``P`` a linear :class:`Projector`
   that lives in :class:`IHDLoss` (not in the student), so the saved inference model never carries it.
-* information weights ``w_i = visible_i * trust_i``; both terms are normalised by ``sum(w)``.
+* information weights ``w_i = visible_i * trust_i`` (optionally ``* gain_i``, see :func:`image_gain`); both terms
+  are normalised by ``sum(w)``.
 
 The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
 
@@ -105,6 +106,23 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     return visible * tr
 
 
+def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torch.Tensor,
+               ignore_index: int = -1) -> torch.Tensor:
+    """What the images add to the teacher at a point: ``max(0, p_fused(y) - p_3d(y))`` at temperature 1, 0 for
+    unlabeled points. ``(N, C), (N, C), (N,) -> (N,)`` float32, detached.
+
+    Our addition to the information weights (``distill.image_gain``): the METHOD.md weights distil wherever the
+    teacher saw the point and is right, including where its answer comes from geometry the student has too; this
+    factor keeps the logit and feature terms on the points where the images made the teacher more sure of the truth.
+    """
+    labels = labels.to(fused_logits.device).long()
+    lab = labels != ignore_index
+    safe = torch.where(lab, labels, torch.zeros_like(labels))[:, None]
+    p_f = torch.softmax(fused_logits.detach().float(), -1).gather(1, safe)[:, 0]
+    p_3 = torch.softmax(logits_3d.detach().float(), -1).gather(1, safe)[:, 0]
+    return torch.where(lab, (p_f - p_3).clamp_min(0), torch.zeros_like(p_f))
+
+
 def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
           weights: Optional[torch.Tensor] = None, target_kind: str = "logits") -> torch.Tensor:
     """Weighted KD loss: ``sum_i w_i * tau^2 * KL(p_t,i || p_s,i) / sum_i w_i`` (scalar).
@@ -154,15 +172,17 @@ class IHDLoss(nn.Module):
     forward(student_out, teacher, labels):
       student_out: ``{"logits": (N, C), "feat": (N, D_s)}`` (``feat`` needed only for the feature term).
       teacher: ``{"logits": (N, C)}`` or ``{"probs": (N, C)}`` (see :func:`kd_kl`), optional
-      ``"feat": (N, D_t) or None``, optional ``"visible": (N,)`` (None/absent = all visible).
+      ``"feat": (N, D_t) or None``, optional ``"visible": (N,)`` (None/absent = all visible), ``"gain": (N,)``
+      (needed with ``image_gain``).
       labels: (N,) int64, ``ignore_index`` = unlabeled.
     Returns ``{"ihd_logit": logit_weight * L_logit, "ihd_feat": feat_weight * L_feat}``; ``ihd_feat`` is absent
     when the teacher gives no features or ``feat_weight == 0``; ``ihd_logit`` is absent when ``logit_weight == 0``.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
-                 feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1):
+                 feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False):
         super().__init__()
+        self.image_gain = bool(image_gain)
         _check_choice("trust", trust, TRUST_MODES)
         self.tau = float(tau)
         self.logit_weight = float(logit_weight)
@@ -181,6 +201,10 @@ class IHDLoss(nn.Module):
             raise ValueError("teacher dict needs 'logits' or 'probs'")
         w = information_weights(t, labels, teacher.get("visible"), trust=self.trust,
                                 ignore_index=self.ignore_index, target_kind=kind)
+        if self.image_gain:
+            if teacher.get("gain") is None:
+                raise ValueError("distill.image_gain needs the teacher's 'gain' (its 3D-branch logits)")
+            w = w * teacher["gain"].detach().to(w.device).float().reshape(-1)
         out = {}
         if self.logit_weight != 0:
             out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind)

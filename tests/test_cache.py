@@ -93,15 +93,18 @@ def test_cached_equals_online_unaugmented(tmp_path):
     labels = torch.randint(-1, c, (n_vox,), generator=g)
     student = {"logits": torch.randn(n_vox, c, generator=g), "feat": torch.randn(n_vox, 6, generator=g)}
     # the cache holds per ORIGINAL point: each point carries its voxel's outputs
-    write_scene_cache(tmp_path, "s", t_vox[inverse], feat=f_vox[inverse], visible=vis_vox[inverse], topk=c)
+    gain_vox = torch.rand(n_vox, generator=g)
+    write_scene_cache(tmp_path, "s", t_vox[inverse], feat=f_vox[inverse], visible=vis_vox[inverse], topk=c,
+                      gain=gain_vox[inverse])
     e = load_scene_cache(tmp_path, "s", expected_points=inverse.numel())
 
-    ihd = IHDLoss(6, d_t, tau=tau, trust="soft")
-    online = ihd(student, {"logits": t_vox, "feat": f_vox, "visible": vis_vox}, labels)
+    ihd = IHDLoss(6, d_t, tau=tau, trust="soft", image_gain=True)
+    online = ihd(student, {"logits": t_vox, "feat": f_vox, "visible": vis_vox, "gain": gain_vox}, labels)
     dense = gather_to_voxels(dense_logits_from_topk(e["topk_logits"], e["topk_index"], c), inverse, n_vox)
     feat = gather_to_voxels(e["feat"], inverse, n_vox)
     vis = gather_to_voxels(e["visible"], inverse, n_vox)
-    cached = ihd(student, {"logits": dense, "feat": feat, "visible": vis}, labels)
+    gain = gather_to_voxels(e["gain"], inverse, n_vox)
+    cached = ihd(student, {"logits": dense, "feat": feat, "visible": vis, "gain": gain}, labels)
     for k in ("ihd_logit", "ihd_feat"):
         assert cached[k].item() == pytest.approx(online[k].item(), rel=1e-2, abs=1e-3)
     # the probabilities route (what augmented batches use) gives the same target

@@ -141,3 +141,31 @@ def test_projector_shape_and_not_in_student():
     assert p(torch.randn(5, 8)).shape == (5, 16)
     # the projector belongs to the loss module, so a student's state dict never holds it
     assert any(k.startswith("projector.") for k in IHDLoss(8, 16).state_dict())
+
+
+def test_image_gain_hand_values():
+    from haskd.ihd import image_gain
+
+    # point 0: images raise p(y=0) from 0.5 to 0.75 -> 0.25; point 1: images lower it -> 0; point 2: unlabeled -> 0
+    fused = torch.tensor([[LN3, 0.0], [0.0, LN3], [5.0, 0.0]])
+    three = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    g = image_gain(fused, three, torch.tensor([0, 0, -1]))
+    assert g.tolist() == pytest.approx([0.25, 0.0, 0.0], abs=1e-6)
+
+
+def test_image_gain_weights_the_ihd_terms():
+    s = {"logits": torch.zeros(2, 2), "feat": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
+    t = {"logits": torch.tensor([[2 * LN3, 0.0], [2 * LN3, 0.0]]), "feat": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+         "visible": torch.tensor([1, 1])}
+    labels = torch.tensor([0, 0])
+    plain = IHDLoss(2, 2, tau=2.0, trust="hard")
+    gain = IHDLoss(2, 2, tau=2.0, trust="hard", image_gain=True)
+    _identity_projector(plain)
+    _identity_projector(gain)
+    # all weight on point 0 (feature distance 2) instead of the mean over both points (distance 1)
+    out = gain(s, {**t, "gain": torch.tensor([0.4, 0.0])}, labels)
+    assert out["ihd_feat"].item() == pytest.approx(2.0, rel=1e-6)
+    assert plain(s, t, labels)["ihd_feat"].item() == pytest.approx(1.0, rel=1e-6)
+    assert out["ihd_logit"].item() == pytest.approx(KD_075_TAU2, rel=1e-6)  # same KL at both points
+    with pytest.raises(ValueError, match="gain"):
+        gain(s, t, labels)

@@ -73,20 +73,23 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     torch.manual_seed(0)
     student = build_from_config(cfg).eval()
     losses = {}
-    for cache in (True, False):
-        cfg.distill.cache = cache
+    for cache, gain in ((True, False), (False, False), ("gain", True), ("online-gain", True)):
+        cfg.distill.cache = cache in (True, "gain")
+        cfg.distill.image_gain = gain
         ds = build_datasets(cfg)
         torch.manual_seed(1)  # same projector initialisation in both tasks
         task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
         scene = ds["train"].scenes[0]
         sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
-        if not cache:
+        if not cfg.distill.cache:
             sample["frames"] = ds["train"].frame_data[0]
         with torch.no_grad():
             losses[cache], _ = task(collate([sample]))
     assert set(losses[True]) == set(losses[False]) == {"ce", "ihd_logit", "ihd_feat", "asd"}
-    for k in losses[True]:
-        assert torch.allclose(losses[True][k], losses[False][k], rtol=2e-2, atol=2e-3), k
+    for a, b in ((True, False), ("gain", "online-gain")):
+        for k in losses[a]:
+            assert torch.allclose(losses[a][k], losses[b][k], rtol=2e-2, atol=2e-3), (a, k)
+    assert not torch.allclose(losses["gain"]["ihd_logit"], losses[True]["ihd_logit"])  # the weights changed
 
 
 def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path):
