@@ -225,6 +225,9 @@ def _fresh(cache_dir, names, sources) -> bool:
 def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
     """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
     names = [s.name for s in dataset.scenes]
+    m = sl_cache.read_manifest(cache_dir) if Path(cache_dir).is_dir() else None
+    if m is not None and not m.get("has_gain"):
+        (Path(cache_dir) / "source.txt").unlink(missing_ok=True)  # written before the image gain was stored
     if _fresh(cache_dir, names, sources):
         return cache_dir
     from tqdm import tqdm
