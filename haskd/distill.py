@@ -206,12 +206,13 @@ def _stamp(src) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def _fresh(cache_dir, names, sources) -> bool:
-    """A cache is reused only when it was built from these very checkpoints and holds every scene."""
+def _fresh(cache_dir, names, sources, content: str = "") -> bool:
+    """A cache is reused only when it was built from these very checkpoints, with this ``content`` (what each scene
+    file holds), and holds every scene."""
     import shutil
 
     cache_dir = Path(cache_dir)
-    stamp = ";".join(_stamp(s) for s in sources)
+    stamp = ";".join(_stamp(s) for s in sources) + (f"|{content}" if content else "")
     sf = cache_dir / "source.txt"
     if sf.is_file() and sf.read_text() == stamp and sl_cache.read_manifest(cache_dir) is not None \
             and all(sl_cache._scene_file(cache_dir, n).is_file() for n in names):
@@ -225,10 +226,7 @@ def _fresh(cache_dir, names, sources) -> bool:
 def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
     """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
     names = [s.name for s in dataset.scenes]
-    m = sl_cache.read_manifest(cache_dir) if Path(cache_dir).is_dir() else None
-    if m is not None and not m.get("has_gain"):
-        (Path(cache_dir) / "source.txt").unlink(missing_ok=True)  # written before the image gain was stored
-    if _fresh(cache_dir, names, sources):
+    if _fresh(cache_dir, names, sources, content="teacher logits, features, visibility, image gain"):
         return cache_dir
     from tqdm import tqdm
 

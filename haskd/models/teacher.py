@@ -207,14 +207,12 @@ def attach_frames(dataset, cfg, selections: dict = None, pool: bool = False):
             continue
         chosen[scene.name] = list(ids)
         if pool:
-            from ..iof import select_frames
-
-            t = cfg.teacher
-            spread = select_frames(scene.coord, fs, k=max(t.frame_pool, len(ids)), policy="uniform",
-                                   voxel_size=cfg.data.voxel_size, tau=t.depth_tau, seed=cfg.train.seed,
-                                   stride=t.frame_stride)["ids"]
-            # the chosen frames first (rows 0..K-1, what evaluation and caching use), then the evenly spread rest
-            ids = (list(ids) + [f for f in spread if f not in set(ids)])[: max(t.frame_pool, len(ids))]
+            # the chosen frames first (rows 0..K-1, what evaluation and caching use), then frames spread evenly
+            # over the usable ones (no visibility pass: FrameSet.ids holds only usable frames)
+            cand = list(fs.ids[::max(1, cfg.teacher.frame_stride)])
+            n = max(cfg.teacher.frame_pool, len(ids))
+            spread = [cand[j] for j in np.unique(np.linspace(0, len(cand) - 1, min(n, len(cand))).round().astype(int))]
+            ids = (list(ids) + [f for f in spread if f not in set(ids)])[:n]
         data.append(load_frames(fs, ids, tuple(cfg.teacher.image_size)))
     dataset.frame_data = data
     dataset.frame_k = cfg.teacher.num_frames if pool else 0
