@@ -67,6 +67,7 @@ class TrainConfig:
     snapshots: int = 0                   # ASD snapshots saved by this run
     snapshot_schedule: str = "second_half"  # second_half | cycles
     log_every: int = 10
+    init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class DistillConfig:
     asd_weight: float = 1.0
     asd_topk: int = 1
     asd_unlabeled: str = "final"         # final | skip
+    init_from_teacher: bool = False      # start the student from the teacher's 3D branch (ours; docs/method.md)
     cache: bool = True                   # cached soft labels (else online teacher/expert forward)
     cache_topk: int = 20
 

@@ -28,6 +28,7 @@ def _plain_student(cfg: Config) -> Config:
     c.role = "student"
     c.distill.teacher_ckpt = ""
     c.distill.experts = ""
+    c.distill.init_from_teacher = False
     c.train.snapshots = 0
     return c
 
@@ -47,10 +48,12 @@ def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
     stage1 = _plain_student(cfg)
     if v["ihd"]:
         stage1.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
+        stage1.distill.init_from_teacher = cfg.distill.init_from_teacher
     stage1.train.snapshots = cfg.train.snapshots or 5
     student = _plain_student(cfg)
     if v["ihd"]:
         student.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
+        student.distill.init_from_teacher = cfg.distill.init_from_teacher
     if v["asd"]:
         student.distill.experts = str(out / "stage1" / "experts.json")
     return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}
@@ -116,7 +119,7 @@ def _entry(run_dir: Path, metrics: dict) -> dict:
 
 
 ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only", "HAS-KD")
-TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)")
+TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3D branch (points only)")
 
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
@@ -145,6 +148,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
         runs = {}
         runs["baseline"] = run_stage("baseline", base_cfg, d / "baseline", progress)
         runs["teacher (IOF frames)"] = run_stage("teacher", iof["teacher"], d / "teacher", progress)
+        runs["teacher's 3D branch (points only)"] = eval_teacher_3d(d / "teacher", dev)
         runs["+IHD (IOF)"] = run_stage("stage1", iof["stage1"], d / "stage1", progress)
         if c.teacher.train_frames == "random":
             # The teacher trained on random frames does not depend on the frame policy: only the frames it
@@ -204,6 +208,22 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     shutil.copyfile(src / "last.pt", tmp)
     tmp.replace(dst / "last.pt")
     (dst / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
+    """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
+    inside the teacher. Cached in ``run_dir/val_metrics_3d.json``."""
+    from .engine.evaluate import evaluate
+    from .engine.trainer import build_datasets
+
+    path = Path(run_dir) / "val_metrics_3d.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, cfg = load_model(Path(run_dir) / "last.pt", device=device, return_config=True)
+    cfg.role = "student"  # points only: no frames are loaded
+    metrics = evaluate(model.backbone, build_datasets(cfg, splits=("val",))["val"], device, cfg.data.dataset)
+    path.write_text(json.dumps(metrics))
     return metrics
 
 

@@ -111,6 +111,37 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
         assert len(table["rows"][r]["miou"]) == 1 and 0 <= table["rows"][r]["mean"] <= 100
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "+IHD (uniform frames)" in md and "HAS-KD" in md
+    assert 0 <= table["teacher"]["teacher's 3D branch (points only)"]["mean"] <= 100  # evaluated without images
     # the uniform-frames teacher really used the uniform policy
     assert load_checkpoint(tmp_path / "abl" / "seed0" / "uniform" / "teacher" / "last.pt")["config"]["teacher"][
         "frame_policy"] == "uniform"
+
+
+def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms, tmp_path):
+    """distill.init_from_teacher: the student's first weights are the teacher's 3D branch, tensor for tensor;
+    a teacher of another network is refused with a one-line error."""
+    from haskd.engine.checkpoint import init_weights
+    from haskd.errors import HaskdError
+    from haskd.models import build_from_config
+
+    out, _ = pipeline_run
+    teacher_ckpt = out / "teacher" / "last.pt"
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    student = build_from_config(cfg)
+    init_weights(student, teacher_ckpt)
+    t = load_checkpoint(teacher_ckpt)["state_dict"]
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, t["backbone." + k]), k
+    other = build_from_config(load_config("scannet20_haskd", [*PIPE, "model.preset=small"]))
+    with pytest.raises(HaskdError, match="same model.name and preset"):
+        init_weights(other, teacher_ckpt)
+    # through the trainer: epoch 0 of a 0-step run keeps the teacher's weights exactly (lr 0)
+    run = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "optim.lr=0",
+                                          f"distill.teacher_ckpt={teacher_ckpt}", "distill.init_from_teacher=true",
+                                          "distill.feat_weight=0"])
+    from haskd.engine.trainer import train
+
+    train(run, tmp_path / "warm", progress=False)
+    s = load_checkpoint(tmp_path / "warm" / "last.pt")["state_dict"]
+    assert all(torch.equal(s[k], t["backbone." + k]) for k in s if not k.endswith(("running_mean", "running_var",
+                                                                                      "num_batches_tracked")))

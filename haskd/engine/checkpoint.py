@@ -49,3 +49,19 @@ def load_model(path, device="cpu", return_config=False):
                                f"unexpected {list(unexpected)[:3]})")
     model.to(device).eval()
     return (model, cfg) if return_config else model
+
+
+def init_weights(model, path):
+    """Warm-start ``model`` from a checkpoint: a student's weights, or the 3D branch (``backbone.*``) of a teacher
+    checkpoint (the teacher's 3D branch is the student's network when both share family and preset). Every tensor of
+    the model must be found with the same shape: a partial warm start is an error, not a silent mix."""
+    ckpt = load_checkpoint(path)
+    sd = ckpt["state_dict"]
+    if ckpt["config"].get("role") == "teacher":
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    bad = [k for k, v in own.items() if k not in sd or tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise InputError(path, f"cannot warm-start this model from it ({len(bad)} tensors missing or of another "
+                               f"shape, e.g. {bad[0]}); teacher and student need the same model.name and preset")
+    model.load_state_dict({k: sd[k] for k in own})

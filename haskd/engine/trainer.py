@@ -22,7 +22,7 @@ from ..data.transforms import collate
 from ..errors import HaskdError
 from ..models import build_from_config
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import init_weights, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .tasks import SegmentationTask, move_to
 
@@ -144,6 +144,17 @@ def snapshot_schedule(cfg: Config) -> list:
                            cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)
 
 
+def warm_start_path(cfg: Config) -> str:
+    """Checkpoint the run starts from: ``train.init``, else the teacher with ``distill.init_from_teacher``."""
+    if cfg.train.init:
+        return cfg.train.init
+    if cfg.role == "student" and cfg.distill.init_from_teacher:
+        if not cfg.distill.teacher_ckpt:
+            raise HaskdError("distill.init_from_teacher needs distill.teacher_ckpt")
+        return cfg.distill.teacher_ckpt
+    return ""
+
+
 def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, return_model: bool = False):
     """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl), or
     ``(metrics, model)`` with ``return_model``."""
@@ -162,7 +173,11 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
 
         chosen = {**train_set.chosen_frames, **val_set.chosen_frames}
         (out / "frames.json").write_text(_json.dumps(chosen, indent=1))
-    model = build_from_config(cfg).to(device)
+    model = build_from_config(cfg)
+    init = warm_start_path(cfg)
+    if init and not (resume and (out / "last.pt").is_file()):
+        init_weights(model, init)
+    model = model.to(device)
     task = build_task(cfg, model, device, datasets).to(device)
     wrapped = task
     if dist_utils.world_size() > 1:
