@@ -177,7 +177,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
         entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                  "per_class_iou": per_class[r]}
         table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
-    md = ablation_markdown(table)
+    md = ablation_markdown(table) + "\n\n" + per_class_markdown(table)
     (out / "ablation.md").write_text(md + "\n")
     (out / "ablation.json").write_text(json.dumps(table, indent=1))
     return table
@@ -234,6 +234,31 @@ def _class_mean(per_class: list, classes) -> list:
         vals = [pc[c] for c in classes if pc.get(c) is not None]
         out.append(100 * sum(vals) / len(vals) if vals else float("nan"))
     return out
+
+
+def per_class_markdown(table: dict, rows=("baseline", "HAS-KD", "teacher (IOF frames)")) -> str:
+    """Per-class val IoU (x100, mean +- std over seeds) of ``rows``; classes absent from every seed are left out."""
+    import numpy as np
+
+    entries = {**table["rows"], **table.get("teacher", {})}
+    rows = [r for r in rows if r in entries and entries[r].get("per_class_iou")]
+    if not rows:
+        return ""
+    classes = list(entries[rows[0]]["per_class_iou"][0])
+
+    def cell(r, c):
+        v = np.array([pc.get(c) if pc.get(c) is not None else np.nan for pc in entries[r]["per_class_iou"]], float)
+        if not np.isfinite(v).any():
+            return None
+        sd = np.nanstd(v, ddof=1) * 100 if np.isfinite(v).sum() > 1 else 0.0
+        return f"{np.nanmean(v) * 100:.1f} +- {sd:.1f}"
+
+    lines = ["| class | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for c in classes:
+        cells = [cell(r, c) for r in rows]
+        if any(x is not None for x in cells):
+            lines.append(f"| {c} | " + " | ".join(x or "-" for x in cells) + " |")
+    return "\n".join(lines)
 
 
 def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:

@@ -129,3 +129,17 @@ def test_ablation_table_shows_the_hard_classes_when_scored():
         table["rows"][r]["per_class_iou"] = [{"wall": 0.9}]
     table["teacher"]["teacher (IOF frames)"]["per_class_iou"] = [{"wall": 0.9}]
     assert "mean IoU" not in ablation_markdown(table)
+
+
+def test_per_class_table_averages_seeds_and_skips_absent_classes():
+    from haskd.pipeline import per_class_markdown
+
+    def row(wall):
+        return {"mean": 0.0, "std": 0.0, "per_class_iou": [{"wall": w, "sink": None} for w in wall]}
+
+    table = {"seeds": [0, 1], "rows": {"baseline": row([0.8, 0.9]), "HAS-KD": row([0.9, 1.0])},
+             "teacher": {"teacher (IOF frames)": row([1.0, 1.0])}}
+    md = per_class_markdown(table)
+    assert md.splitlines()[0] == "| class | baseline | HAS-KD | teacher (IOF frames) |"
+    assert "| wall | 85.0 +- 7.1 | 95.0 +- 7.1 | 100.0 +- 0.0 |" in md
+    assert "sink" not in md

@@ -123,8 +123,9 @@ def run_ablate(args) -> int:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
     table = run_ablation(cfg, out, seeds=args.seeds)
-    from ..pipeline import ablation_markdown
+    from ..pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
+    print("\n" + per_class_markdown(table))
     print(f"\n{out / 'ablation.md'}  {out / 'ablation.json'}")
     return 0
