@@ -213,14 +213,14 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
 
 def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
     """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
-    inside the teacher. Cached in ``run_dir/val_metrics_3d.json``."""
+    inside the teacher. Cached in ``run_dir/val_metrics_3d.json`` while it is newer than the checkpoint."""
     from .engine.evaluate import evaluate
     from .engine.trainer import build_datasets
 
-    path = Path(run_dir) / "val_metrics_3d.json"
-    if path.is_file():
+    path, ckpt = Path(run_dir) / "val_metrics_3d.json", Path(run_dir) / "last.pt"
+    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
         return json.loads(path.read_text())
-    model, cfg = load_model(Path(run_dir) / "last.pt", device=device, return_config=True)
+    model, cfg = load_model(ckpt, device=device, return_config=True)
     cfg.role = "student"  # points only: no frames are loaded
     metrics = evaluate(model.backbone, build_datasets(cfg, splits=("val",))["val"], device, cfg.data.dataset)
     path.write_text(json.dumps(metrics))
