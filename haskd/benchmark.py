@@ -158,6 +158,33 @@ def _latency(predict, scenes, runs, warmup, device) -> dict:
     return {"scenes": per, "median_s_per_scene": total / len(per), "points_per_s": pts / total}
 
 
+def _paired_latency(predicts: dict, scenes, runs, warmup, device) -> dict:
+    """``_latency`` for several models at once, interleaved: every round times each model once on the scene, in an
+    order that rotates from round to round, so that drift of the machine (frequency, other jobs, allocator state)
+    hits every model alike. Used where the ratio is the point (student vs baseline: the same network)."""
+    names = list(predicts)
+    times = {n: [[] for _ in scenes] for n in names}
+    for i in range(len(scenes)):
+        for n in names:
+            for _ in range(warmup):
+                predicts[n](i)
+        for r in range(runs):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                _sync(device)
+                t0 = time.perf_counter()
+                predicts[n](i)
+                _sync(device)
+                times[n][i].append(time.perf_counter() - t0)
+    out = {}
+    for n in names:
+        per = [{"scene": s.name, "points": s.num_points, "median": statistics.median(ts), "min": min(ts),
+                "max": max(ts), "runs": len(ts)} for s, ts in zip(scenes, times[n])]
+        total = sum(p["median"] for p in per)
+        out[n] = {"scenes": per, "median_s_per_scene": total / len(per),
+                  "points_per_s": sum(p["points"] for p in per) / total, "interleaved_with": names}
+    return out
+
+
 def _copy_ckpt(ckpt, tmp: Path, name: str) -> str:
     """Copy a checkpoint (and its frames.json / experts.json neighbours) so that soft-label caches built for the
     benchmark land in a temporary folder, not next to the user's checkpoint."""
@@ -264,13 +291,24 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
     # no_grad, not inference_mode: the torch backend's reusable scratch buffers would become inference tensors
     # and fail in the training steps that follow (see docs/performance.md).
     with torch.no_grad():
-        measure("student", lambda i: predict_points(model, ds.scenes[i], vs, C, device, nrm))
+        student = lambda i: predict_points(model, ds.scenes[i], vs, C, device, nrm)  # noqa: E731
         if baseline:
+            # Same network: the ratio should be 1, so student and baseline are timed interleaved (drift cancels);
+            # their memory is measured in a separate untimed pass each.
             base = load_model(baseline, device=device)
             res["params"]["baseline"] = count_params(base)
-            measure("baseline", lambda i: predict_points(base, ds.scenes[i], vs, C, device, nrm))
+            pair = {"student": student, "baseline": lambda i: predict_points(base, ds.scenes[i], vs, C, device, nrm)}
+            res["latency"].update(_paired_latency(pair, ds.scenes, runs, warmup, device))
+            for name, fn in pair.items():
+                with PeakMemory(device) as mem:
+                    for i in range(len(ds.scenes)):
+                        fn(i)
+                res["memory_mb"][f"infer_{name}"] = mem.mb
+                res["memory_method"] = mem.method
             res["ratios"] = {"student_over_baseline": res["latency"]["student"]["median_s_per_scene"]
                              / res["latency"]["baseline"]["median_s_per_scene"]}
+        else:
+            measure("student", student)
         if teacher:
             from .models.teacher import attach_frames
 

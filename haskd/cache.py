@@ -198,6 +198,48 @@ def topk_probs(topk_vals, topk_idx, num_classes: int, tau: float = 1.0) -> torch
     return out.scatter_(-1, i, p)
 
 
+def mean_reducer(rows, num_voxels: int) -> torch.Tensor:
+    """(N, P) CSR matrix whose product with (P, D) point values gives their per-voxel mean (0 for empty voxels).
+
+    rows: (P,) int64 voxel of every point; ``rows >= num_voxels`` drops the point. One sparse product per target is
+    several times faster on CPU than ``index_add_`` + a division, and the matrix is shared by every target of a batch.
+    """
+    import warnings
+
+    rows = _as_tensor(rows).long().reshape(-1)
+    n = int(num_voxels)
+    counts = torch.bincount(rows.clamp(max=n), minlength=n + 1)[:n]
+    order = torch.argsort(rows, stable=True)[: int(counts.sum())]  # dropped points sort last
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    vals = 1.0 / counts.clamp_min(1).float()[rows[order]]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, order, vals, size=(n, rows.numel()))
+
+
+def topk_to_voxels(topk_p, topk_idx, rows, num_voxels: int, num_classes: int) -> torch.Tensor:
+    """Per-voxel mean of per-point top-k distributions, made dense in one scatter.
+
+    topk_p: (..., P, k) probabilities (any float dtype), topk_idx: (..., P, k) class ids, rows: (P,) int64 voxel of
+    every point, where ``rows == num_voxels`` drops the point (e.g. cropped away). Returns (..., N, C) float32: the
+    same as ``gather_to_voxels(topk_probs(...), ...)`` without building the dense (..., P, C) tensor first.
+    """
+    p = _as_tensor(topk_p)
+    idx = _as_tensor(topk_idx).to(p.device).long()
+    rows = _as_tensor(rows).to(p.device).long().reshape(-1)
+    n, c = int(num_voxels), int(num_classes)
+    lead = p.shape[:-2]
+    m = int(np.prod(lead)) if lead else 1
+    flat = rows[:, None] * c + idx.reshape(m, *idx.shape[-2:])  # (m, P, k)
+    flat = flat + (torch.arange(m, device=p.device) * ((n + 1) * c))[:, None, None]
+    total = torch.zeros(m * (n + 1) * c, dtype=torch.float32, device=p.device)
+    total.index_add_(0, flat.reshape(-1), p.reshape(-1).float())
+    total = total.view(m, n + 1, c)[:, :n]
+    count = torch.bincount(rows, minlength=n + 1)[:n].clamp_min(1).float()
+    return (total / count[None, :, None]).reshape(*lead, n, c)
+
+
 def gather_to_voxels(point_values, inverse, num_voxels: Optional[int] = None, dim: int = 0) -> torch.Tensor:
     """Mean of point values over each voxel: (..., P, ...) along ``dim`` -> (..., N_vox, ...) float32.
 

@@ -118,42 +118,55 @@ class DistillTask(nn.Module):
         return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau)
 
     # ------------------------------------------------------------------ targets
+    def _scene_cache(self, kind, name) -> dict:
+        """One scene's cache as tensors, read once: the probabilities at ``tau`` (float16; the softmax is done here, not
+        per batch), dense in class order when the cache kept every class, else top-k with their class ids; and
+        feat / visible / gain when stored."""
+        key = (kind, name)
+        if key not in self._mem:
+            c = sl_cache.load_scene_cache(self.cache_dirs[kind], name)
+            p = torch.softmax(torch.from_numpy(c["topk_logits"]).float() / self.tau, -1)
+            idx = torch.from_numpy(c["topk_index"]).long()
+            if idx.shape[-1] >= self.num_classes:  # every class kept: dense, class-ordered, points first, no index
+                d = torch.zeros((*p.shape[:-1], self.num_classes)).scatter_(-1, idx, p)
+                t = {"dense": (d.permute(1, 0, 2) if d.dim() == 3 else d).contiguous().half()}
+            else:
+                t = {"probs": p.half(), "index": idx.short()}
+            for k in ("feat", "visible", "gain"):
+                if k in c:
+                    t[k] = torch.from_numpy(c[k])
+            self._mem[key] = t
+        return self._mem[key]
+
     def _cached(self, kind, batch):
-        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible when stored."""
-        cache_dir = self.cache_dirs[kind]
-        inv = batch["inverse"]
+        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain when stored."""
+        inv = batch["inverse"].cpu()
         N = batch["grid_coord"].shape[0]
         starts = [0] + batch["point_offset"].tolist()[:-1]
         ends = batch["point_offset"].tolist()
-        probs, feats, vis, gains, rows = [], [], [], [], []
-        for b, name in enumerate(batch["scene"]):
-            key = (kind, name)
-            if key not in self._mem:
-                self._mem[key] = sl_cache.load_scene_cache(cache_dir, name)
-            c = self._mem[key]
-            i = inv[starts[b]:ends[b]]
-            keep = i >= 0  # points cropped away carry -1
-            rows.append(i[keep])
-            k = torch.from_numpy(keep.cpu().numpy())
-            vals = torch.from_numpy(c["topk_logits"])[..., k, :]
-            idx = torch.from_numpy(c["topk_index"])[..., k, :]
-            probs.append(sl_cache.topk_probs(vals, idx, self.num_classes, tau=self.tau))
-            if "feat" in c:
-                feats.append(torch.from_numpy(c["feat"])[k].float())
-            if "visible" in c:
-                vis.append(torch.from_numpy(c["visible"])[k])
-            if "gain" in c:
-                gains.append(torch.from_numpy(c["gain"])[k].float())
+        parts = [self._scene_cache(kind, name) for name in batch["scene"]]
+        # points cropped away carry -1: they go to a dump row N, dropped at the end (no masked copies)
+        i = inv[starts[0]:ends[-1]]
+        rows = torch.where(i >= 0, i, torch.full_like(i, N))
+        cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in parts[0]}
+        reducer = sl_cache.mean_reducer(rows, N)  # one per batch, shared by every target below
+
+        def mean(x):  # (P, ...) per point -> (N, ...) per voxel, float32
+            return torch.sparse.mm(reducer, x.reshape(x.shape[0], -1).float()).reshape(N, *x.shape[1:])
+
         dev = batch["grid_coord"].device
-        rows = torch.cat(rows).to(dev)
-        p = torch.cat(probs, dim=-2).to(dev)
-        out = {"probs": sl_cache.gather_to_voxels(p, rows, N, dim=-2)}
-        if feats:
-            out["feat"] = sl_cache.gather_to_voxels(torch.cat(feats).to(dev), rows, N)
-        if vis:
-            out["visible"] = (sl_cache.gather_to_voxels(torch.cat(vis).to(dev), rows, N) > 0.5).float()
-        if gains:
-            out["gain"] = sl_cache.gather_to_voxels(torch.cat(gains).to(dev), rows, N)
+        if "dense" in cat:
+            probs = mean(cat["dense"])
+            probs = probs.permute(1, 0, 2) if probs.dim() == 3 else probs  # experts: (N, M, C) -> (M, N, C)
+        else:
+            probs = sl_cache.topk_to_voxels(cat["probs"], cat["index"], rows, N, self.num_classes)
+        out = {"probs": probs.to(dev)}
+        if "feat" in cat:
+            out["feat"] = mean(cat["feat"]).to(dev)
+        if "visible" in cat:
+            out["visible"] = (mean(cat["visible"]) > 0.5).float().to(dev)
+        if "gain" in cat:
+            out["gain"] = mean(cat["gain"]).to(dev)
         return out
 
     @torch.no_grad()

@@ -128,3 +128,37 @@ def test_cached_experts_equal_online(tmp_path):
     table = np.array([0, 2, 1, 2])
     got = asd_loss(student, dense, labels, table, tau=2.0)
     assert got.item() == pytest.approx(asd_loss(student, ex_vox, labels, table, tau=2.0).item(), rel=1e-2, abs=1e-3)
+
+
+def test_topk_to_voxels_equals_dense_then_gather():
+    """The one-scatter path gives what densifying per point and averaging per voxel gives, dropped points included."""
+    import torch
+
+    from haskd.cache import gather_to_voxels, topk_probs, topk_to_voxels
+
+    g = torch.Generator().manual_seed(0)
+    M, P, k, C, N = 3, 50, 4, 7, 9
+    logits = torch.randn(M, P, C, generator=g)
+    vals, idx = logits.topk(k, dim=-1)
+    rows = torch.randint(0, N + 1, (P,), generator=g)  # N = dropped
+    keep = rows < N
+    want = gather_to_voxels(topk_probs(vals[:, keep], idx[:, keep], C, tau=2.0), rows[keep], N, dim=-2)
+    got = topk_to_voxels(torch.softmax(vals / 2.0, -1), idx, rows, N, C)
+    assert got.shape == (M, N, C) and torch.allclose(got, want, atol=1e-6)
+    single = topk_to_voxels(torch.softmax(vals[0] / 2.0, -1), idx[0], rows, N, C)
+    assert torch.allclose(single, want[0], atol=1e-6)
+
+
+def test_mean_reducer_matches_gather_to_voxels():
+    import torch
+
+    from haskd.cache import gather_to_voxels, mean_reducer
+
+    g = torch.Generator().manual_seed(1)
+    P, N, D = 60, 11, 5
+    rows = torch.randint(0, N + 1, (P,), generator=g)  # N = dropped
+    x = torch.randn(P, D, generator=g)
+    keep = rows < N
+    want = gather_to_voxels(x[keep], rows[keep], N)
+    got = torch.sparse.mm(mean_reducer(rows, N), x)
+    assert torch.allclose(got, want, atol=1e-6)
