@@ -162,3 +162,36 @@ def test_mean_reducer_matches_gather_to_voxels():
     want = gather_to_voxels(x[keep], rows[keep], N)
     got = torch.sparse.mm(mean_reducer(rows, N), x)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [4, 2])  # every class kept (dense path) and a true top-k
+def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
+    """DistillTask._cached (two scenes in one batch, cropped points dropped) equals the per-point reference."""
+    from haskd.distill import DistillTask
+
+    g = torch.Generator().manual_seed(4)
+    c, m, tau = 4, 3, 2.0
+    inv_a, n_a = _voxelize(120, seed=5)
+    inv_b, n_b = _voxelize(90, seed=6)
+    la = torch.randn(m, inv_a.numel(), c, generator=g)
+    lb = torch.randn(m, inv_b.numel(), c, generator=g)
+    fa = torch.randn(inv_a.numel(), 3, generator=g)
+    fb = torch.randn(inv_b.numel(), 3, generator=g)
+    write_scene_cache(tmp_path / "e", "a", la, topk=k)
+    write_scene_cache(tmp_path / "e", "b", lb, topk=k)
+    write_scene_cache(tmp_path / "t", "a", la[0], feat=fa, topk=k)
+    write_scene_cache(tmp_path / "t", "b", lb[0], feat=fb, topk=k)
+    drop_a = torch.rand(inv_a.numel(), generator=g) < 0.3  # cropped away
+    inverse = torch.cat([torch.where(drop_a, -1, inv_a), inv_b + n_a])
+    batch = {"inverse": inverse, "grid_coord": torch.zeros(n_a + n_b, 4), "scene": ["a", "b"],
+             "point_offset": torch.tensor([inv_a.numel(), inv_a.numel() + inv_b.numel()])}
+    task = DistillTask(torch.nn.Linear(1, 1), cache_dirs={"experts": tmp_path / "e", "teacher": tmp_path / "t"},
+                       num_classes=c, tau=tau)
+    keep = inverse >= 0
+    for kind, logits in (("experts", torch.cat([la, lb], 1)), ("teacher", torch.cat([la[0], lb[0]]))):
+        vals, idx = logits.topk(k, dim=-1)
+        want = gather_to_voxels(topk_probs(vals, idx, c, tau=tau)[..., keep, :], inverse[keep], n_a + n_b, dim=-2)
+        got = task._cached(kind, batch)
+        assert torch.allclose(got["probs"], want, atol=2e-3), kind
+    want_f = gather_to_voxels(torch.cat([fa, fb])[keep], inverse[keep], n_a + n_b)
+    assert torch.allclose(task._cached("teacher", batch)["feat"], want_f, atol=2e-3)
