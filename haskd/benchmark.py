@@ -229,8 +229,9 @@ def _train_batches(cfg, n_batches, datasets=None):
     return datasets, [collate([ds[i] for i in ix]) for ix in idx]
 
 
-def _step_time(cfg, task_cfg, device, runs, warmup, n_batches=2) -> dict:
-    """Median forward+backward+SGD-step time of the task that ``task_cfg`` describes, on fixed batches."""
+def _step_fn(task_cfg, device, n_batches=2):
+    """(step function, setup seconds, voxels per batch) of the task ``task_cfg`` describes, on fixed batches: one call
+    is a forward + backward + optimizer step."""
     from .engine.tasks import move_to
     from .engine.trainer import build_datasets, build_optimizer, build_task
     from .models import build_from_config
@@ -256,9 +257,40 @@ def _step_time(cfg, task_cfg, device, runs, warmup, n_batches=2) -> dict:
         total.backward()
         opt.step()
 
-    with PeakMemory(device) as mem:
-        t = time_runs(step, runs, warmup, device)
-    return {**t, "setup_s": setup_s, "peak_mb": mem.mb, "voxels_per_batch": int(batches[0]["grid_coord"].shape[0])}
+    return step, setup_s, int(batches[0]["grid_coord"].shape[0])
+
+
+def _step_times(task_cfgs: dict, device, runs, warmup, n_batches=2) -> dict:
+    """Median step time of several tasks, timed **interleaved** (each round runs every task once, in an order that
+    rotates), so that the ratios between them do not depend on which one ran first; peak memory of each in a separate
+    untimed pass with only that task alive. Returns ``{name: {median, min, max, runs, setup_s, peak_mb, voxels_per_batch}}``."""
+    import gc
+
+    out = {}
+    for n, c in task_cfgs.items():  # memory: one task alive at a time (its setup builds the soft-label caches)
+        step, setup_s, vox = _step_fn(c, device, n_batches)
+        with PeakMemory(device) as mem:
+            for _ in range(n_batches):
+                step()
+        out[n] = {"setup_s": setup_s, "peak_mb": mem.mb, "voxels_per_batch": vox}
+        del step
+        gc.collect()
+    built = {n: _step_fn(c, device, n_batches)[0] for n, c in task_cfgs.items()}  # caches exist now: quick
+    names = list(built)
+    for _ in range(warmup * n_batches):
+        for n in names:
+            built[n]()
+    ts = {n: [] for n in names}
+    for r in range(runs * n_batches):  # every batch the same number of times for every task
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            built[n]()
+            _sync(device)
+            ts[n].append(time.perf_counter() - t0)
+    for n in names:
+        out[n].update({"median": statistics.median(ts[n]), "min": min(ts[n]), "max": max(ts[n]), "runs": len(ts[n])})
+    return out
 
 
 def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, baseline=None, runs=5, warmup=1,
@@ -351,24 +383,23 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
 
 
 def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
-    """Baseline task vs HAS-KD (cached, online) on the same training batches."""
+    """Baseline task vs HAS-KD (cached, online) on the same training batches, timed interleaved."""
     from .config import from_dict
 
-    out = {}
     base_cfg = from_dict(cfg.to_dict())
     base_cfg.distill.teacher_ckpt, base_cfg.distill.experts = "", ""
-    out["baseline"] = _step_time(base_cfg, base_cfg, device, runs, warmup)
     if not teacher and not snaps:
-        return out
+        return _step_times({"baseline": base_cfg}, device, runs, warmup)
     with tempfile.TemporaryDirectory(prefix="haskd_bench_") as tmp:
         tmp = Path(tmp)
         kd = from_dict(cfg.to_dict())
         kd.distill.teacher_ckpt = _copy_ckpt(teacher, tmp, "teacher") if teacher else ""
         kd.distill.experts = _experts_table(snaps, cfg.data.num_classes, tmp) if snaps else ""
+        cfgs = {"baseline": base_cfg}
         for mode, cache in (("haskd_cached", True), ("haskd_online", False)):
-            c = from_dict(kd.to_dict())
-            c.distill.cache = cache
-            out[mode] = _step_time(c, c, device, runs, warmup)
+            cfgs[mode] = from_dict(kd.to_dict())
+            cfgs[mode].distill.cache = cache
+        out = _step_times(cfgs, device, runs, warmup)
         out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps)}
     return out
 

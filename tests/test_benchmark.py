@@ -96,3 +96,20 @@ def test_chunked_benchmark_json(tiny_rooms, tmp_path):
     r = json.loads(out.read_text())
     assert r["chunked"]["chunks"] > 1 and r["chunked"]["largest_chunk"] <= 8000
     assert 0.9 <= r["label_agreement"] <= 1.0
+
+
+def test_bench_checkpoints_example_writes_loadable_checkpoints(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from haskd.engine.checkpoint import load_model
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "bench_checkpoints.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--config", "samples_bench", "--out", str(tmp_path),
+                                      "model.preset=tiny"])
+    runpy.run_path(str(script), run_name="__main__")
+    _, cfg = load_model(tmp_path / "teacher" / "teacher.pt", return_config=True)
+    assert cfg.role == "teacher"
+    assert len(list((tmp_path / "snapshots").glob("epoch_*.pt"))) == 3
+    assert load_model(tmp_path / "student.pt").feat_dim == load_model(tmp_path / "baseline.pt").feat_dim
