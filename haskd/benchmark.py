@@ -840,8 +840,20 @@ def reference_grads(cfg, global_batch: int, world: int) -> dict:
     return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
 
-def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port=29561, timeout=600) -> dict | None:
-    """Start the DDP worker under ``python -m torch.distributed.run`` (or one plain process when ``nproc == 1``)."""
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for the DDP rendezvous: a fixed port can still be held
+    by an earlier run's socket)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port=None, timeout=600) -> dict | None:
+    """Start the DDP worker under ``python -m torch.distributed.run`` (or one plain process when ``nproc == 1``);
+    ``port``: the rendezvous port (default: a free one)."""
+    port = port or free_port()
     cfg = copy.deepcopy(cfg)
     cfg.train.threads = threads
     cfg.train.device = "cpu"

@@ -81,7 +81,7 @@ def test_ddp_gradients_match_single_process(tiny_rooms, tmp_path):
 
     cfg = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "data.batch_size=1"])
     out = tmp_path / "grads.pt"
-    run_ddp(cfg, out, nproc=2, threads=1, steps=1, global_batch=2, grad=True, port=29571, timeout=300)
+    run_ddp(cfg, out, nproc=2, threads=1, steps=1, global_batch=2, grad=True, timeout=300)
     got = torch.load(out, weights_only=True)
     ref = reference_grads(cfg, global_batch=2, world=2)
     assert set(got) == set(ref) and len(ref) > 10

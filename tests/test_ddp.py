@@ -6,11 +6,12 @@ import sys
 import torch
 
 from conftest import REPO
+from haskd.benchmark import free_port
 
 
 def test_two_process_ddp_keeps_ranks_identical(tiny_rooms, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         str(REPO / "tests" / "ddp_worker.py"), str(tiny_rooms), str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
