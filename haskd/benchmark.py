@@ -149,13 +149,9 @@ def _eval_scenes(root, split, cfg, max_scenes):
 
 def _latency(predict, scenes, runs, warmup, device) -> dict:
     """Per-scene timing of ``predict(i)``; total median latency and points/s over the scenes."""
-    per = []
-    for i, s in enumerate(scenes):
-        t = time_runs(lambda i=i: predict(i), runs, warmup, device)
-        per.append({"scene": s.name, "points": s.num_points, **t})
-    total = sum(p["median"] for p in per)
-    pts = sum(p["points"] for p in per)
-    return {"scenes": per, "median_s_per_scene": total / len(per), "points_per_s": pts / total}
+    out = _paired_latency({"model": predict}, scenes, runs, warmup, device)["model"]
+    out.pop("interleaved_with")
+    return out
 
 
 def _paired_latency(predicts: dict, scenes, runs, warmup, device) -> dict:
