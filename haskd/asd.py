@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HaskdError, require
-from .ihd import TARGET_KINDS, _check_choice, kl_per_point
+from .ihd import KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, kl_per_point, kl_per_point_nontarget, weighted_mean
 
 SCHEDULES = ("second_half", "cycles")
 UNLABELED_MODES = ("final", "skip")
@@ -116,7 +116,8 @@ def _table_tensors(expert_table, device):
 
 def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor, expert_table,
              tau: float = 2.0, unlabeled: str = "final", final_pred: Optional[torch.Tensor] = None,
-             target_kind: str = "logits", ignore_index: int = -1) -> torch.Tensor:
+             target_kind: str = "logits", ignore_index: int = -1, trust: str = "none",
+             kd_target: str = "full") -> torch.Tensor:
     """Adept snapshot distillation loss (scalar).
 
     student_logits: (N, C). expert_logits: (M, N, C) logits of the M snapshots on the same voxels
@@ -127,10 +128,17 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     top-k experts' tempered distributions). Unlabeled points are assigned ``final_pred`` (N,) if given, else
     the argmax of the final snapshot ``expert_logits[-1]`` (``unlabeled="final"``), or dropped (``"skip"``).
     Returns ``mean over used points of tau^2 * KL(target || softmax(z_s / tau))``; 0 when no point is used.
+    ``trust`` (ours, not METHOD.md; ``distill.asd_trust``): ``"none"`` (METHOD.md) weighs every used point 1;
+    ``"hard"`` keeps a labeled point only where its target's argmax is the label, ``"soft"`` weighs it by the
+    target's probability of the label (the IHD trust, applied to the experts); unlabeled points keep weight 1;
+    the mean is then weighted, ``sum(w * kl) / sum(w)``. ``kd_target="nontarget"`` (ours) distils only the
+    non-label classes of labeled points (:func:`haskd.ihd.kl_per_point_nontarget`).
     Targets are detached: the experts are frozen and never receive gradients.
     """
     _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)
+    _check_choice("trust", trust, TRUST_MODES)
+    _check_choice("kd_target", kd_target, KD_TARGETS)
     if expert_logits.dim() != 3 or expert_logits.shape[1:] != student_logits.shape:
         raise ValueError(f"expert_logits must be (M, {', '.join(map(str, student_logits.shape))}), "
                          f"got {tuple(expert_logits.shape)}")
@@ -168,7 +176,17 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
             p = z.clamp_min(0)
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
         target = target + w[cls, j, None] * p
-    return kl_per_point(student_logits[rows], target, tau).mean()
+    if kd_target == "nontarget":
+        kl = kl_per_point_nontarget(student_logits[rows], target, labels[rows], tau, ignore_index)
+    else:
+        kl = kl_per_point(student_logits[rows], target, tau)
+    if trust == "none":
+        return kl.mean()
+    lab = labels[rows]
+    labeled = lab != ignore_index
+    safe = torch.where(labeled, lab, torch.zeros_like(lab))
+    tr = target.argmax(-1) == safe if trust == "hard" else target.gather(1, safe[:, None])[:, 0]
+    return weighted_mean(kl, torch.where(labeled, tr.float(), torch.ones_like(kl)))
 
 
 class ASDLoss(nn.Module):
@@ -180,9 +198,13 @@ class ASDLoss(nn.Module):
     """
 
     def __init__(self, expert_table, tau: float = 2.0, weight: float = 1.0, unlabeled: str = "final",
-                 ignore_index: int = -1):
+                 ignore_index: int = -1, trust: str = "none", kd_target: str = "full"):
         super().__init__()
+        _check_choice("kd_target", kd_target, KD_TARGETS)
+        self.kd_target = kd_target
         _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
+        _check_choice("trust", trust, TRUST_MODES)
+        self.trust = trust
         idx, w = _table_tensors(expert_table, "cpu")
         self.register_buffer("indices", idx)
         self.register_buffer("weights", w)
@@ -202,7 +224,7 @@ class ASDLoss(nn.Module):
                 experts, kind = experts["probs"], "probs"
         loss = asd_loss(logits, experts, labels, {"indices": self.indices, "weights": self.weights},
                         tau=self.tau, unlabeled=self.unlabeled, final_pred=final_pred, target_kind=kind,
-                        ignore_index=self.ignore_index)
+                        ignore_index=self.ignore_index, trust=self.trust, kd_target=self.kd_target)
         return {"asd": self.weight * loss}
 
 

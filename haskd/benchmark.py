@@ -395,8 +395,12 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
         for mode, cache in (("haskd_cached", True), ("haskd_online", False)):
             cfgs[mode] = from_dict(kd.to_dict())
             cfgs[mode].distill.cache = cache
+        hints = bool(teacher) and kd.distill.hint_weight > 0
+        if hints:  # the hint term runs the teacher's 3D branch online every step: time the cache alone too
+            cfgs["haskd_cached_no_hints"] = from_dict(kd.to_dict())
+            cfgs["haskd_cached_no_hints"].distill.hint_weight = 0.0
         out = _step_times(cfgs, device, runs, warmup)
-        out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps)}
+        out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints}
     return out
 
 

@@ -100,12 +100,15 @@ class DistillConfig:
     tau: float = 2.0
     logit_weight: float = 1.0
     feat_weight: float = 1.0
+    hint_weight: float = 0.0             # per-level feature hints from the teacher's 3D branch, online (ours)
     trust: str = "hard"                  # hard | soft | none
+    kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
     experts: str = ""                    # ASD on when set: experts JSON written by `haskd experts`
     asd_weight: float = 1.0
     asd_topk: int = 1
     asd_unlabeled: str = "final"         # final | skip
+    asd_trust: str = "none"              # none (METHOD.md) | hard | soft: gate ASD by the expert's correctness (ours)
     init_from_teacher: bool = False      # start the student from the teacher's 3D branch (ours; docs/method.md)
     cache: bool = True                   # cached soft labels (else online teacher/expert forward)
     cache_topk: int = 20
@@ -156,6 +159,15 @@ def _coerce(value, current, key):
     return value
 
 
+# Keys with a closed set of values, checked when the config is read (not deep inside training).
+CHOICES = {
+    "distill.trust": ("hard", "soft", "none"),
+    "distill.asd_trust": ("none", "hard", "soft"),
+    "distill.kd_target": ("full", "nontarget"),
+    "distill.asd_unlabeled": ("final", "skip"),
+}
+
+
 def _set(cfg: Config, key: str, value, source: str):
     parts = key.split(".")
     obj = cfg
@@ -167,7 +179,10 @@ def _set(cfg: Config, key: str, value, source: str):
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)} \
             or dataclasses.is_dataclass(getattr(obj, name)):
         raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
-    setattr(obj, name, _coerce(value, getattr(obj, name), key))
+    value = _coerce(value, getattr(obj, name), key)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    setattr(obj, name, value)
 
 
 def _flatten(d: dict, prefix="") -> dict:

@@ -26,7 +26,7 @@ from .engine.checkpoint import load_model
 from .engine.evaluate import scene_sample
 from .engine.tasks import ce_loss, move_to
 from .errors import HaskdError
-from .ihd import IHDLoss, image_gain
+from .ihd import HintLoss, IHDLoss, image_gain
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,12 @@ def scene_outputs(model, scene, cfg, device, extra=None) -> dict:
 
 class DistillTask(nn.Module):
     def __init__(self, student, ihd=None, asd=None, teacher=None, experts=(), cache_dirs=None, num_classes=20,
-                 tau=2.0, train_set=None):
+                 tau=2.0, train_set=None, hint=None):
         super().__init__()
         self.model = student
         self.ihd = ihd
         self.asd = asd
+        self.hint = hint
         self._teacher = _Frozen(teacher) if teacher is not None else None
         self._experts = _Frozen(nn.ModuleList(experts)) if experts else None
         self.cache_dirs = cache_dirs or {}
@@ -83,16 +84,20 @@ class DistillTask(nn.Module):
     def from_config(cls, student, cfg, device, datasets):
         d = cfg.distill
         train_set = datasets["train"]
-        teacher, ihd, experts, asd, cache_dirs = None, None, [], None, {}
+        teacher, ihd, experts, asd, cache_dirs, hint = None, None, [], None, {}, None
         if d.teacher_ckpt:
             teacher, tcfg = load_model(d.teacher_ckpt, device=device, return_config=True)
             if tcfg.role != "teacher":
                 raise HaskdError(f"{d.teacher_ckpt}: distill.teacher_ckpt must be a teacher checkpoint")
             _frozen(teacher)
             ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
-                          feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain)
+                          feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain,
+                          kd_target=d.kd_target)
             from .models.teacher import attach_frames
 
+            if d.hint_weight > 0:
+                hint = HintLoss(_hint_dims(student, "the student"), _hint_dims(teacher.backbone, "the teacher's "
+                                "3D branch"), d.hint_weight)
             sel = _read_selection(Path(d.teacher_ckpt).parent / "frames.json")
             if d.cache:
                 view = copy.copy(train_set)
@@ -110,12 +115,15 @@ class DistillTask(nn.Module):
             sel = {"indices": np.array(table["indices"])[:, : d.asd_topk],
                    "weights": np.array(table["weights"])[:, : d.asd_topk]}
             sel["weights"] = sel["weights"] / np.maximum(sel["weights"].sum(1, keepdims=True), 1e-12)
-            asd = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled)
+            asd = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled, trust=d.asd_trust,
+                          kd_target=d.kd_target)
             if d.cache:
                 cache_dirs["experts"] = build_expert_cache(experts, train_set, cfg, device,
                                                            _cache_dir(d.experts, cfg, "experts"), topk=d.cache_topk,
                                                            sources=[d.experts, *snap_paths])
-        return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau)
+        if d.hint_weight > 0 and hint is None:
+            raise HaskdError("distill.hint_weight needs distill.teacher_ckpt (the hints come from its 3D branch)")
+        return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau, hint=hint)
 
     # ------------------------------------------------------------------ targets
     def _scene_cache(self, kind, name) -> dict:
@@ -186,10 +194,17 @@ class DistillTask(nn.Module):
         return {"logits": z}
 
     # ------------------------------------------------------------------ loss
+    @torch.no_grad()
+    def teacher_hints(self, batch):
+        """Per-level features of the teacher's 3D branch on this very batch (always online: points only, cheap)."""
+        return _with_hints(self._teacher.module.backbone, batch)["hints"]
+
     def forward(self, batch):
-        out = self.model(batch)
+        out = _with_hints(self.model, batch) if self.hint is not None else self.model(batch)
         y = batch["segment"]
         losses = {"ce": ce_loss(out["logits"], y)}
+        if self.hint is not None:
+            losses.update(self.hint(out.pop("hints"), self.teacher_hints(batch)))
         if self.ihd is not None:
             t = self.teacher_targets(batch)
             if "feat" in t and self.ihd.feat_weight == 0:
@@ -198,6 +213,23 @@ class DistillTask(nn.Module):
         if self.asd is not None:
             losses.update(self.asd(out, self.expert_targets(batch), y))
         return losses, out
+
+
+def _hint_dims(model, who):
+    dims = getattr(model, "hint_dims", None)
+    if dims is None:
+        raise HaskdError(f"distill.hint_weight: {who} ({type(model).__name__}) gives no per-level features; hints "
+                         "work with the spunet family (set distill.hint_weight=0)")
+    return dims
+
+
+def _with_hints(model, batch):
+    """``model(batch)`` with its per-level features (``out["hints"]``), leaving the model as it was."""
+    model.return_hints = True
+    try:
+        return model(batch)
+    finally:
+        model.return_hints = False
 
 
 def _resolve(p, relative_to):

@@ -57,6 +57,31 @@ def kl_per_point(student_logits: torch.Tensor, target_probs: torch.Tensor, tau: 
     return kl * (tau * tau)
 
 
+KD_TARGETS = ("full", "nontarget")
+
+
+def kl_per_point_nontarget(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
+                           tau: float, ignore_index: int = -1) -> torch.Tensor:
+    """``tau^2 * KL`` over the classes other than each point's label, both sides renormalised there (the non-target
+    term of decoupled KD, Zhao et al. 2022): ``(N, C), (N, C), (N,) -> (N,)``.
+
+    Ours, ``distill.kd_target=nontarget`` (METHOD.md distils the full distribution: ``full``). The label's own
+    probability is left to CE alone, so a teacher (or expert) less sure of the label than the student never pulls
+    the student's confidence down; what is distilled is how the remaining mass spreads over the other classes.
+    Unlabeled points (``ignore_index``) keep the full KL. A target with all its mass on the label gives 0.
+    """
+    z = student_logits.float() / tau
+    labels = labels.to(z.device).long()
+    lab = labels != ignore_index
+    safe = torch.where(lab, labels, torch.zeros_like(labels))
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter_(1, safe[:, None], True) & lab[:, None]
+    log_ps = torch.log_softmax(z.masked_fill(mask, float("-inf")), dim=-1)
+    p = target_probs.float().masked_fill(mask, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    cross = torch.where(p > 0, p * log_ps, torch.zeros_like(p))  # 0 * -inf at the masked label -> 0, not NaN
+    return (torch.xlogy(p, p) - cross).sum(-1) * (tau * tau)
+
+
 def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """``sum(w * v) / sum(w)`` over points; plain mean when ``weights`` is None; 0 (still in the graph)
     when there is no point or ``sum(w) == 0``. Values at zero-weight points are masked, so a NaN/inf
@@ -124,7 +149,8 @@ def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torc
 
 
 def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
-          weights: Optional[torch.Tensor] = None, target_kind: str = "logits") -> torch.Tensor:
+          weights: Optional[torch.Tensor] = None, target_kind: str = "logits", labels: Optional[torch.Tensor] = None,
+          kd_target: str = "full", ignore_index: int = -1) -> torch.Tensor:
     """Weighted KD loss: ``sum_i w_i * tau^2 * KL(p_t,i || p_s,i) / sum_i w_i`` (scalar).
 
     student_logits: (N, C). target: (N, C) teacher logits (``target_kind="logits"``, tempered by ``tau``)
@@ -133,7 +159,12 @@ def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
     """
     if student_logits.shape != target.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and target {tuple(target.shape)} differ")
+    _check_choice("kd_target", kd_target, KD_TARGETS)
     p_t = target_distribution(target, tau, target_kind)
+    if kd_target == "nontarget":
+        if labels is None:
+            raise ValueError("kd_target='nontarget' needs the labels")
+        return weighted_mean(kl_per_point_nontarget(student_logits, p_t, labels, tau, ignore_index), weights)
     return weighted_mean(kl_per_point(student_logits, p_t, tau), weights)
 
 
@@ -180,8 +211,11 @@ class IHDLoss(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
-                 feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False):
+                 feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False,
+                 kd_target: str = "full"):
         super().__init__()
+        _check_choice("kd_target", kd_target, KD_TARGETS)
+        self.kd_target = kd_target
         self.image_gain = bool(image_gain)
         _check_choice("trust", trust, TRUST_MODES)
         self.tau = float(tau)
@@ -207,9 +241,50 @@ class IHDLoss(nn.Module):
             w = w * teacher["gain"].detach().to(w.device).float().reshape(-1)
         out = {}
         if self.logit_weight != 0:
-            out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind)
+            out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind,
+                                                         labels=labels, kd_target=self.kd_target,
+                                                         ignore_index=self.ignore_index)
         t_feat = teacher.get("feat")
         if t_feat is not None and self.feat_weight != 0:
             proj = self.projector(student_out["feat"])
             out["ihd_feat"] = self.feat_weight * feature_loss(proj, t_feat.to(proj.device), w)
         return out
+
+
+class HintLoss(nn.Module):
+    """Per-level feature hints from the teacher's 3D branch (ours, ``distill.hint_weight``; not in METHOD.md).
+
+    The IHD feature term aligns only the last feature (to the teacher's fused feature). When the student is the same
+    network family as the teacher's 3D branch, both nets build the same sparse voxel hierarchy from the same batch,
+    so their features at every level (deepest encoder level and each decoder level) match row for row. This term
+    aligns them all, FitNets-style: ``mean_l || normalize(P_l(s_l)) - normalize(t_l) ||^2``, one training-only
+    linear projector ``P_l`` per level (identity-initialised when the widths agree), plain mean over voxels (the
+    3D branch's representation is what it transfers, not the images' knowledge, so no information weights).
+
+    forward(student_hints, teacher_hints): two lists of ``(N_l, D_l)``; returns ``{"ihd_hint": weight * L}``.
+    """
+
+    def __init__(self, student_dims, teacher_dims, weight: float = 1.0):
+        super().__init__()
+        student_dims, teacher_dims = tuple(student_dims), tuple(teacher_dims)
+        if len(student_dims) != len(teacher_dims):
+            raise ValueError(f"hint levels differ: student {student_dims}, teacher {teacher_dims}")
+        self.weight = float(weight)
+        self.projectors = nn.ModuleList(Projector(s, t) for s, t in zip(student_dims, teacher_dims))
+        for p, s, t in zip(self.projectors, student_dims, teacher_dims):
+            if s == t:
+                with torch.no_grad():
+                    p.linear.weight.copy_(torch.eye(s))
+                    p.linear.bias.zero_()
+
+    def forward(self, student_hints, teacher_hints) -> dict:
+        if len(student_hints) != len(self.projectors) or len(teacher_hints) != len(self.projectors):
+            raise ValueError(f"expected {len(self.projectors)} hint levels, got {len(student_hints)} (student) "
+                             f"and {len(teacher_hints)} (teacher)")
+        terms = []
+        for proj, s, t in zip(self.projectors, student_hints, teacher_hints):
+            if s.shape[0] != t.shape[0]:
+                raise ValueError(f"hint level rows differ: student {s.shape[0]}, teacher {t.shape[0]} (the two "
+                                 "nets must build the same voxel hierarchy: same family, same batch)")
+            terms.append(feature_loss(proj(s), t))
+        return {"ihd_hint": self.weight * torch.stack(terms).mean()}

@@ -134,3 +134,49 @@ def test_expert_heatmap_png(tmp_path):
     t = select_experts(IOU)
     p = expert_heatmap_png(IOU, [f"class{i}" for i in range(6)], t["expert"], tmp_path / "sub" / "experts.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_asd_trust_gates_points_the_expert_gets_wrong():
+    """asd_trust (ours): hard keeps labeled points whose target argmax is the label, soft weighs by the target's
+    probability of the label, unlabeled points keep weight 1; "none" is the plain mean (METHOD.md)."""
+    import math
+
+    import torch
+
+    from haskd.asd import asd_loss
+
+    # one expert, two classes, tau 1; point 0 right (p = [0.75, 0.25], label 0), point 1 wrong (same p, label 1),
+    # point 2 unlabeled; student uniform
+    z = torch.tensor([[math.log(3.0), 0.0]] * 3)[None]
+    s = torch.zeros(3, 2)
+    y = torch.tensor([0, 1, -1])
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL([.75, .25] || [.5, .5]), the same for all three
+    table = {"indices": [[0], [0]], "weights": [[1.0], [1.0]]}
+    assert asd_loss(s, z, y, table, tau=1.0, trust="none").item() == pytest.approx(kl, rel=1e-5)
+    # with a student that differs per point the weighting shows: make point 1's KL larger
+    s2 = torch.tensor([[0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    per = [kl, 0.75 * math.log(0.75 / (1 / (1 + math.e ** 2))) + 0.25 * math.log(0.25 / (math.e ** 2 / (1 + math.e ** 2))), kl]
+    none = asd_loss(s2, z, y, table, tau=1.0, trust="none").item()
+    hard = asd_loss(s2, z, y, table, tau=1.0, trust="hard").item()
+    soft = asd_loss(s2, z, y, table, tau=1.0, trust="soft").item()
+    assert none == pytest.approx(sum(per) / 3, rel=1e-5)
+    assert hard == pytest.approx((per[0] + per[2]) / 2, rel=1e-5)          # the wrong point 1 is dropped
+    assert soft == pytest.approx((0.75 * per[0] + 0.25 * per[1] + per[2]) / 2.0, rel=1e-5)
+    with pytest.raises(ValueError, match="trust"):
+        asd_loss(s2, z, y, table, tau=1.0, trust="maybe")
+
+
+def test_asd_nontarget_uses_the_non_label_classes():
+    import math
+
+    import torch
+
+    from haskd.asd import asd_loss
+    from haskd.ihd import kl_per_point_nontarget
+
+    z = torch.tensor([[[math.log(3.0), 0.0, 0.5]], [[0.0, 2.0, 0.0]]])  # 2 snapshots, 1 point, 3 classes
+    s = torch.tensor([[0.3, -0.2, 0.1]])
+    y = torch.tensor([1])
+    table = {"indices": [[0], [1], [0]], "weights": [[1.0], [1.0], [1.0]]}  # class 1 -> snapshot 1
+    ref = kl_per_point_nontarget(s, torch.softmax(z[1], -1), y, 1.0)[0].item()
+    assert asd_loss(s, z, y, table, tau=1.0, kd_target="nontarget").item() == pytest.approx(ref, rel=1e-6)

@@ -51,6 +51,19 @@ def test_model_benchmark_json(tiny_rooms, ckpts, tmp_path, capsys):
     assert "| student |" in capsys.readouterr().out
 
 
+def test_train_step_benchmark_times_the_hint_term_apart(tiny_rooms, ckpts, tmp_path):
+    """A student config with hints on: HAS-KD is also timed with the cache alone (hints off), in the same run."""
+    student = _ckpt(tmp_path / "hint_student.pt", [f"data.root={tiny_rooms}", "data.max_voxels=3000",
+                                                   "distill.hint_weight=1"])
+    out = tmp_path / "h.json"
+    assert main(["benchmark", "--ckpt", str(student), "--data", str(tiny_rooms), "--teacher", str(ckpts["teacher"]),
+                 "--runs", "1", "--warmup", "0", "--max-scenes", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["train_step"]) >= {"baseline", "haskd_cached", "haskd_online", "haskd_cached_no_hints"}
+    assert r["train_step"]["haskd_parts"]["hints"] is True
+    assert r["ratios"]["step_haskd_cached_no_hints_over_baseline"] > 0
+
+
 def test_layers_benchmark_json(tiny_rooms, tmp_path):
     out = tmp_path / "l.json"
     assert main(["benchmark", "--layers", "--data", str(tiny_rooms), "--preset", "tiny", "--voxels", "3000",

@@ -71,3 +71,12 @@ def test_ablate_seed_lists():
     for bad in ("0", "a", "-1,2", ","):
         with pytest.raises(argparse.ArgumentTypeError):
             _seed_list(bad)
+
+
+@pytest.mark.parametrize("key", ["distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled"])
+def test_closed_choices_are_checked_when_read(key):
+    with pytest.raises(HaskdError, match=f"'{key}' must be one of"):
+        load_config(None, [f"{key}=bogus"])
+    cfg = load_config("synthetic_bench")
+    assert (cfg.distill.hint_weight, cfg.distill.feat_weight, cfg.distill.asd_trust) == (1.0, 0.0, "hard")
+    assert load_config("scannet20_haskd").distill.hint_weight == 0.0  # the ScanNet presets keep METHOD.md's terms

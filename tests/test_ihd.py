@@ -169,3 +169,55 @@ def test_image_gain_weights_the_ihd_terms():
     assert out["ihd_logit"].item() == pytest.approx(KD_075_TAU2, rel=1e-6)  # same KL at both points
     with pytest.raises(ValueError, match="gain"):
         gain(s, t, labels)
+
+
+def test_hint_loss_hand_value_identity_init_and_gradient():
+    """HintLoss: mean over levels of the normalised squared distance; identity projectors where widths agree."""
+    from haskd.ihd import HintLoss
+
+    h = HintLoss((2, 3), (2, 4), weight=2.0)
+    assert torch.equal(h.projectors[0].linear.weight, torch.eye(2))  # same width: identity to start
+    with torch.no_grad():  # level 1 (3 -> 4): a fixed map, so the value is hand-computable
+        h.projectors[1].linear.weight.copy_(torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]))
+        h.projectors[1].linear.bias.zero_()
+    s0 = torch.tensor([[1., 0.], [0., 2.]], requires_grad=True)
+    t0 = torch.tensor([[0., 3.], [0., 1.]])  # row 0 orthogonal: |e1 - e2|^2 = 2; row 1 same direction: 0
+    s1 = torch.tensor([[1., 0., 0.]], requires_grad=True)
+    t1 = torch.tensor([[-2., 0., 0., 0.]])   # opposite: 4
+    out = h([s0, s1], [t0, t1])
+    assert set(out) == {"ihd_hint"}
+    # level means: (2 + 0) / 2 = 1 and 4; mean over levels 2.5; weight 2
+    assert out["ihd_hint"].item() == pytest.approx(5.0, abs=1e-6)
+    out["ihd_hint"].backward()
+    assert s0.grad is not None and s1.grad is not None and not t0.requires_grad
+    assert h([t0.clone(), s1], [t0, torch.tensor([[1., 0., 0., 0.]])])["ihd_hint"].item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="rows differ"):
+        h([s0, s1], [t0[:1], t1])
+    with pytest.raises(ValueError, match="levels"):
+        HintLoss((2,), (2, 3))
+
+
+def test_nontarget_kl_hand_value_and_label_gradient():
+    """kd_target=nontarget (ours): KL over the non-label classes, both sides renormalised; unlabeled rows keep the
+    full KL; the label's own logit gets no gradient from it (CE alone moves it)."""
+    from haskd.ihd import kl_per_point, kl_per_point_nontarget
+
+    s = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    y = torch.tensor([0, -1])
+    # row 0: target [.3, .2] -> [.6, .4] over classes 1, 2; student softmax([1, 2]) = [1, e] / (1 + e)
+    q1, q2 = 1 / (1 + math.e), math.e / (1 + math.e)
+    ref0 = 0.6 * math.log(0.6 / q1) + 0.4 * math.log(0.4 / q2)
+    out = kl_per_point_nontarget(s, t, y, tau=1.0)
+    assert out[0].item() == pytest.approx(ref0, rel=1e-5)
+    assert out[1].item() == pytest.approx(kl_per_point(s, t, 1.0)[1].item(), rel=1e-6)
+    out[0].backward()
+    assert s.grad[0, 0].item() == 0.0 and s.grad[0, 1].item() != 0.0
+    # all target mass on the label: nothing left to distil
+    one = kl_per_point_nontarget(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]), tau=2.0)
+    assert one.item() == 0.0 and torch.isfinite(one).all()
+    with pytest.raises(ValueError, match="labels"):
+        kd_kl(torch.zeros(1, 3), torch.zeros(1, 3), kd_target="nontarget")
+    loss = IHDLoss(3, 3, tau=1.0, feat_weight=0, trust="none", kd_target="nontarget")
+    assert loss({"logits": s.detach()}, {"probs": t}, y)["ihd_logit"].item() == pytest.approx(
+        (ref0 + out[1].item()) / 2, rel=1e-5)

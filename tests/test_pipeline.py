@@ -145,3 +145,29 @@ def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms
     s = load_checkpoint(tmp_path / "warm" / "last.pt")["state_dict"]
     assert all(torch.equal(s[k], t["backbone." + k]) for k in s if not k.endswith(("running_mean", "running_var",
                                                                                       "num_batches_tracked")))
+
+
+def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeline_run, tiny_rooms, tmp_path):
+    """distill.hint_weight: the per-level hint loss is logged, the teacher is untouched, the saved student has the
+    baseline's tensors (the hint projectors stay in the task); a student without per-level features is refused."""
+    from haskd.engine.trainer import train
+    from haskd.errors import HaskdError
+
+    out, _ = pipeline_run
+    teacher_ckpt = out / "teacher" / "last.pt"
+    before = {k: v.clone() for k, v in load_checkpoint(teacher_ckpt)["state_dict"].items()}
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "train.snapshots=0",
+                                          f"distill.teacher_ckpt={teacher_ckpt}", "distill.hint_weight=1"])
+    train(cfg, tmp_path / "hint", progress=False)
+    row = json.loads((tmp_path / "hint" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train/ihd_hint"] > 0
+    after = load_checkpoint(teacher_ckpt)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    s = load_checkpoint(tmp_path / "hint" / "last.pt")["state_dict"]
+    base = load_checkpoint(out / "baseline" / "last.pt")["state_dict"]
+    assert list(s) == list(base) and all(s[k].shape == base[k].shape for k in s)
+    bad = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "model.name=ptv3",
+                                          "model.preset=tiny", f"distill.teacher_ckpt={teacher_ckpt}",
+                                          "distill.hint_weight=1"])
+    with pytest.raises(HaskdError, match="per-level features"):
+        train(bad, tmp_path / "bad", progress=False)

@@ -82,3 +82,25 @@ def test_backends_agree():
         out = model(batch)
     torch.testing.assert_close(out["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["feat"], ref["feat"], atol=1e-4, rtol=1e-4)
+
+
+def test_hints_are_per_level_features_in_a_shared_voxel_hierarchy():
+    """return_hints: one feature per level (deepest first, the last is ``feat``); two networks built from the same
+    batch have the same rows at every level, which the hint term of IHD relies on."""
+    import torch
+
+    from haskd.models import build_model
+
+    torch.manual_seed(0)
+    g = torch.randint(0, 12, (300, 3))
+    g = torch.unique(g, dim=0)
+    batch = {"grid_coord": g, "feat": torch.rand(len(g), 6), "offset": torch.tensor([len(g)])}
+    a = build_model("spunet", 6, 5, preset="tiny", backend="torch").eval()
+    b = build_model("spunet", 6, 5, preset="tiny", backend="torch").eval()
+    assert "hints" not in a(batch)
+    a.return_hints = b.return_hints = True
+    ha, hb = a(batch)["hints"], b(batch)["hints"]
+    assert [h.shape[1] for h in ha] == list(a.hint_dims)
+    assert [h.shape[0] for h in ha] == [h.shape[0] for h in hb]
+    assert ha[-1].shape[0] == len(g) and ha[0].shape[0] < len(g)
+    assert torch.equal(ha[-1], a(batch)["feat"])

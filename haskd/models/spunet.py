@@ -119,6 +119,10 @@ class SpUNet(nn.Module):
             prev = cout
         self.feat_dim = prev
         self.head = nn.Linear(prev, num_classes)
+        # Widths of the per-level features that ``forward`` adds as ``hints`` when ``return_hints`` is set
+        # (the deepest encoder level, then every decoder level, coarse to fine): targets of the hint term of IHD.
+        self.hint_dims = (channels[-1], *dec_channels)
+        self.return_hints = False
 
     def set_backend(self, backend: str) -> "SpUNet":
         """Run every sparse conv with ``backend`` from now on (weights unchanged)."""
@@ -132,11 +136,16 @@ class SpUNet(nn.Module):
             x = enc(down(x))
             skips.append(x)
         skips.pop()  # the deepest level is x itself
+        hints = [x.feats]
         for up, dec in zip(self.up, self.dec):
             x = up(x)
             skip = skips.pop()
             x = dec(x.replace_feats(torch.cat([x.feats, skip.feats], 1)))
-        return {"logits": self.head(x.feats), "feat": x.feats}
+            hints.append(x.feats)
+        out = {"logits": self.head(x.feats), "feat": x.feats}
+        if self.return_hints:
+            out["hints"] = hints
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
