@@ -15,7 +15,7 @@ def test_demo_prints_the_table(tmp_path, capsys):
     assert "HAS-KD demo on 2 + 1 synthetic rooms" in text
     for row in ("baseline", "teacher", "HAS-KD student"):
         assert row in text
-    assert (tmp_path / "synthetic_bench_seed0" / "report.html").is_file()
+    assert (tmp_path / "synthetic_bench_2_1_7_seed0" / "report.html").is_file()  # the rooms name the run
 
 
 @pytest.mark.parametrize("bad", ["2,1", "0,1,0", "a,b,c"])
