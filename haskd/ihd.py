@@ -225,6 +225,8 @@ class IHDLoss(nn.Module):
         self.ignore_index = ignore_index
         # Built even when feat_weight == 0 so that state dicts keep one shape across ablations.
         self.projector = Projector(student_dim, teacher_dim)
+        if self.feat_weight == 0:  # unused: frozen, so the optimiser skips it and DDP expects no gradient for it
+            self.projector.requires_grad_(False)
 
     def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor) -> dict:
         if "logits" in teacher and teacher["logits"] is not None:

@@ -221,3 +221,12 @@ def test_nontarget_kl_hand_value_and_label_gradient():
     loss = IHDLoss(3, 3, tau=1.0, feat_weight=0, trust="none", kd_target="nontarget")
     assert loss({"logits": s.detach()}, {"probs": t}, y)["ihd_logit"].item() == pytest.approx(
         (ref0 + out[1].item()) / 2, rel=1e-5)
+
+
+def test_unused_feature_projector_is_frozen():
+    """feat_weight = 0: the projector stays in the state dict (one shape across ablations) but takes no gradient,
+    so the optimiser skips it and DDP (find_unused_parameters=False) does not wait for it."""
+    off, on = IHDLoss(4, 3, feat_weight=0), IHDLoss(4, 3, feat_weight=1)
+    assert set(off.state_dict()) == set(on.state_dict())
+    assert not any(p.requires_grad for p in off.parameters())
+    assert all(p.requires_grad for p in on.parameters())

@@ -171,3 +171,25 @@ def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeli
                                           "distill.hint_weight=1"])
     with pytest.raises(HaskdError, match="per-level features"):
         train(bad, tmp_path / "bad", progress=False)
+
+
+def test_ddp_distillation_with_hints_and_no_feature_term(pipeline_run, tiny_rooms, tmp_path):
+    """torchrun, 2 CPU processes: CE + IHD (hints on, feature term off, as the CPU benchmark presets run it). The
+    unused feature projector must not take part (DDP waits for every trainable parameter's gradient)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from haskd.benchmark import free_port
+
+    out, _ = pipeline_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "haskd", "train", "--config", "scannet20_haskd", "--data", str(tiny_rooms), "--out", str(tmp_path / "d"),
+           *PIPE, "train.epochs=2", "data.batch_size=1", "train.snapshots=0", "train.threads=1",  # >= 2 steps a rank
+           f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}", "distill.feat_weight=0", "distill.hint_weight=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train/ihd_hint"] > 0 and "train/ihd_feat" not in row
