@@ -96,8 +96,11 @@ class DistillTask(nn.Module):
             from .models.teacher import attach_frames
 
             if d.hint_weight > 0:
-                hint = HintLoss(_hint_dims(student, "the student"), _hint_dims(teacher.backbone, "the teacher's "
-                                "3D branch"), d.hint_weight)
+                try:
+                    hint = HintLoss(_hint_dims(student, "the student"), _hint_dims(teacher.backbone, "the teacher's "
+                                    "3D branch"), d.hint_weight)
+                except ValueError as e:  # a 3D branch of another depth: no level-to-level match
+                    raise HaskdError(f"{d.teacher_ckpt}: distill.hint_weight: {e}") from None
             sel = _read_selection(Path(d.teacher_ckpt).parent / "frames.json")
             if d.cache:
                 view = copy.copy(train_set)
