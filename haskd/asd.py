@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from .errors import HaskdError, require
-from .ihd import KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, kl_per_point, kl_per_point_nontarget, weighted_mean
+from .ihd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, information_weights, kl_per_point,
+                  kl_per_point_nontarget, weighted_mean)
 
 SCHEDULES = ("second_half", "cycles")
 UNLABELED_MODES = ("final", "skip")
@@ -182,11 +183,9 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
         kl = kl_per_point(student_logits[rows], target, tau)
     if trust == "none":
         return kl.mean()
-    lab = labels[rows]
-    labeled = lab != ignore_index
-    safe = torch.where(labeled, lab, torch.zeros_like(lab))
-    tr = target.argmax(-1) == safe if trust == "hard" else target.gather(1, safe[:, None])[:, 0]
-    return weighted_mean(kl, torch.where(labeled, tr.float(), torch.ones_like(kl)))
+    # the IHD trust weights, with the expert target in the teacher's place (unlabeled points keep weight 1)
+    return weighted_mean(kl, information_weights(target, labels[rows], trust=trust, ignore_index=ignore_index,
+                                                 target_kind="probs"))
 
 
 class ASDLoss(nn.Module):

@@ -159,13 +159,17 @@ def _coerce(value, current, key):
     return value
 
 
-# Keys with a closed set of values, checked when the config is read (not deep inside training).
-CHOICES = {
-    "distill.trust": ("hard", "soft", "none"),
-    "distill.asd_trust": ("none", "hard", "soft"),
-    "distill.kd_target": ("full", "nontarget"),
-    "distill.asd_unlabeled": ("final", "skip"),
-}
+def _choices() -> dict:
+    """Keys with a closed set of values, checked when the config is read (not deep inside training). The values
+    come from the loss modules that define them (imported here, lazily: this module stays torch-free)."""
+    from .asd import UNLABELED_MODES
+    from .ihd import KD_TARGETS, TRUST_MODES
+
+    return {"distill.trust": TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
+            "distill.asd_unlabeled": UNLABELED_MODES}
+
+
+_CHOICE_KEYS = ("distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled")
 
 
 def _set(cfg: Config, key: str, value, source: str):
@@ -180,8 +184,8 @@ def _set(cfg: Config, key: str, value, source: str):
             or dataclasses.is_dataclass(getattr(obj, name)):
         raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
     value = _coerce(value, getattr(obj, name), key)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in _CHOICE_KEYS and value not in _choices()[key]:
+        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(_choices()[key])}, got {value!r}")
     setattr(obj, name, value)
 
 
