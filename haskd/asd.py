@@ -118,7 +118,7 @@ def _table_tensors(expert_table, device):
 def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor, expert_table,
              tau: float = 2.0, unlabeled: str = "final", final_pred: Optional[torch.Tensor] = None,
              target_kind: str = "logits", ignore_index: int = -1, trust: str = "none",
-             kd_target: str = "full") -> torch.Tensor:
+             kd_target: str = "full", point_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Adept snapshot distillation loss (scalar).
 
     student_logits: (N, C). expert_logits: (M, N, C) logits of the M snapshots on the same voxels
@@ -133,7 +133,9 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     ``"hard"`` keeps a labeled point only where its target's argmax is the label, ``"soft"`` weighs it by the
     target's probability of the label (the IHD trust, applied to the experts); unlabeled points keep weight 1;
     the mean is then weighted, ``sum(w * kl) / sum(w)``. ``kd_target="nontarget"`` (ours) distils only the
-    non-label classes of labeled points (:func:`haskd.ihd.kl_per_point_nontarget`).
+    non-label classes of labeled points (:func:`haskd.ihd.kl_per_point_nontarget`). ``point_mask`` (N,): 0 for
+    points whose class the teacher supervises instead (:func:`teacher_route`); they leave the sum, not the
+    normaliser (:func:`haskd.ihd.weighted_mean`).
     Targets are detached: the experts are frozen and never receive gradients.
     """
     _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
@@ -181,11 +183,47 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
         kl = kl_per_point_nontarget(student_logits[rows], target, labels[rows], tau, ignore_index)
     else:
         kl = kl_per_point(student_logits[rows], target, tau)
+    mask = None if point_mask is None else point_mask.to(device).reshape(-1)[rows]
     if trust == "none":
-        return kl.mean()
+        return kl.mean() if mask is None else weighted_mean(kl, None, mask)
     # the IHD trust weights, with the expert target in the teacher's place (unlabeled points keep weight 1)
     return weighted_mean(kl, information_weights(target, labels[rows], trust=trust, ignore_index=ignore_index,
-                                                 target_kind="probs"))
+                                                 target_kind="probs"), mask)
+
+
+# ----------------------------------------------------------------------------------------------- teacher route
+def teacher_classes(snapshot_iou, teacher_iou) -> np.ndarray:
+    """(C,) bool: the classes whose logit target stays the teacher's when the teacher joins the expert pool
+    (``distill.teacher_expert``, ours, not METHOD.md).
+
+    snapshot_iou: (M, C), teacher_iou: (C,), both val IoU with NaN for an absent class. A class goes to the
+    teacher when its IoU is at least the best snapshot's (ties -> teacher, the IHD default), or when no
+    snapshot scores it; to its snapshot expert when the snapshot is strictly better, or when only snapshots
+    score it.
+    """
+    a = np.asarray(snapshot_iou, dtype=np.float64)
+    t = np.asarray(teacher_iou, dtype=np.float64).reshape(-1)
+    if a.ndim != 2 or t.shape[0] != a.shape[1]:
+        raise HaskdError(f"teacher IoU covers {t.shape[0]} classes, the snapshot matrix {tuple(a.shape)}")
+    best = np.where(np.isnan(a), -np.inf, a).max(0)
+    return np.where(np.isnan(t), ~np.isfinite(best), t >= best)
+
+
+def teacher_route(classes: torch.Tensor, labels: torch.Tensor, final_pred: Optional[torch.Tensor] = None,
+                  unlabeled: str = "final", ignore_index: int = -1) -> torch.Tensor:
+    """(N,) float mask: 1 where a point's class is a teacher class (:func:`teacher_classes`), 0 where a snapshot
+    expert supervises it. A point's class is its label; an unlabeled point takes ``final_pred`` (the final
+    snapshot's prediction) with ``unlabeled="final"`` and stays with the teacher with ``"skip"`` (ASD skips it).
+    The IHD logit term takes this mask and ASD its complement, so each point has one logit source."""
+    classes = classes.to(labels.device).bool()
+    labels = labels.long()
+    unl = labels == ignore_index
+    cls = labels
+    if unlabeled == "final" and final_pred is not None:
+        cls = torch.where(unl, final_pred.to(labels.device).long(), labels)
+    safe = cls.clamp(0, classes.numel() - 1)
+    keep = classes[safe] | (cls == ignore_index)
+    return keep.float()
 
 
 class ASDLoss(nn.Module):
@@ -212,7 +250,8 @@ class ASDLoss(nn.Module):
         self.unlabeled = unlabeled
         self.ignore_index = ignore_index
 
-    def forward(self, student_out, experts, labels: torch.Tensor, final_pred: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, student_out, experts, labels: torch.Tensor, final_pred: Optional[torch.Tensor] = None,
+                point_mask: Optional[torch.Tensor] = None) -> dict:
         logits = student_out["logits"] if isinstance(student_out, dict) else student_out
         kind = "logits"
         if isinstance(experts, dict):
@@ -223,15 +262,18 @@ class ASDLoss(nn.Module):
                 experts, kind = experts["probs"], "probs"
         loss = asd_loss(logits, experts, labels, {"indices": self.indices, "weights": self.weights},
                         tau=self.tau, unlabeled=self.unlabeled, final_pred=final_pred, target_kind=kind,
-                        ignore_index=self.ignore_index, trust=self.trust, kd_target=self.kd_target)
+                        ignore_index=self.ignore_index, trust=self.trust, kd_target=self.kd_target,
+                        point_mask=point_mask)
         return {"asd": self.weight * loss}
 
 
 # ----------------------------------------------------------------------------------------------- report
-def expert_heatmap_png(iou, class_names: Sequence[str], expert, path) -> Path:
+def expert_heatmap_png(iou, class_names: Sequence[str], expert, path, teacher_iou=None) -> Path:
     """Heatmap of the IoU matrix (snapshots x classes) with each class's expert boxed; written to ``path``.
 
     iou: (M, C) with NaN for absent classes (drawn grey). expert: (C,) snapshot index per class.
+    teacher_iou: (C,) or None; when given it is drawn as a last row "teacher", and the classes the teacher keeps
+    in the pool (:func:`teacher_classes`) have their box on that row.
     """
     matplotlib = require("matplotlib", "matplotlib")
     # Figure without pyplot: no global backend switch, works headless on training machines.
@@ -243,6 +285,12 @@ def expert_heatmap_png(iou, class_names: Sequence[str], expert, path) -> Path:
     m, c = a.shape
     if len(class_names) != c or expert.shape[0] != c:
         raise ValueError(f"{c} classes in the IoU matrix, {len(class_names)} names, {expert.shape[0]} experts")
+    labels = [f"snapshot {i}" for i in range(m)]
+    if teacher_iou is not None:
+        t = np.asarray(teacher_iou, dtype=np.float64).reshape(1, -1)
+        expert = np.where(teacher_classes(a, t[0]), m, expert)
+        a, m = np.concatenate([a, t]), m + 1
+        labels.append("teacher")
     fig = Figure(figsize=(max(6.0, 0.45 * c + 2), max(2.5, 0.5 * m + 1.5)))
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN = class absent
@@ -258,7 +306,7 @@ def expert_heatmap_png(iou, class_names: Sequence[str], expert, path) -> Path:
     ax.set_xticks(range(c))
     ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(m))
-    ax.set_yticklabels([f"snapshot {i}" for i in range(m)], fontsize=7)
+    ax.set_yticklabels(labels, fontsize=7)
     ax.set_title("per-class IoU of each snapshot (red box = expert)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -109,6 +109,7 @@ class DistillConfig:
     asd_topk: int = 1
     asd_unlabeled: str = "final"         # final | skip
     asd_trust: str = "none"              # none (METHOD.md) | hard | soft: gate ASD by the expert's correctness (ours)
+    teacher_expert: bool = False         # the teacher (if any) joins the expert pool: one logit source per class (ours)
     init_from_teacher: bool = False      # start the student from the teacher's 3D branch (ours; docs/method.md)
     cache: bool = True                   # cached soft labels (else online teacher/expert forward)
     cache_topk: int = 20

@@ -7,6 +7,9 @@ Cached mode (default, ``distill.cache=true``): teacher and expert outputs are co
 unaugmented scene and stored per ORIGINAL point as top-k logits in float16 (:mod:`haskd.cache`). A batch maps them
 to its augmented, cropped voxels through the point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the
 mean over the points of each voxel. Online mode runs the frozen models on every batch.
+
+With ``distill.teacher_expert`` (ours) the teacher is one more expert: each class's logit target comes from the
+teacher or from its snapshot expert, whichever was better on val (:func:`haskd.asd.teacher_classes`), never both.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import cache as sl_cache
-from .asd import ASDLoss
+from .asd import ASDLoss, teacher_classes, teacher_route
 from .data.transforms import collate
 from .engine.checkpoint import load_model
 from .engine.evaluate import scene_sample
@@ -66,8 +69,10 @@ def scene_outputs(model, scene, cfg, device, extra=None) -> dict:
 
 class DistillTask(nn.Module):
     def __init__(self, student, ihd=None, asd=None, teacher=None, experts=(), cache_dirs=None, num_classes=20,
-                 tau=2.0, train_set=None, hint=None):
+                 tau=2.0, train_set=None, hint=None, teacher_classes=None):
         super().__init__()
+        # (C,) bool with distill.teacher_expert: the classes whose logit target is the teacher's (the rest: ASD)
+        self.teacher_classes = None if teacher_classes is None else torch.as_tensor(teacher_classes).bool()
         self.model = student
         self.ihd = ihd
         self.asd = asd
@@ -84,7 +89,7 @@ class DistillTask(nn.Module):
     def from_config(cls, student, cfg, device, datasets):
         d = cfg.distill
         train_set = datasets["train"]
-        teacher, ihd, experts, asd, cache_dirs, hint = None, None, [], None, {}, None
+        teacher, ihd, experts, asd, cache_dirs, hint, routed = None, None, [], None, {}, None, None
         if d.teacher_ckpt:
             teacher, tcfg = load_model(d.teacher_ckpt, device=device, return_config=True)
             if tcfg.role != "teacher":
@@ -118,6 +123,8 @@ class DistillTask(nn.Module):
             sel = {"indices": np.array(table["indices"])[:, : d.asd_topk],
                    "weights": np.array(table["weights"])[:, : d.asd_topk]}
             sel["weights"] = sel["weights"] / np.maximum(sel["weights"].sum(1, keepdims=True), 1e-12)
+            if d.teacher_expert and d.teacher_ckpt:  # ASD alone (no teacher): the pool is the snapshots
+                routed = _teacher_classes(table, d)
             asd = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled, trust=d.asd_trust,
                           kd_target=d.kd_target)
             if d.cache:
@@ -126,7 +133,8 @@ class DistillTask(nn.Module):
                                                            sources=[d.experts, *snap_paths])
         if d.hint_weight > 0 and hint is None:
             raise HaskdError("distill.hint_weight needs distill.teacher_ckpt (the hints come from its 3D branch)")
-        return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau, hint=hint)
+        return cls(student, ihd, asd, teacher, experts, cache_dirs, cfg.data.num_classes, d.tau, hint=hint,
+                   teacher_classes=routed)
 
     # ------------------------------------------------------------------ targets
     def _scene_cache(self, kind, name) -> dict:
@@ -208,14 +216,28 @@ class DistillTask(nn.Module):
         losses = {"ce": ce_loss(out["logits"], y)}
         if self.hint is not None:
             losses.update(self.hint(out.pop("hints"), self.teacher_hints(batch)))
+        ex = self.expert_targets(batch) if self.asd is not None else None
+        route = None
+        if self.teacher_classes is not None:  # one logit source per point: the teacher or its class's snapshot
+            fp = ex["final_pred"] if "final_pred" in ex else ex["logits"][-1].argmax(-1)
+            route = teacher_route(self.teacher_classes, y, fp, self.asd.unlabeled, self.asd.ignore_index)
         if self.ihd is not None:
             t = self.teacher_targets(batch)
             if "feat" in t and self.ihd.feat_weight == 0:
                 t = {k: v for k, v in t.items() if k != "feat"}
-            losses.update(self.ihd(out, t, y))
-        if self.asd is not None:
-            losses.update(self.asd(out, self.expert_targets(batch), y))
+            losses.update(self.ihd(out, t, y, logit_mask=route))
+        if ex is not None:
+            losses.update(self.asd(out, ex, y, point_mask=None if route is None else 1.0 - route))
         return losses, out
+
+
+def _teacher_classes(table: dict, d):
+    """The teacher's classes (:func:`haskd.asd.teacher_classes`) from an experts JSON that holds the teacher's row."""
+    if table.get("teacher_iou") is None:
+        raise HaskdError(f"{d.experts}: distill.teacher_expert needs the teacher's per-class IoU in the expert table "
+                         "(rebuild it: haskd experts --run RUN --teacher TEACHER_RUN)")
+    nan = lambda rows: np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
+    return teacher_classes(nan(table["iou"]), nan([table["teacher_iou"]])[0])
 
 
 def _hint_dims(model, who):

@@ -23,7 +23,26 @@ def find_snapshots(run_dir) -> list:
     return snaps
 
 
-def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, out=None, progress=True) -> dict:
+def teacher_iou(teacher, split: str, num_classes: int) -> list:
+    """The teacher's per-class IoU on ``split`` from its run folder's ``val_metrics.json`` (written when it was
+    trained, with its own frames) or from that file given directly; None for an absent class."""
+    p = Path(teacher)
+    p = p / "val_metrics.json" if p.is_dir() else p
+    if not p.is_file():
+        raise HaskdError(f"{p}: no teacher metrics (train the teacher first, or pass its run folder)")
+    m = json.loads(p.read_text())
+    if m.get("split", split) != split:
+        raise HaskdError(f"{p}: teacher metrics are on split {m['split']!r}, the snapshots on {split!r}")
+    iou = list(m.get("per_class_iou", {}).values())
+    if len(iou) != num_classes:
+        raise HaskdError(f"{p}: {len(iou)} per-class IoUs, the snapshots have {num_classes} classes")
+    return [None if v is None else float(v) for v in iou]
+
+
+def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, out=None, progress=True,
+                       teacher=None) -> dict:
+    """``teacher``: the teacher's run folder (or metrics JSON): its per-class IoU is stored as ``teacher_iou``,
+    for ``distill.teacher_expert``; the snapshots' expert table does not depend on it."""
     snaps = find_snapshots(run_dir)
     rows, cfg = [], None
     for p in snaps:
@@ -45,9 +64,16 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
         "indices": np.asarray(sel["indices"]).astype(int).tolist(),
         "weights": np.asarray(sel["weights"]).astype(float).tolist(),
     }
+    if teacher is not None:
+        if split != cfg.data.val_split:
+            raise HaskdError(f"--teacher: the teacher's metrics are on {cfg.data.val_split!r}, the table on {split!r}")
+        table["teacher"] = str(Path(teacher).resolve())
+        table["teacher_iou"] = teacher_iou(teacher, split, len(names))
     out = Path(out) if out else Path(run_dir) / "experts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1))
-    expert_heatmap_png(iou, names, sel["expert"], out.with_suffix(".png"))
+    t = table.get("teacher_iou")
+    expert_heatmap_png(iou, names, sel["expert"], out.with_suffix(".png"),
+                       teacher_iou=None if t is None else [np.nan if v is None else v for v in t])
     table["path"] = str(out)
     return table

@@ -82,16 +82,21 @@ def kl_per_point_nontarget(student_logits: torch.Tensor, target_probs: torch.Ten
     return (torch.xlogy(p, p) - cross).sum(-1) * (tau * tau)
 
 
-def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """``sum(w * v) / sum(w)`` over points; plain mean when ``weights`` is None; 0 (still in the graph)
+def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum(w * m * v) / sum(w)`` over points; plain mean when ``weights`` is None; 0 (still in the graph)
     when there is no point or ``sum(w) == 0``. Values at zero-weight points are masked, so a NaN/inf
-    there cannot leak into the result."""
+    there cannot leak into the result. ``mask`` (N,) in [0, 1], None = all ones, drops points from the sum
+    but not from the normaliser: two terms with complementary masks add up to one term over every point
+    (the class routing of :mod:`haskd.asd`)."""
     if weights is None:
         weights = torch.ones_like(values)
     weights = weights.detach().to(values.dtype)
+    total = weights.sum()
+    if mask is not None:
+        weights = weights * mask.detach().to(device=values.device, dtype=values.dtype).reshape(-1)
     zero = torch.zeros_like(values)
     values = torch.where(weights > 0, values, zero)
-    total = weights.sum()
     # torch.where on the denominator (not a clamp) keeps the gradient finite when total == 0.
     denom = torch.where(total > 0, total, torch.ones_like(total))
     return (weights * values).sum() / denom
@@ -150,12 +155,13 @@ def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torc
 
 def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
           weights: Optional[torch.Tensor] = None, target_kind: str = "logits", labels: Optional[torch.Tensor] = None,
-          kd_target: str = "full", ignore_index: int = -1) -> torch.Tensor:
+          kd_target: str = "full", ignore_index: int = -1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weighted KD loss: ``sum_i w_i * tau^2 * KL(p_t,i || p_s,i) / sum_i w_i`` (scalar).
 
     student_logits: (N, C). target: (N, C) teacher logits (``target_kind="logits"``, tempered by ``tau``)
     or the target distribution itself (``"probs"``, possibly top-k truncated; renormalised, not tempered).
-    weights: (N,) or None (plain mean). Returns 0 (no NaN) when ``sum(w) == 0`` or N == 0.
+    weights: (N,) or None (plain mean). Returns 0 (no NaN) when ``sum(w) == 0`` or N == 0. ``mask``: see
+    :func:`weighted_mean` (points routed to another source keep their share of the normaliser).
     """
     if student_logits.shape != target.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and target {tuple(target.shape)} differ")
@@ -164,8 +170,8 @@ def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
     if kd_target == "nontarget":
         if labels is None:
             raise ValueError("kd_target='nontarget' needs the labels")
-        return weighted_mean(kl_per_point_nontarget(student_logits, p_t, labels, tau, ignore_index), weights)
-    return weighted_mean(kl_per_point(student_logits, p_t, tau), weights)
+        return weighted_mean(kl_per_point_nontarget(student_logits, p_t, labels, tau, ignore_index), weights, mask)
+    return weighted_mean(kl_per_point(student_logits, p_t, tau), weights, mask)
 
 
 def feature_loss(student_feat_projected: torch.Tensor, teacher_feat: torch.Tensor,
@@ -228,7 +234,10 @@ class IHDLoss(nn.Module):
         if self.feat_weight == 0:  # unused: frozen, so the optimiser skips it and DDP expects no gradient for it
             self.projector.requires_grad_(False)
 
-    def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor) -> dict:
+    def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor,
+                logit_mask: Optional[torch.Tensor] = None) -> dict:
+        """``logit_mask`` (N,): the points whose logit target is the teacher's (1) or another expert's (0, see
+        :func:`haskd.asd.teacher_route`); None = every point. The feature term always uses every point."""
         if "logits" in teacher and teacher["logits"] is not None:
             t, kind = teacher["logits"], "logits"
         elif "probs" in teacher and teacher["probs"] is not None:
@@ -245,7 +254,7 @@ class IHDLoss(nn.Module):
         if self.logit_weight != 0:
             out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind,
                                                          labels=labels, kd_target=self.kd_target,
-                                                         ignore_index=self.ignore_index)
+                                                         ignore_index=self.ignore_index, mask=logit_mask)
         t_feat = teacher.get("feat")
         if t_feat is not None and self.feat_weight != 0:
             proj = self.projector(student_out["feat"])

@@ -3,7 +3,7 @@
 1. ``teacher``   multi-modal teacher (points + K frames chosen by the frame filter)
 2. ``baseline``  the point-only student trained alone (same budget) -- the reference
 3. ``stage1``    student with CE + IHD, saving M snapshots
-4. ``experts``   per-class IoU of each snapshot on val -> expert table
+4. ``experts``   per-class IoU of each snapshot on val -> expert table (with the teacher's per-class val IoU)
 5. ``student``   final student with CE + IHD + ASD
 Then ``summary.json`` (checkpoint + val metrics of baseline / teacher / student) and ``report.html``.
 A stage whose run folder already holds its final metrics is skipped; an interrupted one resumes from last.pt.
@@ -95,10 +95,11 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     if v["asd"]:
         run_stage("stage1", cfgs["stage1"], out / "stage1", progress)
         exp = out / "stage1" / "experts.json"
-        if not exp.is_file() and is_main():
+        teacher = out / "teacher" if v["ihd"] else None
+        if _stale_table(exp, teacher) and is_main():
             build_expert_table(out / "stage1", cfg.data.root, cfg.data.val_split, "cpu"
                                if cfg.train.device in ("auto", "cpu") else cfg.train.device,
-                               topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress)
+                               topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress, teacher=teacher)
         summary["experts"] = str(exp)
         summary["student"] = _entry(out / "student", run_stage("student", cfgs["student"], out / "student", progress))
     else:
@@ -112,6 +113,14 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     return summary
 
 
+def _stale_table(path: Path, teacher=None) -> bool:
+    """An expert table is (re)built when it is missing, or when it lacks the teacher's row that a teacher run
+    can give (tables written before ``distill.teacher_expert`` existed)."""
+    if not path.is_file():
+        return True
+    return teacher is not None and json.loads(path.read_text()).get("teacher_iou") is None
+
+
 def _entry(run_dir: Path, metrics: dict) -> dict:
     return {"ckpt": str(run_dir / "last.pt"),
             "metrics": {k: metrics[k] for k in ("miou", "macc", "allacc", "per_class_iou") if k in metrics},
@@ -122,11 +131,13 @@ ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only",
 TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3D branch (points only)")
 
 
-def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
+def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
+    ``split``: the split the table reports (default ``data.val_split``); every stage and the expert tables use val
+    whatever it is. Another split's table goes to ``ablation_<split>.md/json`` beside the val one.
     """
     import numpy as np
 
@@ -160,27 +171,72 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True) -> dict:
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
-        for run_dir in (d / "baseline", d / "stage1"):
-            if not (run_dir / "experts.json").is_file():
+        for run_dir, teacher in ((d / "baseline", None), (d / "stage1", d / "teacher")):
+            if _stale_table(run_dir / "experts.json", teacher):
                 build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
-                                   progress=progress)
+                                   progress=progress, teacher=teacher)
         asd_only = _plain_student(c)
         asd_only.distill.experts = str(d / "baseline" / "experts.json")
         runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
         runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
+        if split is not None and split != c.data.val_split:
+            runs = _runs_on_split(d, split, c.data.root, c.teacher.frame_policy, dev)
         for r in rows:
             results[r].append(runs[r]["miou"])
             per_class[r].append(runs[r]["per_class_iou"])
-    table = {"seeds": list(seeds), "rows": {}, "teacher": {}}
+    split = split or cfg.data.val_split
+    table = {"seeds": list(seeds), "split": split, "rows": {}, "teacher": {}}
     for r in rows:
         v = np.array(results[r]) * 100
         entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                  "per_class_iou": per_class[r]}
         table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
     md = ablation_markdown(table) + "\n\n" + per_class_markdown(table)
-    (out / "ablation.md").write_text(md + "\n")
-    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    name = "ablation" if split == cfg.data.val_split else f"ablation_{split}"
+    (out / f"{name}.md").write_text(md + "\n")
+    (out / f"{name}.json").write_text(json.dumps(table, indent=1))
     return table
+
+
+def _runs_on_split(d: Path, split: str, root, policy: str, device) -> dict:
+    """Every ablation row of one seed folder ``d`` evaluated on ``split`` (see :func:`split_metrics`)."""
+    return {"baseline": split_metrics(d / "baseline", split, root, device),
+            "teacher (IOF frames)": split_metrics(d / "teacher", split, root, device, frame_policy=policy),
+            "teacher's 3D branch (points only)": split_metrics(d / "teacher", split, root, device, branch_3d=True),
+            "+IHD (IOF)": split_metrics(d / "stage1", split, root, device),
+            "teacher (uniform frames)": split_metrics(d / "uniform" / "teacher", split, root, device,
+                                                      frame_policy="uniform"),
+            "+IHD (uniform frames)": split_metrics(d / "uniform" / "stage1", split, root, device),
+            "+ASD only": split_metrics(d / "asd_only", split, root, device),
+            "HAS-KD": split_metrics(d / "student", split, root, device)}
+
+
+def split_metrics(run_dir: Path, split: str, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
+    """Metrics of a run's ``last.pt`` on ``split`` of ``root`` (default: the run's data root), every point.
+
+    A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
+    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
+    checkpoint."""
+    from .engine.evaluate import evaluate
+    from .engine.trainer import build_datasets
+
+    run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
+    tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
+    path = run_dir / f"metrics_{split}{tag}.json"
+    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
+        return json.loads(path.read_text())
+    model, cfg = load_model(ckpt, device=device, return_config=True)
+    cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
+    if branch_3d:
+        model, cfg.role = model.backbone, "student"  # points only: no frames are loaded
+    if cfg.role == "teacher":
+        cfg.teacher.frame_policy = frame_policy or cfg.teacher.frame_policy
+        cfg.teacher.train_frames = "selected"
+    ds = build_datasets(cfg, splits=("val",))["val"]
+    metrics = evaluate(model, ds, device, cfg.data.dataset, extra=getattr(ds, "extra", None))
+    metrics["split"] = split
+    path.write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
@@ -270,7 +326,7 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     base = table["rows"]["baseline"]["mean"]
     hard = {r: _class_mean(v.get("per_class_iou") or [], hard_classes) for r, v in rows.items()}
     show_hard = any(np.isfinite(h).any() for h in hard.values() if h)
-    head = f"| variant | val mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |"
+    head = f"| variant | {table.get('split', 'val')} mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |"
     rule = "|---|---|---|"
     if show_hard:
         head += f" {' / '.join(hard_classes)} mean IoU |"

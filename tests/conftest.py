@@ -36,11 +36,11 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_rooms(tmp_path_factory):
-    """Three small synthetic rooms with frames: 2 train, 1 val (shared by the end-to-end tests)."""
+    """Four small synthetic rooms with frames: 2 train, 1 val, 1 held-out test (shared by the end-to-end tests)."""
     from haskd.data.synthetic import write_dataset
 
     root = tmp_path_factory.mktemp("rooms")
-    write_dataset(root, num_train=2, num_val=1, seed=7, progress=False, points_per_m2=120.0, num_frames=6,
+    write_dataset(root, num_train=2, num_val=1, num_test=1, seed=7, progress=False, points_per_m2=120.0, num_frames=6,
                   image_size=(60, 80))
     return root
 

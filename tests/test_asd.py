@@ -180,3 +180,51 @@ def test_asd_nontarget_uses_the_non_label_classes():
     table = {"indices": [[0], [1], [0]], "weights": [[1.0], [1.0], [1.0]]}  # class 1 -> snapshot 1
     ref = kl_per_point_nontarget(s, torch.softmax(z[1], -1), y, 1.0)[0].item()
     assert asd_loss(s, z, y, table, tau=1.0, kd_target="nontarget").item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_teacher_classes_ties_and_nan():
+    """distill.teacher_expert (ours): the teacher keeps a class when it is at least as good as the best snapshot."""
+    from haskd.asd import teacher_classes
+
+    # IOU's best snapshot per class: 0.6, 0.2, NaN, 0.3, 0.3, 0.0
+    t = np.array([0.7, 0.2, NAN, 0.2, NAN, NAN])
+    # c0 teacher better; c1 tie -> teacher; c2 nobody -> teacher; c3 snapshot better; c4/c5 only snapshots score
+    assert teacher_classes(IOU, t).tolist() == [True, True, True, False, False, False]
+    with pytest.raises(HaskdError):
+        teacher_classes(IOU, t[:4])
+
+
+def test_teacher_route_gives_each_point_one_logit_source():
+    """The IHD logit term and ASD split the points by class; together they are one KD term over every point: the
+    masked sums keep the whole normaliser, and a point's gradient comes only from its class's source."""
+    from haskd.asd import teacher_route
+    from haskd.ihd import kd_kl
+
+    classes = torch.tensor([True, False])          # class 0: the teacher; class 1: its snapshot expert
+    y = torch.tensor([0, 1, -1, -1])
+    fp = torch.tensor([1, 1, 0, 1])                 # the final snapshot's prediction on the unlabeled points
+    route = teacher_route(classes, y, fp, "final")
+    assert route.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert teacher_route(classes, y, fp, "skip").tolist() == [1.0, 0.0, 1.0, 1.0]  # ASD skips them: teacher
+
+    s = torch.zeros(4, 2, requires_grad=True)
+    teacher = torch.tensor([[2 * LN3, 0.0]] * 4)    # [.75, .25] at tau 2 on every point
+    snap = torch.tensor([[[0.0, 2 * LN3]] * 4])     # [.25, .75]
+    ihd = kd_kl(s, teacher, 2.0, mask=route)
+    asd = asd_loss(s, snap, y, np.array([0, 0]), 2.0, "final", final_pred=fp, point_mask=1.0 - route)
+    # every point is at KL 0.52325 from its own source, each term holds half the points over all 4
+    assert ihd.item() == pytest.approx(KD_075 / 2, rel=1e-6) and asd.item() == pytest.approx(KD_075 / 2, rel=1e-6)
+    (ihd + asd).backward()
+    g = s.grad
+    # the teacher's points are pulled to class 0, the snapshot's to class 1: nothing else reaches them
+    assert (g[[0, 2], 0] < 0).all() and (g[[1, 3], 1] < 0).all()
+    s.grad = None
+    kd_kl(s, teacher, 2.0, mask=route).backward()
+    assert s.grad[[1, 3]].abs().sum() == 0 and s.grad[[0, 2]].abs().sum() > 0
+
+
+def test_expert_heatmap_with_the_teacher_row(tmp_path):
+    t = select_experts(IOU)
+    p = expert_heatmap_png(IOU, [f"class{i}" for i in range(6)], t["expert"], tmp_path / "experts.png",
+                           teacher_iou=[0.7, 0.2, NAN, 0.2, NAN, NAN])
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

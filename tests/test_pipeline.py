@@ -73,9 +73,12 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     torch.manual_seed(0)
     student = build_from_config(cfg).eval()
     losses = {}
-    for cache, gain in ((True, False), (False, False), ("gain", True), ("online-gain", True)):
-        cfg.distill.cache = cache in (True, "gain")
+    runs = ((True, False), (False, False), ("gain", True), ("online-gain", True), ("route", False),
+            ("online-route", False))
+    for cache, gain in runs:
+        cfg.distill.cache = cache in (True, "gain", "route")
         cfg.distill.image_gain = gain
+        cfg.distill.teacher_expert = cache in ("route", "online-route")  # the table holds the teacher's row
         ds = build_datasets(cfg)
         torch.manual_seed(1)  # same projector initialisation in both tasks
         task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
@@ -86,7 +89,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
         with torch.no_grad():
             losses[cache], _ = task(collate([sample]))
     assert set(losses[True]) == set(losses[False]) == {"ce", "ihd_logit", "ihd_feat", "asd"}
-    for a, b in ((True, False), ("gain", "online-gain")):
+    for a, b in ((True, False), ("gain", "online-gain"), ("route", "online-route")):
         for k in losses[a]:
             assert torch.allclose(losses[a][k], losses[b][k], rtol=2e-2, atol=2e-3), (a, k)
     assert not torch.allclose(losses["gain"]["ihd_logit"], losses[True]["ihd_logit"])  # the weights changed
@@ -104,7 +107,8 @@ def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path
 def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     from haskd.pipeline import ABLATION_ROWS, run_ablation
 
-    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    # with the teacher in the expert pool (as synthetic_bench): "+ASD only" has no teacher, its pool is the snapshots
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.teacher_expert=true"])
     table = run_ablation(cfg, tmp_path / "abl", seeds=(0,), progress=False)
     assert list(table["rows"]) == list(ABLATION_ROWS)
     for r in ABLATION_ROWS:
@@ -112,9 +116,23 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "+IHD (uniform frames)" in md and "HAS-KD" in md
     assert 0 <= table["teacher"]["teacher's 3D branch (points only)"]["mean"] <= 100  # evaluated without images
+    assert json.loads((tmp_path / "abl" / "seed0" / "stage1" / "experts.json").read_text())["teacher_iou"]
     # the uniform-frames teacher really used the uniform policy
     assert load_checkpoint(tmp_path / "abl" / "seed0" / "uniform" / "teacher" / "last.pt")["config"]["teacher"][
         "frame_policy"] == "uniform"
+    # the same runs reported on the held-out test room: nothing is retrained, each row is its checkpoint evaluated
+    from haskd.data.dataset import SceneDataset
+    from haskd.engine.checkpoint import load_model
+    from haskd.engine.evaluate import evaluate
+
+    test = run_ablation(cfg, tmp_path / "abl", seeds=(0,), progress=False, split="test")
+    assert test["split"] == "test" and (tmp_path / "abl" / "ablation_test.md").read_text().startswith(
+        "| variant | test mIoU")
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["split"] == "val"  # the val table stays
+    model, mcfg = load_model(tmp_path / "abl" / "seed0" / "student" / "last.pt", return_config=True)
+    ds = SceneDataset(tiny_rooms, "test", mcfg.data.num_classes, mcfg.data.voxel_size, use_normal=True)
+    assert test["rows"]["HAS-KD"]["miou"][0] == pytest.approx(100 * evaluate(model, ds)["miou"])
+    assert 0 <= test["teacher"]["teacher (IOF frames)"]["mean"] <= 100
 
 
 def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms, tmp_path):
@@ -193,3 +211,50 @@ def test_ddp_distillation_with_hints_and_no_feature_term(pipeline_run, tiny_room
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train/ihd_hint"] > 0 and "train/ihd_feat" not in row
+
+
+def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeline_run, tiny_rooms, tmp_path):
+    """distill.teacher_expert (ours): the pipeline's expert table carries the teacher's per-class val IoU; a teacher
+    at least as good as every snapshot keeps every class (ASD is 0, IHD unchanged), one worse than every snapshot
+    hands the classes the snapshots score to them (the IHD logit term drops those points, ASD takes them); a table
+    without the teacher's row gets a one-line error."""
+    from haskd.data.transforms import collate
+    from haskd.distill import DistillTask
+    from haskd.engine.evaluate import scene_sample
+    from haskd.engine.trainer import build_datasets
+    from haskd.errors import HaskdError
+    from haskd.models import build_from_config
+
+    from haskd.cli import main
+
+    out, _ = pipeline_run
+    table = json.loads((out / "stage1" / "experts.json").read_text())
+    teacher_iou = list(json.loads((out / "teacher" / "val_metrics.json").read_text())["per_class_iou"].values())
+    assert table["teacher_iou"] == teacher_iou
+    # the same row through the command
+    assert main(["experts", "--run", str(out / "stage1"), "--data", str(tiny_rooms), "--teacher", str(out / "teacher"),
+                 "--out", str(tmp_path / "cli.json"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text())["teacher_iou"] == teacher_iou
+    assert main(["experts", "--run", str(out / "stage1"), "--data", str(tiny_rooms), "--teacher", str(tmp_path),
+                 "--out", str(tmp_path / "bad.json"), "--device", "cpu"]) != 0  # no metrics there: one-line error
+    base = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
+            "distill.asd_trust=none", "distill.trust=none"]
+    torch.manual_seed(0)
+    student = build_from_config(load_config("scannet20_haskd", base)).eval()
+
+    def losses(t_iou, routed=True):
+        p = tmp_path / f"experts_{t_iou}.json"
+        p.write_text(json.dumps({**table, "teacher_iou": None if t_iou is None else [t_iou] * len(teacher_iou)}))
+        cfg = load_config("scannet20_haskd", [*base, f"distill.experts={p}", f"distill.teacher_expert={routed}"])
+        ds = build_datasets(cfg)
+        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+        s = ds["train"].scenes[0]
+        with torch.no_grad():
+            return task(collate([scene_sample(s, cfg.data.voxel_size, cfg.data.num_classes, True)]))[0]
+
+    plain, best, worst = losses(0.5, routed=False), losses(2.0), losses(-1.0)
+    assert best["asd"].item() == 0 and torch.allclose(best["ihd_logit"], plain["ihd_logit"])
+    assert worst["ihd_logit"] < plain["ihd_logit"] and worst["asd"] > 0
+    assert worst["asd"] <= plain["asd"] + 1e-6  # same normaliser, fewer points
+    with pytest.raises(HaskdError, match="teacher's per-class IoU"):
+        losses(None)

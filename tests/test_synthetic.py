@@ -167,6 +167,14 @@ def test_write_dataset_roundtrip(tmp_path):
     assert again["written"] == 0 and again["skipped"] == 2
     with pytest.raises(HaskdError):
         write_dataset(tmp_path, num_train=1, num_val=1, seed=6, progress=False, **kw)
+    # a held-out test split added later: the train and val rooms stay as they were, the test room is a new one
+    before = {sp: (list_scenes(tmp_path, sp)[0] / "coord.npy").read_bytes() for sp in ("train", "val")}
+    t = write_dataset(tmp_path, num_train=1, num_val=1, num_test=1, seed=5, progress=False, overwrite=True, **kw)
+    assert t["test"] == ["synth_test_0000"] and t["written"] == 3
+    for sp in ("train", "val"):
+        assert (list_scenes(tmp_path, sp)[0] / "coord.npy").read_bytes() == before[sp]
+    (test_room,) = list_scenes(tmp_path, "test")
+    assert (test_room / "coord.npy").read_bytes() != before["val"]
 
 
 def test_cli_synthetic(tmp_path, capsys):

@@ -9,6 +9,8 @@ def register(sub):
     p.add_argument("--split", default="val")
     p.add_argument("--topk", type=int, default=3, help="experts kept per class (the loss uses distill.asd_topk)")
     p.add_argument("--out", default=None, help="JSON path (default: RUN/experts.json)")
+    p.add_argument("--teacher", default=None, help="teacher run folder: store its per-class val IoU in the table, "
+                   "for distill.teacher_expert (the teacher joins the expert pool)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=run)
 
@@ -18,10 +20,12 @@ def run(args) -> int:
     from ..experts import build_expert_table
 
     device = setup(args.device, 0)
-    t = build_expert_table(args.run, args.data, args.split, device, args.topk, args.out)
+    t = build_expert_table(args.run, args.data, args.split, device, args.topk, args.out, teacher=args.teacher)
     names = t["class_names"]
     print(f"{len(t['snapshots'])} snapshots -> {t['path']}")
+    ti = t.get("teacher_iou")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for c, e in enumerate(t["expert"]):
-        v = t["iou"][e][c]
-        print(f"  {names[c]:>16}: snapshot {e} (IoU {'-' if v is None else f'{v:.3f}'})")
+        line = f"  {names[c]:>16}: snapshot {e} (IoU {fmt(t['iou'][e][c])})"
+        print(line + ("" if ti is None else f", teacher {fmt(ti[c])}"))
     return 0

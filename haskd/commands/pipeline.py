@@ -38,6 +38,9 @@ def register(sub):
     a.add_argument("--seeds", type=_seed_list, default=(0, 1, 2),
                    help="N (seeds 0..N-1) or a comma list such as 1,2 (finished runs are reused, so seeds can run "
                         "in separate processes into one --out and a last call with all of them writes the table)")
+    a.add_argument("--split", default=None,
+                   help="split the table reports (default: data.val_split). Experts and every stage still use val; "
+                        "a held-out split (`prepare synthetic --test N`) keeps choices made on val out of the numbers")
     a.set_defaults(func=run_ablate)
 
 
@@ -125,10 +128,11 @@ def run_ablate(args) -> int:
     if args.epochs is not None:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
-    table = run_ablation(cfg, out, seeds=args.seeds)
+    table = run_ablation(cfg, out, seeds=args.seeds, split=args.split)
     from ..pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
     print("\n" + per_class_markdown(table))
-    print(f"\n{out / 'ablation.md'}  {out / 'ablation.json'}")
+    name = f"ablation_{table['split']}" if table["split"] != cfg.data.val_split else "ablation"
+    print(f"\n{out / (name + '.md')}  {out / (name + '.json')}")
     return 0

@@ -37,8 +37,9 @@ def run_synthetic(args) -> int:
 
     kw = {"points_per_m2": args.points_per_m2, "num_frames": args.frames, "image_size": tuple(args.image_size)}
     s = write_dataset(args.out, num_train=args.train, num_val=args.val, seed=args.seed, overwrite=args.overwrite,
-                      progress=not args.no_progress, **kw)
-    print(f"synthetic: train {len(s['train'])}, val {len(s['val'])}; written {s['written']}, "
+                      progress=not args.no_progress, num_test=args.test, **kw)
+    test = f", test {len(s['test'])}" if s["test"] else ""
+    print(f"synthetic: train {len(s['train'])}, val {len(s['val'])}{test}; written {s['written']}, "
           f"already there {s['skipped']} -> {args.out}")
     return 0
 
@@ -85,6 +86,8 @@ def register(subparsers):
     y.add_argument("--out", type=Path, required=True, help="output root: train/, val/, synthetic.json")
     y.add_argument("--train", type=int, default=8, help="number of train rooms")
     y.add_argument("--val", type=int, default=4, help="number of val rooms")
+    y.add_argument("--test", type=int, default=0, help="number of held-out test rooms (read only by "
+                   "`haskd eval --split test` and `haskd ablate --split test`)")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--points-per-m2", type=float, default=400.0, help="surface sampling density")
     y.add_argument("--frames", type=int, default=12, help="RGB-D frames per room")

@@ -729,18 +729,24 @@ def write_room(room: dict, path, frame_quality: int = 95) -> Path:
                        write_frames=write_frames if frames else None)
 
 
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
 def _scene_seed(seed: int, split: str, index: int) -> int:
-    # disjoint seeds for train and val rooms; stable when num_train/num_val change
-    return int(np.random.SeedSequence([seed, {"train": 0, "val": 1}[split], index]).generate_state(1)[0])
+    # disjoint seeds for train, val and test rooms; stable when the number of rooms of any split changes
+    return int(np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1)[0])
 
 
 def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, overwrite: bool = False,
-                  progress: bool = True, **room_kwargs) -> dict:
-    """Write ``<root>/{train,val}/<scene>/`` scene folders with frames; returns a summary dict.
+                  progress: bool = True, num_test: int = 0, **room_kwargs) -> dict:
+    """Write ``<root>/{train,val,test}/<scene>/`` scene folders with frames; returns a summary dict.
 
+    ``test`` (``num_test`` rooms, none by default) is a held-out split: nothing in the pipeline reads it, so a
+    choice made on ``val`` (experts, presets) can be reported on rooms it never saw (``haskd ablate --split
+    test``). Adding test rooms to a root leaves its train and val rooms as they are.
     ``<root>/synthetic.json`` records the generator settings. Scenes already on disk are kept (writes are atomic, so
     they are complete) unless ``overwrite``; a root made with other settings is refused unless ``overwrite``.
-    Summary keys: ``root``, ``train`` / ``val`` (scene names), ``written``, ``skipped``, ``num_points``.
+    Summary keys: ``root``, ``train`` / ``val`` / ``test`` (scene names), ``written``, ``skipped``, ``num_points``.
     """
     from tqdm import tqdm
 
@@ -756,8 +762,8 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
         if old is None or {k: old.get(k) for k in settings} != settings:
             raise HaskdError(f"{root}: holds a synthetic dataset made with other settings (see {meta}); "
                              "choose another --out or pass --overwrite")
-    jobs = [(split, i) for split, n in (("train", num_train), ("val", num_val)) for i in range(n)]
-    summary = {"root": str(root), "train": [], "val": [], "written": 0, "skipped": 0, "num_points": 0}
+    jobs = [(split, i) for split, n in (("train", num_train), ("val", num_val), ("test", num_test)) for i in range(n)]
+    summary = {"root": str(root), "train": [], "val": [], "test": [], "written": 0, "skipped": 0, "num_points": 0}
     root.mkdir(parents=True, exist_ok=True)
     scenes = []
     for split, i in tqdm(jobs, desc="synthetic rooms", unit="scene", disable=not progress):
