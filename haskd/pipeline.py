@@ -223,10 +223,13 @@ def split_metrics(run_dir: Path, split: str, root=None, device="cpu", frame_poli
     run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
     tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
     path = run_dir / f"metrics_{split}{tag}.json"
-    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
-        return json.loads(path.read_text())
     model, cfg = load_model(ckpt, device=device, return_config=True)
     cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
+    where = str(Path(cfg.data.root).resolve())
+    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
+        cached = json.loads(path.read_text())
+        if cached.get("data_root") == where:  # the same split name of another root is other rooms
+            return cached
     if branch_3d:
         model, cfg.role = model.backbone, "student"  # points only: no frames are loaded
     if cfg.role == "teacher":
@@ -234,7 +237,7 @@ def split_metrics(run_dir: Path, split: str, root=None, device="cpu", frame_poli
         cfg.teacher.train_frames = "selected"
     ds = build_datasets(cfg, splits=("val",))["val"]
     metrics = evaluate(model, ds, device, cfg.data.dataset, extra=getattr(ds, "extra", None))
-    metrics["split"] = split
+    metrics["split"], metrics["data_root"] = split, where
     path.write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -133,6 +133,13 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     ds = SceneDataset(tiny_rooms, "test", mcfg.data.num_classes, mcfg.data.voxel_size, use_normal=True)
     assert test["rows"]["HAS-KD"]["miou"][0] == pytest.approx(100 * evaluate(model, ds)["miou"])
     assert 0 <= test["teacher"]["teacher (IOF frames)"]["mean"] <= 100
+    # the cached test metrics belong to these rooms: another root's "test" is not answered from them
+    from haskd.errors import HaskdError
+    from haskd.pipeline import split_metrics
+
+    (tmp_path / "other" / "val").mkdir(parents=True)
+    with pytest.raises(HaskdError, match="test"):
+        split_metrics(tmp_path / "abl" / "seed0" / "student", "test", tmp_path / "other")
 
 
 def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms, tmp_path):
