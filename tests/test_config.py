@@ -78,5 +78,7 @@ def test_closed_choices_are_checked_when_read(key):
     with pytest.raises(HaskdError, match=f"'{key}' must be one of"):
         load_config(None, [f"{key}=bogus"])
     cfg = load_config("synthetic_bench")
-    assert (cfg.distill.hint_weight, cfg.distill.feat_weight, cfg.distill.asd_trust) == (1.0, 0.0, "hard")
-    assert load_config("scannet20_haskd").distill.hint_weight == 0.0  # the ScanNet presets keep METHOD.md's terms
+    d = cfg.distill
+    assert (d.hint_weight, d.feat_weight, d.asd_trust, d.teacher_expert) == (2.0, 0.0, "hard", True)
+    d = load_config("scannet20_haskd").distill  # the ScanNet presets keep METHOD.md's terms
+    assert (d.hint_weight, d.teacher_expert) == (0.0, False)
