@@ -211,8 +211,9 @@ def _runs_on_split(d: Path, split: str, root, policy: str, device) -> dict:
             "HAS-KD": split_metrics(d / "student", split, root, device)}
 
 
-def split_metrics(run_dir: Path, split: str, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
-    """Metrics of a run's ``last.pt`` on ``split`` of ``root`` (default: the run's data root), every point.
+def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
+    """Metrics of a run's ``last.pt`` on ``split`` (default: its config's val split) of ``root`` (default: the run's
+    data root), every point.
 
     A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
     branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
@@ -221,10 +222,11 @@ def split_metrics(run_dir: Path, split: str, root=None, device="cpu", frame_poli
     from .engine.trainer import build_datasets
 
     run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
+    model, cfg = load_model(ckpt, device=device, return_config=True)
+    split = split or cfg.data.val_split
+    cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
     tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
     path = run_dir / f"metrics_{split}{tag}.json"
-    model, cfg = load_model(ckpt, device=device, return_config=True)
-    cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
     where = str(Path(cfg.data.root).resolve())
     if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
         cached = json.loads(path.read_text())
@@ -272,18 +274,8 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
 
 def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
     """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
-    inside the teacher. Cached in ``run_dir/val_metrics_3d.json`` while it is newer than the checkpoint."""
-    from .engine.evaluate import evaluate
-    from .engine.trainer import build_datasets
-
-    path, ckpt = Path(run_dir) / "val_metrics_3d.json", Path(run_dir) / "last.pt"
-    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
-        return json.loads(path.read_text())
-    model, cfg = load_model(ckpt, device=device, return_config=True)
-    cfg.role = "student"  # points only: no frames are loaded
-    metrics = evaluate(model.backbone, build_datasets(cfg, splits=("val",))["val"], device, cfg.data.dataset)
-    path.write_text(json.dumps(metrics))
-    return metrics
+    inside the teacher (:func:`split_metrics` on the teacher's val split, cached beside its checkpoint)."""
+    return split_metrics(run_dir, None, device=device, branch_3d=True)
 
 
 def _class_mean(per_class: list, classes) -> list:
