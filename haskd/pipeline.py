@@ -29,8 +29,16 @@ def _plain_student(cfg: Config) -> Config:
     c.distill.teacher_ckpt = ""
     c.distill.experts = ""
     c.distill.init_from_teacher = False
+    c.distill.hint_weight = 0.0  # the hints come from a teacher: given back with it (_with_teacher)
     c.train.snapshots = 0
     return c
+
+
+def _with_teacher(c: Config, cfg: Config, ckpt: Path) -> None:
+    """Distil ``c`` from the teacher at ``ckpt`` with ``cfg``'s teacher-side settings (IHD terms, hints, warm start)."""
+    c.distill.teacher_ckpt = str(ckpt)
+    c.distill.init_from_teacher = cfg.distill.init_from_teacher
+    c.distill.hint_weight = cfg.distill.hint_weight
 
 
 def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
@@ -47,13 +55,11 @@ def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
     baseline = _plain_student(cfg)
     stage1 = _plain_student(cfg)
     if v["ihd"]:
-        stage1.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
-        stage1.distill.init_from_teacher = cfg.distill.init_from_teacher
+        _with_teacher(stage1, cfg, out / "teacher" / "last.pt")
     stage1.train.snapshots = cfg.train.snapshots or 5
     student = _plain_student(cfg)
     if v["ihd"]:
-        student.distill.teacher_ckpt = str(out / "teacher" / "last.pt")
-        student.distill.init_from_teacher = cfg.distill.init_from_teacher
+        _with_teacher(student, cfg, out / "teacher" / "last.pt")
     if v["asd"]:
         student.distill.experts = str(out / "stage1" / "experts.json")
     return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}

@@ -107,8 +107,10 @@ def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path
 def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     from haskd.pipeline import ABLATION_ROWS, run_ablation
 
-    # with the teacher in the expert pool (as synthetic_bench): "+ASD only" has no teacher, its pool is the snapshots
-    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.teacher_expert=true"])
+    # with the hints and the teacher in the expert pool (as synthetic_bench): "+ASD only" has no teacher, so no hints,
+    # and its pool is the snapshots
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.teacher_expert=true",
+                                          "distill.hint_weight=1"])
     table = run_ablation(cfg, tmp_path / "abl", seeds=(0,), progress=False)
     assert list(table["rows"]) == list(ABLATION_ROWS)
     for r in ABLATION_ROWS:
@@ -117,6 +119,9 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     assert "+IHD (uniform frames)" in md and "HAS-KD" in md
     assert 0 <= table["teacher"]["teacher's 3D branch (points only)"]["mean"] <= 100  # evaluated without images
     assert json.loads((tmp_path / "abl" / "seed0" / "stage1" / "experts.json").read_text())["teacher_iou"]
+    rows = lambda run: json.loads((tmp_path / "abl" / "seed0" / run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows("stage1")["train/ihd_hint"] > 0 and rows("student")["train/ihd_hint"] > 0
+    assert "train/ihd_hint" not in rows("asd_only") and rows("asd_only")["train/asd"] >= 0
     # the uniform-frames teacher really used the uniform policy
     assert load_checkpoint(tmp_path / "abl" / "seed0" / "uniform" / "teacher" / "last.pt")["config"]["teacher"][
         "frame_policy"] == "uniform"
