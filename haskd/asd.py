@@ -72,6 +72,11 @@ def snapshot_epochs(total_epochs: int, num_snapshots: int = 5, schedule: str = "
 
 
 # ----------------------------------------------------------------------------------------------- experts
+def iou_array(values) -> np.ndarray:
+    """IoU values as stored in JSON (None = class absent) -> float64 array with NaN there, any shape."""
+    return np.array(values, dtype=object).astype(np.float64) if values is not None else None
+
+
 def select_experts(iou, topk: int = 1) -> dict:
     """Choose the expert snapshot(s) of every class from the IoU matrix.
 

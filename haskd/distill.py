@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import cache as sl_cache
-from .asd import ASDLoss, teacher_classes, teacher_route
+from .asd import ASDLoss, iou_array, teacher_classes, teacher_route
 from .data.transforms import collate
 from .engine.checkpoint import load_model
 from .engine.evaluate import scene_sample
@@ -236,8 +236,7 @@ def _teacher_classes(table: dict, d):
     if table.get("teacher_iou") is None:
         raise HaskdError(f"{d.experts}: distill.teacher_expert needs the teacher's per-class IoU in the expert table "
                          "(rebuild it: haskd experts --run RUN --teacher TEACHER_RUN)")
-    nan = lambda rows: np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
-    return teacher_classes(nan(table["iou"]), nan([table["teacher_iou"]])[0])
+    return teacher_classes(iou_array(table["iou"]), iou_array(table["teacher_iou"]))
 
 
 def _hint_dims(model, who):

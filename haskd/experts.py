@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .asd import expert_heatmap_png, select_experts
+from .asd import expert_heatmap_png, iou_array, select_experts
 from .classes import class_names
 from .data.dataset import SceneDataset
 from .engine.checkpoint import load_model
@@ -51,8 +51,8 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
                           use_normal=cfg.data.use_normal)
         with torch.inference_mode():
             m = evaluate(model, ds, device, cfg.data.dataset, progress=progress)
-        rows.append([np.nan if v is None else v for v in m["per_class_iou"].values()])
-    iou = np.array(rows, dtype=np.float64)
+        rows.append(list(m["per_class_iou"].values()))
+    iou = iou_array(rows)
     sel = select_experts(iou, topk=min(topk, len(snaps)))
     names = list(class_names(cfg.data.dataset))[: cfg.data.num_classes]
     table = {
@@ -72,8 +72,7 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
     out = Path(out) if out else Path(run_dir) / "experts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1))
-    t = table.get("teacher_iou")
     expert_heatmap_png(iou, names, sel["expert"], out.with_suffix(".png"),
-                       teacher_iou=None if t is None else [np.nan if v is None else v for v in t])
+                       teacher_iou=iou_array(table.get("teacher_iou")))
     table["path"] = str(out)
     return table
