@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from .errors import HaskdError, require
-from .ihd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, information_weights, kl_per_point,
-                  kl_per_point_nontarget, weighted_mean)
+from .ihd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, class_balance, information_weights,
+                  kl_per_point, kl_per_point_nontarget, weighted_mean)
 
 SCHEDULES = ("second_half", "cycles")
 UNLABELED_MODES = ("final", "skip")
@@ -123,7 +123,8 @@ def _table_tensors(expert_table, device):
 def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor, expert_table,
              tau: float = 2.0, unlabeled: str = "final", final_pred: Optional[torch.Tensor] = None,
              target_kind: str = "logits", ignore_index: int = -1, trust: str = "none",
-             kd_target: str = "full", point_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             kd_target: str = "full", point_mask: Optional[torch.Tensor] = None,
+             balance: bool = False) -> torch.Tensor:
     """Adept snapshot distillation loss (scalar).
 
     student_logits: (N, C). expert_logits: (M, N, C) logits of the M snapshots on the same voxels
@@ -140,7 +141,8 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     the mean is then weighted, ``sum(w * kl) / sum(w)``. ``kd_target="nontarget"`` (ours) distils only the
     non-label classes of labeled points (:func:`haskd.ihd.kl_per_point_nontarget`). ``point_mask`` (N,): 0 for
     points whose class the teacher supervises instead (:func:`teacher_route`); they leave the sum, not the
-    normaliser (:func:`haskd.ihd.weighted_mean`).
+    normaliser (:func:`haskd.ihd.weighted_mean`). ``balance`` (ours, ``distill.class_balance``): each point
+    also weighs :func:`haskd.ihd.class_balance` of its assigned class, so every class has the same share.
     Targets are detached: the experts are frozen and never receive gradients.
     """
     _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
@@ -189,11 +191,15 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     else:
         kl = kl_per_point(student_logits[rows], target, tau)
     mask = None if point_mask is None else point_mask.to(device).reshape(-1)[rows]
-    if trust == "none":
-        return kl.mean() if mask is None else weighted_mean(kl, None, mask)
     # the IHD trust weights, with the expert target in the teacher's place (unlabeled points keep weight 1)
-    return weighted_mean(kl, information_weights(target, labels[rows], trust=trust, ignore_index=ignore_index,
-                                                 target_kind="probs"), mask)
+    wts = None if trust == "none" else information_weights(target, labels[rows], trust=trust,
+                                                           ignore_index=ignore_index, target_kind="probs")
+    if balance:  # over the used points' assigned classes, as the IHD term does over its own
+        b = class_balance(cls, c)
+        wts = b if wts is None else wts * b
+    if wts is None and mask is None:
+        return kl.mean()
+    return weighted_mean(kl, wts, mask)
 
 
 # ----------------------------------------------------------------------------------------------- teacher route
@@ -240,8 +246,9 @@ class ASDLoss(nn.Module):
     """
 
     def __init__(self, expert_table, tau: float = 2.0, weight: float = 1.0, unlabeled: str = "final",
-                 ignore_index: int = -1, trust: str = "none", kd_target: str = "full"):
+                 ignore_index: int = -1, trust: str = "none", kd_target: str = "full", class_balance: bool = False):
         super().__init__()
+        self.class_balance = bool(class_balance)
         _check_choice("kd_target", kd_target, KD_TARGETS)
         self.kd_target = kd_target
         _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
@@ -268,7 +275,7 @@ class ASDLoss(nn.Module):
         loss = asd_loss(logits, experts, labels, {"indices": self.indices, "weights": self.weights},
                         tau=self.tau, unlabeled=self.unlabeled, final_pred=final_pred, target_kind=kind,
                         ignore_index=self.ignore_index, trust=self.trust, kd_target=self.kd_target,
-                        point_mask=point_mask)
+                        point_mask=point_mask, balance=self.class_balance)
         return {"asd": self.weight * loss}
 
 

@@ -104,6 +104,7 @@ class DistillConfig:
     trust: str = "hard"                  # hard | soft | none
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
+    class_balance: bool = False          # IHD + ASD weights x N / (K n_c): each class of a batch weighs the same (ours)
     experts: str = ""                    # ASD on when set: experts JSON written by `haskd experts`
     asd_weight: float = 1.0
     asd_topk: int = 1

@@ -97,7 +97,7 @@ class DistillTask(nn.Module):
             _frozen(teacher)
             ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
                           feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain,
-                          kd_target=d.kd_target)
+                          kd_target=d.kd_target, class_balance=d.class_balance)
             from .models.teacher import attach_frames
 
             if d.hint_weight > 0:
@@ -126,7 +126,7 @@ class DistillTask(nn.Module):
             if d.teacher_expert and d.teacher_ckpt:  # ASD alone (no teacher): the pool is the snapshots
                 routed = _teacher_classes(table, d)
             asd = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled, trust=d.asd_trust,
-                          kd_target=d.kd_target)
+                          kd_target=d.kd_target, class_balance=d.class_balance)
             if d.cache:
                 cache_dirs["experts"] = build_expert_cache(experts, train_set, cfg, device,
                                                            _cache_dir(d.experts, cfg, "experts"), topk=d.cache_topk,

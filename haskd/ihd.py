@@ -153,6 +153,22 @@ def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torc
     return torch.where(lab, (p_f - p_3).clamp_min(0), torch.zeros_like(p_f))
 
 
+def class_balance(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-point weights that give every class of the batch the same share of a weighted mean: ``N / (K * n_c)``
+    for a point of class ``c``, ``n_c`` the points of that class among the ``N`` given, ``K`` the classes present;
+    their mean is 1. ``classes`` (N,) int64 in ``[0, num_classes)`` -> (N,) float32.
+
+    Ours (``distill.class_balance``): mIoU averages classes, while a plain mean over points spends the logit
+    terms on the walls and floors the student already learns from its labels; with these weights the rare
+    classes, where the teacher's extra knowledge is, get as much of them as the common ones.
+    """
+    classes = classes.long()
+    if classes.numel() == 0:
+        return torch.ones(0, device=classes.device)
+    counts = torch.bincount(classes, minlength=num_classes).float()
+    return (classes.numel() / ((counts > 0).sum() * counts))[classes]
+
+
 def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
           weights: Optional[torch.Tensor] = None, target_kind: str = "logits", labels: Optional[torch.Tensor] = None,
           kd_target: str = "full", ignore_index: int = -1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -218,8 +234,9 @@ class IHDLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
                  feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False,
-                 kd_target: str = "full"):
+                 kd_target: str = "full", class_balance: bool = False):
         super().__init__()
+        self.class_balance = bool(class_balance)
         _check_choice("kd_target", kd_target, KD_TARGETS)
         self.kd_target = kd_target
         self.image_gain = bool(image_gain)
@@ -250,6 +267,9 @@ class IHDLoss(nn.Module):
             if teacher.get("gain") is None:
                 raise ValueError("distill.image_gain needs the teacher's 'gain' (its 3D-branch logits)")
             w = w * teacher["gain"].detach().to(w.device).float().reshape(-1)
+        if self.class_balance:  # a point's class: its label, the teacher's argmax where unlabeled
+            lab = labels.to(t.device).long()
+            w = w * class_balance(torch.where(lab == self.ignore_index, t.detach().argmax(-1), lab), t.shape[1])
         out = {}
         if self.logit_weight != 0:
             out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind,

@@ -228,3 +228,13 @@ def test_expert_heatmap_with_the_teacher_row(tmp_path):
     p = expert_heatmap_png(IOU, [f"class{i}" for i in range(6)], t["expert"], tmp_path / "experts.png",
                            teacher_iou=[0.7, 0.2, NAN, 0.2, NAN, NAN])
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_asd_class_balance_hand_value():
+    s, e, y, table = _toy()
+    # assigned classes [0, 1, 1] (point 2 from the final snapshot): weights [1.5, 0.75, 0.75], sum 3;
+    # KL [0.52325, 0, 0.52325] -> (1.5 + 0.75) * 0.52325 / 3, against 2 * 0.52325 / 3 unbalanced
+    v = asd_loss(s, e, y, table, 2.0, "final", balance=True)
+    assert v.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
+    m = ASDLoss(table, tau=2.0, class_balance=True)(s, e, y)["asd"]
+    assert m.item() == pytest.approx(0.75 * KD_075, rel=1e-6)

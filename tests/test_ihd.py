@@ -230,3 +230,23 @@ def test_unused_feature_projector_is_frozen():
     assert set(off.state_dict()) == set(on.state_dict())
     assert not any(p.requires_grad for p in off.parameters())
     assert all(p.requires_grad for p in on.parameters())
+
+
+def test_class_balance_hand_values_and_ihd_weights():
+    from haskd.ihd import class_balance
+
+    # classes [0, 0, 0, 1]: N = 4, K = 2 -> 4 / (2 * 3) for class 0, 4 / (2 * 1) for class 1; mean 1
+    b = class_balance(torch.tensor([0, 0, 0, 1]), 3)
+    assert b.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
+    assert b.mean().item() == pytest.approx(1.0)
+    assert class_balance(torch.zeros(0, dtype=torch.long), 3).numel() == 0
+    # IHD: points 0-2 are class 0 with KL 0; point 3 is unlabeled, the teacher's argmax (class 1) is its class,
+    # KL 0.1308 (tau 1). Plain mean: 0.1308 / 4; balanced: (2 * 0.1308) / (3 * 2/3 + 2) = 0.1308 / 2.
+    t = torch.tensor([[0.0, 0.0]] * 3 + [[0.0, LN3]])
+    s = torch.zeros(4, 2)
+    labels = torch.tensor([0, 0, 0, -1])
+    kw = dict(student_dim=2, teacher_dim=2, tau=1.0, feat_weight=0.0, trust="none")
+    plain = IHDLoss(**kw)({"logits": s}, {"logits": t}, labels)["ihd_logit"].item()
+    bal = IHDLoss(**kw, class_balance=True)({"logits": s}, {"logits": t}, labels)["ihd_logit"].item()
+    assert plain == pytest.approx(KL_075 / 4, rel=1e-6)
+    assert bal == pytest.approx(KL_075 / 2, rel=1e-6)
