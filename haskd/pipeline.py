@@ -82,11 +82,21 @@ def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
     return train(cfg, run_dir, resume=True, progress=progress)
 
 
+def _check_splits(cfg: Config, *more) -> None:
+    """A missing or empty train/val split (or one of ``more``) stops a multi-stage run with one line before any
+    folder is made."""
+    from .data.scene import list_scenes
+
+    for split in (cfg.data.train_split, cfg.data.val_split, *filter(None, more)):
+        list_scenes(cfg.data.root, split)
+
+
 def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, progress=True, report=True) -> dict:
     """Run every stage (skipping finished ones); returns the summary dict (also written to OUT/summary.json)."""
     from .engine.distributed import is_main
     from .experts import build_expert_table
 
+    _check_splits(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -149,6 +159,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
 
     from .experts import build_expert_table
 
+    _check_splits(cfg, split)
     out = Path(out)
     rows = ABLATION_ROWS + TEACHER_ROWS
     results = {r: [] for r in rows}

@@ -63,6 +63,13 @@ def test_unknown_config_key(tmp_path):
 def test_missing_data_split(tmp_path):
     rc, _, err = haskd("train", "--data", tmp_path / "nope", "--out", tmp_path / "o")
     expect_one_line(rc, err, "nope", "split folder 'train' not found")
+    scene(tmp_path / "d")  # a train split, no val split: the pipeline stops before it writes anything
+    rc, out, err = haskd("pipeline", "--data", tmp_path / "d", "--out", tmp_path / "p")
+    expect_one_line(rc, err, "split folder 'val' not found")
+    assert not (tmp_path / "p").exists() and "training" not in out + err
+    rc, out, err = haskd("ablate", "--data", tmp_path / "d", "--out", tmp_path / "a", "--seeds", 1)
+    expect_one_line(rc, err, "split folder 'val' not found")
+    assert not (tmp_path / "a").exists()
 
 
 def test_corrupt_ply_and_bad_checkpoint(tmp_path):
@@ -87,3 +94,20 @@ def test_corrupt_ply_reported(tmp_path):
     nan.write_text("0 0 0\nnan 1 1\n")
     with pytest.raises(InputError, match="NaN"):
         read_points(nan)
+
+
+def test_checkpoint_with_code_is_refused_in_one_reason(tmp_path):
+    import fractions
+
+    import torch
+
+    from haskd.engine.checkpoint import load_checkpoint
+    from haskd.errors import InputError
+
+    ck = tmp_path / "obj.pt"
+    torch.save({"model": {}, "x": fractions.Fraction(1, 3)}, ck)  # a class weights-only loading does not allow
+    with pytest.raises(InputError) as e:
+        load_checkpoint(ck)
+    msg = str(e.value)
+    assert "obj.pt" in msg and "weights-only loading refused it" in msg and "Fraction" in msg
+    assert "weights_only` set to `False`" not in msg and "\n" not in msg  # none of torch's advice to unpickle code

@@ -22,6 +22,16 @@ def save_checkpoint(path, **payload):
     os.replace(tmp, path)
 
 
+def _load_error(e: Exception) -> str:
+    """The one informative line of a ``torch.load`` failure. A weights-only refusal comes wrapped in a page of
+    advice to load with ``weights_only=False``, which haskd never does; keep only the unpickler's own reason."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        reason = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()), "")
+        return f"weights-only loading refused it: {reason.split('. ')[0][:200]}"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -29,7 +39,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise InputError(path, f"not a readable haskd checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise InputError(path, f"not a readable haskd checkpoint ({_load_error(e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise InputError(path, "not a haskd checkpoint (needs 'config' and 'state_dict')")
     return ckpt
