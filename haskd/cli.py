@@ -21,11 +21,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 COMMAND_MODULES = ("prepare", "frames", "experts", "pipeline", "benchmark")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (``--epochs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_common(p, data_required=False):
     p.add_argument("--config", default=None, help="YAML config or preset name (default: scannet20_student)")
     p.add_argument("--data", default=None, required=data_required, help="data root holding <split>/<scene>/")
     p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")

@@ -111,3 +111,12 @@ def test_checkpoint_with_code_is_refused_in_one_reason(tmp_path):
     msg = str(e.value)
     assert "obj.pt" in msg and "weights-only loading refused it" in msg and "Fraction" in msg
     assert "weights_only` set to `False`" not in msg and "\n" not in msg  # none of torch's advice to unpickle code
+
+
+def test_zero_epochs_is_an_error_not_a_silent_empty_run(tmp_path):
+    scene(tmp_path / "d")
+    rc, _, err = haskd("train", "--data", tmp_path / "d", "--out", tmp_path / "o", "train.epochs=0")
+    expect_one_line(rc, err, "train.epochs must be at least 1")
+    rc, _, err = haskd("train", "--data", tmp_path / "d", "--out", tmp_path / "o", "--epochs", 0)
+    assert rc == 2 and "--epochs: must be at least 1" in err
+    assert not (tmp_path / "o").exists()

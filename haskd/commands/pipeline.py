@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..cli import add_common, config_from_args
+from ..cli import add_common, config_from_args, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def register(sub):
     d.add_argument("--rooms", type=_rooms, default=_rooms(DEMO_ROOMS), metavar="TRAIN,VAL,SEED",
                    help=f"synthetic rooms to generate and their generator seed (default {DEMO_ROOMS})")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--epochs", type=positive_int, default=None)
     d.add_argument("overrides", nargs="*", metavar="key=value")
     d.set_defaults(func=run_demo)
 

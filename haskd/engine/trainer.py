@@ -158,6 +158,8 @@ def warm_start_path(cfg: Config) -> str:
 def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, return_model: bool = False):
     """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl), or
     ``(metrics, model)`` with ``return_model``."""
+    if cfg.train.epochs < 1:
+        raise HaskdError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
     device = dist_utils.setup(cfg.train.device, cfg.train.threads)
     main = dist_utils.is_main()
     out = Path(out_dir)
