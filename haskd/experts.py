@@ -41,8 +41,10 @@ def teacher_iou(teacher, split: str, num_classes: int) -> list:
 
 def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, out=None, progress=True,
                        teacher=None) -> dict:
-    """``teacher``: the teacher's run folder (or metrics JSON): its per-class IoU is stored as ``teacher_iou``,
-    for ``distill.teacher_expert``; the snapshots' expert table does not depend on it."""
+    """``teacher``: the teacher's run folder (or metrics JSON): its per-class IoU on the same rooms is stored as
+    ``teacher_iou``, for ``distill.teacher_expert``; the snapshots' expert table does not depend on it. For the
+    split the teacher was validated on that is its ``val_metrics.json``; for another split or data root the
+    teacher is evaluated there (``pipeline.split_metrics``, cached in its run folder)."""
     snaps = find_snapshots(run_dir)
     rows, cfg = [], None
     for p in snaps:
@@ -65,10 +67,15 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
         "weights": np.asarray(sel["weights"]).astype(float).tolist(),
     }
     if teacher is not None:
-        if split != cfg.data.val_split:
-            raise HaskdError(f"--teacher: the teacher's metrics are on {cfg.data.val_split!r}, the table on {split!r}")
+        source, root = Path(teacher), Path(data_root or cfg.data.root).resolve()
+        if source.is_dir() and (split != cfg.data.val_split or root != Path(cfg.data.root).resolve()):
+            # other rooms than the ones it was validated on: evaluate the teacher there (its frames; cached)
+            from .pipeline import split_metrics
+
+            split_metrics(source, split, root, device)
+            source = source / f"metrics_{split}.json"
         table["teacher"] = str(Path(teacher).resolve())
-        table["teacher_iou"] = teacher_iou(teacher, split, len(names))
+        table["teacher_iou"] = teacher_iou(source, split, len(names))
     out = Path(out) if out else Path(run_dir) / "experts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1))

@@ -1,6 +1,7 @@
 """The HAS-KD pipeline end to end on tiny synthetic rooms (2 epochs per stage): every stage, summary, report,
 and the no-inference-cost contract (the HAS-KD student is the baseline network, parameter for parameter)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,6 +250,16 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     assert json.loads((tmp_path / "cli.json").read_text())["teacher_iou"] == teacher_iou
     assert main(["experts", "--run", str(out / "stage1"), "--data", str(tiny_rooms), "--teacher", str(tmp_path),
                  "--out", str(tmp_path / "bad.json"), "--device", "cpu"]) != 0  # no metrics there: one-line error
+    # a table on other rooms (a split named 'sel' of another root, here the same val rooms): the teacher is
+    # evaluated there instead of its val_metrics.json being used, and gives the same IoU on the same rooms
+    other = tmp_path / "other_root"
+    other.mkdir()
+    (other / "sel").symlink_to(Path(tiny_rooms) / "val", target_is_directory=True)
+    assert main(["experts", "--run", str(out / "stage1"), "--data", str(other), "--split", "sel", "--teacher",
+                 str(out / "teacher"), "--out", str(tmp_path / "sel.json"), "--device", "cpu"]) == 0
+    sel = json.loads((tmp_path / "sel.json").read_text())
+    assert sel["split"] == "sel" and (out / "teacher" / "metrics_sel.json").is_file()
+    assert [None if v is None else pytest.approx(v, abs=1e-9) for v in teacher_iou] == sel["teacher_iou"]
     base = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
             "distill.asd_trust=none", "distill.trust=none"]
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ def register(sub):
     p.add_argument("--split", default="val")
     p.add_argument("--topk", type=int, default=3, help="experts kept per class (the loss uses distill.asd_topk)")
     p.add_argument("--out", default=None, help="JSON path (default: RUN/experts.json)")
-    p.add_argument("--teacher", default=None, help="teacher run folder: store its per-class val IoU in the table, "
-                   "for distill.teacher_expert (the teacher joins the expert pool)")
+    p.add_argument("--teacher", default=None, help="teacher run folder: store its per-class IoU on the same rooms "
+                   "in the table, for distill.teacher_expert (the teacher joins the expert pool)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=run)
 
