@@ -229,7 +229,7 @@ def _step_fn(task_cfg, device, n_batches=2):
     """(step function, setup seconds, voxels per batch) of the task ``task_cfg`` describes, on fixed batches: one call
     is a forward + backward + optimizer step."""
     from .engine.tasks import move_to
-    from .engine.trainer import build_datasets, build_optimizer, build_task
+    from .engine.trainer import autocast, autocast_dtype, build_datasets, build_optimizer, build_task
     from .models import build_from_config
 
     torch.manual_seed(0)
@@ -243,15 +243,19 @@ def _step_fn(task_cfg, device, n_batches=2):
     opt = build_optimizer(task_cfg, [p for p in task.parameters() if p.requires_grad])
     task.train()
     state = {"i": 0}
+    amp = autocast_dtype(task_cfg, device)  # the trainer's mixed precision (optim.amp), scaler included
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     def step():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        losses, _ = task(b)
+        with autocast(amp, device):
+            losses, _ = task(b)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return step, setup_s, int(batches[0]["grid_coord"].shape[0])
 
@@ -290,8 +294,9 @@ def _step_times(task_cfgs: dict, device, runs, warmup, n_batches=2) -> dict:
 
 
 def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, baseline=None, runs=5, warmup=1,
-                     threads=1, device="cpu", max_scenes=3, train_steps=True) -> dict:
-    """Latency / training-step / memory comparison (see module docstring). Returns a JSON-ready dict."""
+                     threads=1, device="cpu", max_scenes=3, train_steps=True, overrides=()) -> dict:
+    """Latency / training-step / memory comparison (see module docstring). Returns a JSON-ready dict.
+    ``overrides`` (``key=value``) change the student's config for the training steps (e.g. ``optim.amp_dtype``)."""
     from .engine.checkpoint import load_model
     from .engine.evaluate import predict_points
 
@@ -304,6 +309,10 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
     if cfg.role == "teacher":
         raise InputError(ckpt, "--ckpt must be a student checkpoint (give the teacher with --teacher)")
     cfg.data.root = str(data)
+    if overrides:
+        from .config import apply_overrides
+
+        apply_overrides(cfg, list(overrides))
     ds = _eval_scenes(data, split, cfg, max_scenes)
     vs, C, nrm = cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal
     res = {"env": env_info(device), "ckpt": str(ckpt), "data": str(data), "split": split, "runs": runs,
@@ -382,16 +391,22 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
     """Baseline task vs HAS-KD (cached, online) on the same training batches, timed interleaved."""
     from .config import from_dict
 
+    from .engine.trainer import autocast_dtype
+
     base_cfg = from_dict(cfg.to_dict())
     base_cfg.distill.teacher_ckpt, base_cfg.distill.experts = "", ""
+    base = {"baseline": base_cfg}
+    if autocast_dtype(cfg, device) is not None:  # training runs mixed precision here: what it saves, same run
+        base["baseline_fp32"] = from_dict(base_cfg.to_dict())
+        base["baseline_fp32"].optim.amp = False
     if not teacher and not snaps:
-        return _step_times({"baseline": base_cfg}, device, runs, warmup)
+        return _step_times(base, device, runs, warmup)
     with tempfile.TemporaryDirectory(prefix="haskd_bench_") as tmp:
         tmp = Path(tmp)
         kd = from_dict(cfg.to_dict())
         kd.distill.teacher_ckpt = _copy_ckpt(teacher, tmp, "teacher") if teacher else ""
         kd.distill.experts = _experts_table(snaps, cfg.data.num_classes, tmp) if snaps else ""
-        cfgs = {"baseline": base_cfg}
+        cfgs = dict(base)
         for mode, cache in (("haskd_cached", True), ("haskd_online", False)):
             cfgs[mode] = from_dict(kd.to_dict())
             cfgs[mode].distill.cache = cache

@@ -54,7 +54,8 @@ class OptimConfig:
     scheduler: str = "onecycle"          # onecycle | cosine | cyclic_cosine
     cycles: int = 1                      # for cyclic_cosine
     clip_grad: float = 1.0               # 0 disables
-    amp: bool = True                     # used on CUDA only
+    amp: bool = True                     # mixed precision (torch.autocast): on CUDA; on CPU only with bfloat16
+    amp_dtype: str = "float16"           # float16 (CUDA, with a GradScaler) | bfloat16 (CUDA or CPU, no scaler)
 
 
 @dataclass

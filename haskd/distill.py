@@ -158,7 +158,12 @@ class DistillTask(nn.Module):
         return self._mem[key]
 
     def _cached(self, kind, batch):
-        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain when stored."""
+        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain when stored.
+        Always computed in float32, outside any autocast of the training step (``optim.amp``)."""
+        with torch.autocast("cpu", enabled=False):
+            return self._cached_fp32(kind, batch)
+
+    def _cached_fp32(self, kind, batch):
         inv = batch["inverse"].cpu()
         N = batch["grid_coord"].shape[0]
         starts = [0] + batch["point_offset"].tolist()[:-1]

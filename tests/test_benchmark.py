@@ -126,3 +126,15 @@ def test_bench_checkpoints_example_writes_loadable_checkpoints(tmp_path, monkeyp
     assert cfg.role == "teacher"
     assert len(list((tmp_path / "snapshots").glob("epoch_*.pt"))) == 3
     assert load_model(tmp_path / "student.pt").feat_dim == load_model(tmp_path / "baseline.pt").feat_dim
+
+
+def test_train_step_benchmark_times_mixed_precision_against_float32(tiny_rooms, ckpts, tmp_path):
+    """A run that trains under autocast (here CPU bfloat16, given as an override) is timed so, and its float32
+    baseline step beside it."""
+    out = tmp_path / "a.json"
+    assert main(["benchmark", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms), "--teacher",
+                 str(ckpts["teacher"]), "--runs", "1", "--warmup", "0", "--max-scenes", "1", "--out", str(out),
+                 "optim.amp_dtype=bfloat16"]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["train_step"]) >= {"baseline", "baseline_fp32", "haskd_cached", "haskd_online"}
+    assert r["ratios"]["step_baseline_fp32_over_baseline"] > 0

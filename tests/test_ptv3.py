@@ -179,11 +179,13 @@ def test_bad_config_is_reported():
         PointTransformerV3(6, 5, backend="minkowski")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_autocast_forward_backward():
-    model = _tiny(backend="torch").cuda().train()
-    batch = {k: v.cuda() for k, v in _batch(_sample(90, 1), _sample(37, 2)).items()}
-    with torch.autocast("cuda", dtype=torch.float16):
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_autocast_forward_backward(device, dtype):
+    model = _tiny(backend="torch").to(device).train()
+    batch = {k: v.to(device) for k, v in _batch(_sample(90, 1), _sample(37, 2)).items()}
+    with torch.autocast(device, dtype=dtype):
         out = model(batch)
     assert out["logits"].shape == (127, 5) and bool(torch.isfinite(out["logits"]).all())
     out["logits"].float().logsumexp(1).mean().backward()

@@ -38,7 +38,8 @@ def register(sub):
     p.add_argument("--steps", type=int, default=4, help="--loading / --ddp: timed steps")
     p.add_argument("--config", default=None, help="--loading / --ddp: config (default: --ckpt's, else preset)")
     p.add_argument("--out", required=True, help="result JSON")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for --loading / --ddp")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides: of the training steps (model benchmark), of the run (--loading / --ddp)")
     p.set_defaults(func=run)
 
 
@@ -77,7 +78,7 @@ def run(args) -> int:
             raise HaskdError("haskd benchmark needs --ckpt STUDENT.pt (or one of --layers, --loading, --ddp)")
         res = B.benchmark_models(args.ckpt, args.data, args.split, args.teacher, args.snapshots, args.baseline,
                                  args.runs, args.warmup, args.threads, args.device, args.max_scenes,
-                                 train_steps=not args.no_train)
+                                 train_steps=not args.no_train, overrides=args.overrides)
     print(B.to_markdown(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

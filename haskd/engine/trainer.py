@@ -6,6 +6,7 @@ TensorBoard events under ``tb/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -195,8 +196,11 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
     bs = cfg.data.batch_size
     steps_per_epoch = max(1, math.ceil(len(sampler) / bs))
     sched = build_scheduler(cfg, opt, cfg.train.epochs * steps_per_epoch)
-    use_amp = device.type == "cuda" and cfg.optim.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if amp_dtype is not None and main:
+        log.info("mixed precision: autocast %s on %s%s", str(amp_dtype).replace("torch.", ""), device.type,
+                 " with a gradient scaler" if scaler.is_enabled() else "")
     start_epoch, best, history = 0, -1.0, []
     if resume and (out / "last.pt").is_file():
         ck = load_checkpoint(out / "last.pt")
@@ -204,6 +208,8 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
+        if scaler.is_enabled() and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         start_epoch, best = int(ck["epoch"]), float(ck.get("best_miou", -1.0))
         if main:
             log.info("resumed from %s at epoch %d", out / "last.pt", start_epoch)
@@ -227,7 +233,7 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
         t0, sums, n = time.perf_counter(), {}, 0
         for batch in it:
             batch = move_to(batch, device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with autocast(amp_dtype, device):
                 losses, _ = wrapped(batch)
             total = sum(losses.values())
             if not torch.isfinite(total):
@@ -258,6 +264,7 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
         if main:
             payload = dict(config=cfg_dict, state_dict=model.state_dict(), task_state=task.state_dict(),
                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(),
+                           scaler=scaler.state_dict() if scaler.is_enabled() else {},
                            epoch=epoch + 1, best_miou=best, val_metrics=_plain(metrics))
             if metrics and "val/miou" in rec and metrics["miou"] > best:
                 best = metrics["miou"]
@@ -277,6 +284,25 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
     if main and metrics:
         (out / "val_metrics.json").write_text(json.dumps(metrics))
     return (metrics, model) if return_model else metrics
+
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(cfg: Config, device):
+    """The autocast dtype of a run, or None for full float32: ``optim.amp`` with ``optim.amp_dtype`` on CUDA; on
+    CPU only bfloat16 (float16 autocast on CPU is slow and needs a scaler), so the default stays float32 there."""
+    name = cfg.optim.amp_dtype
+    if name not in AMP_DTYPES:
+        raise HaskdError(f"optim.amp_dtype must be {' or '.join(AMP_DTYPES)}, got {name!r}")
+    if not cfg.optim.amp or (device.type == "cpu" and name != "bfloat16") or device.type not in ("cpu", "cuda"):
+        return None
+    return AMP_DTYPES[name]
+
+
+def autocast(amp_dtype, device):
+    """The training step's autocast context (:func:`autocast_dtype`; a no-op for None)."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
 def _plain(m: dict) -> dict:

@@ -255,6 +255,8 @@ def _reduce(m: KernelMap, side: str, y: torch.Tensor) -> torch.Tensor:
     if y.shape[0] == 0:
         return y.new_zeros((n, y.shape[1]))
     if y.device.type == "cpu":
+        if y.dtype not in (torch.float32, torch.float64):  # MKL's CSR product has no bfloat16 / float16 kernel
+            return torch.sparse.mm(m.reducer(side, torch.float32), y.float()).to(y.dtype)
         return torch.sparse.mm(m.reducer(side, y.dtype), y)
     return y.new_zeros((n, y.shape[1])).index_add_(0, m.out_idx if side == "out" else m.in_idx, y)
 
@@ -278,9 +280,14 @@ class SparseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # a backward called inside autocast
+            return SparseConvFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         m: KernelMap = ctx.kmap
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(x.dtype).contiguous()
         gx = gw = None
         go = _gather(grad_out, m.out_idx, 0)  # shared by both gradients
         if ctx.needs_input_grad[0]:
@@ -300,6 +307,17 @@ class SparseConvFunction(torch.autograd.Function):
 
 
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Apply a kernel map: ``x (N_in, Cin)``, ``weight (Cout, kx, ky, kz, Cin)`` -> ``(N_out, Cout)``."""
+    """Apply a kernel map: ``x (N_in, Cin)``, ``weight (Cout, kx, ky, kz, Cin)`` -> ``(N_out, Cout)``.
+
+    Under ``torch.autocast`` (mixed precision, ``optim.amp``) the op runs in the autocast dtype, as autocast runs a
+    linear layer: input and weight are cast once here and the GEMMs inside run with autocast off (autocast would
+    otherwise re-cast each per-offset ``mm`` and refuse its ``out=`` buffer). The weight's gradient flows back
+    through the cast to the float32 parameter. Outside autocast, the inputs' own dtypes are used.
+    """
     w = weight.reshape(weight.shape[0], -1, weight.shape[-1])
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return SparseConvFunction.apply(x.to(dt).contiguous(), w.to(dt), kmap)
     return SparseConvFunction.apply(x.contiguous(), w, kmap)
