@@ -310,9 +310,10 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch
     """Apply a kernel map: ``x (N_in, Cin)``, ``weight (Cout, kx, ky, kz, Cin)`` -> ``(N_out, Cout)``.
 
     Under ``torch.autocast`` (mixed precision, ``optim.amp``) the op runs in the autocast dtype, as autocast runs a
-    linear layer: input and weight are cast once here and the GEMMs inside run with autocast off (autocast would
-    otherwise re-cast each per-offset ``mm`` and refuse its ``out=`` buffer). The weight's gradient flows back
-    through the cast to the float32 parameter. Outside autocast, the inputs' own dtypes are used.
+    linear layer: input and weight are cast once here and the ops inside run with autocast off. Left to autocast,
+    the per-offset ``mm(out=...)`` stay float32 (no speed-up) while the CPU CSR reduction (``sparse.mm``) is cast to
+    bfloat16, for which MKL has no kernel. The weight's gradient flows back through the cast to the float32
+    parameter. Outside autocast, the inputs' own dtypes are used.
     """
     w = weight.reshape(weight.shape[0], -1, weight.shape[-1])
     dev = x.device.type
