@@ -411,11 +411,15 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
             cfgs[mode] = from_dict(kd.to_dict())
             cfgs[mode].distill.cache = cache
         hints = bool(teacher) and kd.distill.hint_weight > 0
-        if hints:  # the hint term runs the teacher's 3D branch online every step: time the cache alone too
+        if hints:  # time the logit cache alone too, and the hints the other way (online / cached)
             cfgs["haskd_cached_no_hints"] = from_dict(kd.to_dict())
             cfgs["haskd_cached_no_hints"].distill.hint_weight = 0.0
+            other = "online" if kd.distill.hint_cache else "cached"
+            cfgs[f"haskd_cached_hints_{other}"] = from_dict(kd.to_dict())
+            cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache = not kd.distill.hint_cache
         out = _step_times(cfgs, device, runs, warmup)
-        out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints}
+        out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints,
+                              "hint_cache": hints and kd.distill.hint_cache}
     return out
 
 

@@ -11,6 +11,9 @@ Layout (our choice)::
                                    feat        (P, D) float16        optional (teacher features)
                                    visible     (P,) bool             optional (teacher saw the point in images)
                                    gain        (P,) float16          optional (what the images add, ihd.image_gain)
+                                   hint<l>     (N_l, D_l) float16    optional (per-level hints: the teacher's 3D
+                                   hint_rows<l> (P,) int32             branch's level-l voxel features, and the
+                                                                     level-l voxel of every point; l = 0..L-1)
 
 ``...`` is an optional leading shape, e.g. ``(M,)`` for M snapshot experts in one file.
 
@@ -102,15 +105,17 @@ def _ensure_manifest(cache_dir, settings: dict) -> None:
 
 
 def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=None,
-                      topk: Optional[int] = None, gain=None) -> Path:
+                      topk: Optional[int] = None, gain=None, hints=None) -> Path:
     """Store one scene's frozen outputs; returns the ``.npz`` path.
 
     logits: (..., P, C) per original point (torch or numpy; e.g. (P, C) teacher, (M, P, C) experts).
     feat: optional (P, D) teacher features. visible: optional (P,) bool. topk: classes kept per point
     (clipped to C). Default None keeps all C: at tau = 2 the tempered tail is heavy (a synthetic teacher
     with top-1 probability 0.74 at tau = 1 lost 26% of the tau = 2 target mass at k = 5), so truncation is
-    an opt-in storage saving (20 classes: 80 B/point at k = C, 20 B/point at k = 5, plus features). The manifest records ``topk``, ``num_classes``,
-    ``lead_shape`` and ``feat_dim``; writing a scene with other settings into the same dir is an error.
+    an opt-in storage saving (20 classes: 80 B/point at k = C, 20 B/point at k = 5, plus features). hints: optional
+    list of ``(feats (N_l, D_l), rows (P,))`` per level (:func:`point_level_rows`), stored per VOXEL of each level
+    (a few bytes per point, not ``sum(D_l)`` halves). The manifest records ``topk``, ``num_classes``, ``lead_shape``,
+    ``feat_dim`` and ``hint_dims``; writing a scene with other settings into the same dir is an error.
     """
     z = _as_tensor(logits).detach().float().cpu()
     if z.dim() < 2:
@@ -141,9 +146,21 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
         if g.shape[0] != p:
             raise ValueError(f"gain must be ({p},), got {tuple(g.shape)}")
         arrays["gain"] = g.numpy().astype(np.float16)
-    _ensure_manifest(cache_dir, {"topk": k, "num_classes": int(c), "lead_shape": [int(s) for s in lead],
-                                 "feat_dim": feat_dim, "has_visible": visible is not None,
-                                 "has_gain": gain is not None})
+    hint_dims = None
+    if hints is not None:
+        hint_dims = []
+        for lvl, (f, r) in enumerate(hints):
+            f, r = _as_tensor(f).detach().float().cpu(), _as_tensor(r).detach().cpu().reshape(-1)
+            if f.dim() != 2 or r.shape[0] != p or (r.numel() and (int(r.min()) < 0 or int(r.max()) >= f.shape[0])):
+                raise ValueError(f"hint level {lvl}: need feats (N, D) and rows ({p},) in [0, N)")
+            arrays[f"hint{lvl}"] = f.numpy().astype(np.float16)
+            arrays[f"hint_rows{lvl}"] = r.numpy().astype(np.int32)
+            hint_dims.append(int(f.shape[1]))
+    settings = {"topk": k, "num_classes": int(c), "lead_shape": [int(s) for s in lead], "feat_dim": feat_dim,
+                "has_visible": visible is not None, "has_gain": gain is not None}
+    if hint_dims is not None:
+        settings["hint_dims"] = hint_dims
+    _ensure_manifest(cache_dir, settings)
     path = _scene_file(cache_dir, scene_name)
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
@@ -216,6 +233,51 @@ def mean_reducer(rows, num_voxels: int) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow, order, vals, size=(n, rows.numel()))
+
+
+def _pack(coords: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """(N, 4) non-negative int coords -> (N,) int64 keys, linear in a box of ``extent`` (4,)."""
+    k = coords[:, 0].long()
+    for d in range(1, 4):
+        k = k * extent[d] + coords[:, d].long()
+    return k
+
+
+def level_rows(level_coords: torch.Tensor, voxel_coords: torch.Tensor, stride: int) -> torch.Tensor:
+    """Row of ``level_coords`` (M, 4) holding each ``voxel_coords`` (N, 4) voxel at ``stride`` (its coords // stride,
+    batch column unchanged): how a sparse UNet's level-l voxels contain its input voxels. Raises if one is missing."""
+    q = voxel_coords.long().clone()
+    q[:, 1:] = torch.div(q[:, 1:], int(stride), rounding_mode="floor")
+    lc = level_coords.long()
+    extent = torch.maximum(lc.max(0).values, q.max(0).values) + 1 if len(lc) and len(q) else torch.ones(4).long()
+    keys, order = torch.sort(_pack(lc, extent))
+    qk = _pack(q, extent)
+    pos = torch.searchsorted(keys, qk).clamp_(max=max(len(keys) - 1, 0))
+    if len(qk) and (not len(keys) or not bool((keys[pos] == qk).all())):
+        raise ValueError(f"voxels at stride {stride} missing from the level's coords: not the same voxel hierarchy")
+    return order[pos]
+
+
+def pair_mean_matrix(rows_a, rows_b, n_a: int, n_b: int) -> torch.Tensor:
+    """(n_a, n_b) CSR matrix M with ``M @ X`` = per-``a``-row mean over points of ``X[rows_b[point]]``.
+
+    rows_a, rows_b: (P,) int64, the row of every point on each side; ``rows_a >= n_a`` drops the point. Points that
+    share both rows collapse into one entry (their count), so the product costs the distinct pairs, not the points:
+    for coarse voxel levels far fewer than P.
+    """
+    import warnings
+
+    ra, rb = _as_tensor(rows_a).long().reshape(-1), _as_tensor(rows_b).long().reshape(-1)
+    keep = ra < n_a
+    ra, rb = ra[keep], rb[keep]
+    pair, count = torch.unique(ra * n_b + rb, return_counts=True)  # sorted: row-major CSR order
+    a, b = torch.div(pair, n_b, rounding_mode="floor"), pair % n_b
+    per_a = torch.bincount(ra, minlength=n_a).clamp_min(1).float()
+    crow = torch.zeros(n_a + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(torch.bincount(a, minlength=n_a), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, b, count.float() / per_a[a], size=(n_a, n_b))
 
 
 def topk_to_voxels(topk_p, topk_idx, rows, num_voxels: int, num_classes: int) -> torch.Tensor:

@@ -49,16 +49,22 @@ class _Frozen:
 
 
 @torch.no_grad()
-def scene_outputs(model, scene, cfg, device, extra=None) -> dict:
+def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None) -> dict:
     """Per-original-point outputs of a frozen model on one unaugmented scene: ``logits`` (P,C) and, when the
-    model gives them, ``feat`` (P,D) and ``visible`` (P,)."""
+    model gives them, ``feat`` (P,D) and ``visible`` (P,). With ``hint_model`` (the teacher's 3D branch), also
+    ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``."""
     sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
     if extra is not None:
         sample = extra(sample)
     batch = move_to(collate([sample]), device)
-    out = model(batch)
+    out = _with_hints(model, batch) if hint_model is model else model(batch)
     inv = batch["inverse"]
     res = {"logits": out["logits"].float()[inv].cpu()}
+    if hint_model is not None:
+        h = out if hint_model is model else _with_hints(hint_model, batch)
+        c0 = _batch_coords(batch).cpu()
+        res["hints"] = [(f.float().cpu(), sl_cache.level_rows(c.cpu(), c0, s)[inv.cpu()])
+                        for f, c, s in zip(h["hints"], h["hint_coords"], hint_model.hint_strides)]
     if "visible" in out:
         res["visible"] = out["visible"][inv].cpu() > 0.5
         res["feat"] = out["feat"].float()[inv].cpu()
@@ -113,6 +119,10 @@ class DistillTask(nn.Module):
                 cache_dirs["teacher"] = build_cache(teacher, view, tcfg, device, _cache_dir(d.teacher_ckpt, cfg),
                                                     feat=d.feat_weight > 0, extra=view.extra, topk=d.cache_topk,
                                                     sources=[d.teacher_ckpt])
+                if hint is not None and d.hint_cache:  # its own folder: switching the option rebuilds nothing
+                    cache_dirs["teacher_hints"] = build_hint_cache(teacher.backbone, train_set, cfg, device,
+                                                                   _cache_dir(d.teacher_ckpt, cfg, "teacher_hints"),
+                                                                   sources=[d.teacher_ckpt])
             else:
                 attach_frames(train_set, tcfg, selections=sel)
         if d.experts:
@@ -154,6 +164,10 @@ class DistillTask(nn.Module):
             for k in ("feat", "visible", "gain"):
                 if k in c:
                     t[k] = torch.from_numpy(c[k])
+            levels = sorted(int(k[4:]) for k in c if k.startswith("hint") and k[4:].isdigit())
+            if levels:
+                t["hints"] = [(torch.from_numpy(c[f"hint{l}"]), torch.from_numpy(c[f"hint_rows{l}"]).long())
+                              for l in levels]
             self._mem[key] = t
         return self._mem[key]
 
@@ -172,7 +186,8 @@ class DistillTask(nn.Module):
         # points cropped away carry -1: they go to a dump row N, dropped at the end (no masked copies)
         i = inv[starts[0]:ends[-1]]
         rows = torch.where(i >= 0, i, torch.full_like(i, N))
-        cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in parts[0]}
+        cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in parts[0]
+               if k != "hints"}
         reducer = sl_cache.mean_reducer(rows, N)  # one per batch, shared by every target below
 
         def mean(x):  # (P, ...) per point -> (N, ...) per voxel, float32
@@ -211,16 +226,43 @@ class DistillTask(nn.Module):
 
     # ------------------------------------------------------------------ loss
     @torch.no_grad()
-    def teacher_hints(self, batch):
-        """Per-level features of the teacher's 3D branch on this very batch (always online: points only, cheap)."""
-        return _with_hints(self._teacher.module.backbone, batch)["hints"]
+    def teacher_hints(self, batch, student_coords=None):
+        """Per-level hint targets for this batch's student voxels: the teacher's 3D branch run online on the very
+        batch, or (``distill.hint_cache``) its cached per-level features of the unaugmented scene, averaged over the
+        points of each student voxel of that level (``student_coords``: the student's ``hint_coords``)."""
+        if "teacher_hints" not in self.cache_dirs:
+            return _with_hints(self._teacher.module.backbone, batch)["hints"]
+        with torch.autocast("cpu", enabled=False):
+            return self._cached_hints(batch, student_coords)
+
+    def _cached_hints(self, batch, student_coords):
+        parts = [self._scene_cache("teacher_hints", name)["hints"] for name in batch["scene"]]
+        n0 = batch["grid_coord"].shape[0]
+        inv = batch["inverse"].cpu()
+        rows0 = torch.where(inv >= 0, inv, torch.full_like(inv, n0))  # cropped points: dropped
+        c0 = _batch_coords(batch).cpu()
+        dev = batch["grid_coord"].device
+        out = []
+        for lvl, (coords, stride) in enumerate(zip(student_coords, self.model.hint_strides)):
+            n = coords.shape[0]
+            vrow = torch.cat([sl_cache.level_rows(coords.cpu(), c0, stride), torch.tensor([n])])
+            feats, trows, base = [], [], 0
+            for p in parts:  # scenes in batch order: their points are consecutive in ``inverse``
+                f, r = p[lvl]
+                feats.append(f)
+                trows.append(r + base)
+                base += f.shape[0]
+            m = sl_cache.pair_mean_matrix(vrow[rows0], torch.cat(trows), n, base)
+            out.append(torch.sparse.mm(m, torch.cat(feats).float()).to(dev))
+        return out
 
     def forward(self, batch):
         out = _with_hints(self.model, batch) if self.hint is not None else self.model(batch)
         y = batch["segment"]
         losses = {"ce": ce_loss(out["logits"], y)}
         if self.hint is not None:
-            losses.update(self.hint(out.pop("hints"), self.teacher_hints(batch)))
+            t_hints = self.teacher_hints(batch, out.pop("hint_coords"))
+            losses.update(self.hint(out.pop("hints"), t_hints))
         ex = self.expert_targets(batch) if self.asd is not None else None
         route = None
         if self.teacher_classes is not None:  # one logit source per point: the teacher or its class's snapshot
@@ -250,6 +292,13 @@ def _hint_dims(model, who):
         raise HaskdError(f"distill.hint_weight: {who} ({type(model).__name__}) gives no per-level features; hints "
                          "work with the spunet family (set distill.hint_weight=0)")
     return dims
+
+
+def _batch_coords(batch):
+    """``(N, 4)`` ``[batch, x, y, z]`` of a collated batch's voxels (as :meth:`SparseTensor.from_batch` builds)."""
+    from .sparse import SparseTensor
+
+    return SparseTensor.from_batch(batch["grid_coord"], batch["grid_coord"][:, :1], batch["offset"]).coords
 
 
 def _with_hints(model, batch):
@@ -308,6 +357,20 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
         o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s, i=i: extra(s, i)) if extra else None)
         sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], feat=o.get("feat") if feat else None,
                                    visible=o.get("visible"), topk=topk, gain=o.get("gain"))
+    return cache_dir
+
+
+def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=()) -> Path:
+    """Per-level hints of the teacher's 3D branch (points only, no frames needed) for every scene, once. The
+    file also holds the branch's logits (the cache format's required part; not used as targets)."""
+    names = [s.name for s in dataset.scenes]
+    if _fresh(cache_dir, names, sources, content="3D-branch logits, per-level hints"):
+        return cache_dir
+    from tqdm import tqdm
+
+    for scene in tqdm(dataset.scenes, desc="teacher hints", unit="scene", leave=False):
+        o = scene_outputs(backbone, scene, cfg, device, hint_model=backbone)
+        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], topk=1, hints=o["hints"])
     return cache_dir
 
 

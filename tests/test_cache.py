@@ -195,3 +195,25 @@ def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
         assert torch.allclose(got["probs"], want, atol=2e-3), kind
     want_f = gather_to_voxels(torch.cat([fa, fb])[keep], inverse[keep], n_a + n_b)
     assert torch.allclose(task._cached("teacher", batch)["feat"], want_f, atol=2e-3)
+
+
+def test_level_rows_finds_each_voxel_in_its_coarse_level():
+    from haskd.cache import level_rows
+
+    level = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])  # stride-2 voxels, not sorted
+    vox = torch.tensor([[0, 0, 1, 1], [0, 3, 0, 1], [1, 1, 1, 0], [0, 2, 1, 0]])
+    assert level_rows(level, vox, 2).tolist() == [1, 0, 2, 0]
+    with pytest.raises(ValueError, match="not the same voxel hierarchy"):
+        level_rows(level, torch.tensor([[0, 4, 0, 0]]), 2)
+
+
+def test_pair_mean_matrix_averages_over_points_and_drops_the_dump_row():
+    from haskd.cache import pair_mean_matrix
+
+    rows_a = torch.tensor([0, 0, 0, 1, 2, 1])   # point -> row of side a (2 = dropped with n_a = 2)
+    rows_b = torch.tensor([1, 1, 0, 2, 0, 2])   # point -> row of side b
+    x = torch.tensor([[1.0], [10.0], [100.0]])
+    m = pair_mean_matrix(rows_a, rows_b, 2, 3)
+    # row 0: points with b rows 1, 1, 0 -> (10 + 10 + 1) / 3; row 1: two points of b row 2 -> 100
+    assert torch.allclose(torch.sparse.mm(m, x).reshape(-1), torch.tensor([7.0, 100.0]))
+    assert m._nnz() == 3  # the two (0, 1) points and the two (1, 2) points are one entry each

@@ -281,3 +281,48 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     assert worst["asd"] <= plain["asd"] + 1e-6  # same normaliser, fewer points
     with pytest.raises(HaskdError, match="teacher's per-class IoU"):
         losses(None)
+
+
+def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, tiny_rooms, tmp_path):
+    """distill.hint_cache: the teacher's per-level hints read from the cache (per level-l voxel of the unaugmented
+    scene, averaged over each student voxel's points) are the online hints on an unaugmented batch, level for level;
+    an augmented, cropped training run with them trains and writes the hint cache in its own folder."""
+    from haskd.data.transforms import collate
+    from haskd.distill import DistillTask, _with_hints
+    from haskd.engine.evaluate import scene_sample
+    from haskd.engine.trainer import build_datasets, train
+    from haskd.models import build_from_config
+
+    out, _ = pipeline_run
+    teacher = out / "teacher" / "last.pt"
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={teacher}",
+                                          "distill.hint_weight=1"])
+    torch.manual_seed(0)
+    student = build_from_config(cfg).eval()
+    targets, losses = {}, {}
+    for cached in (True, False):
+        cfg.distill.hint_cache = cached
+        ds = build_datasets(cfg)
+        torch.manual_seed(1)
+        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+        assert ("teacher_hints" in task.cache_dirs) == cached
+        scenes = ds["train"].scenes[:2]
+        batch = collate([scene_sample(s, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
+                         for s in scenes])
+        with torch.no_grad():
+            s_out = _with_hints(student, batch)
+            targets[cached] = task.teacher_hints(batch, s_out["hint_coords"])
+            losses[cached], _ = task(batch)
+    assert len(targets[True]) == len(targets[False]) == len(student.hint_dims)
+    for a, b in zip(targets[True], targets[False]):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)  # float16 storage
+    assert torch.allclose(losses[True]["ihd_hint"], losses[False]["ihd_hint"], rtol=1e-2, atol=1e-4)
+    run = tmp_path / "cached_hints"
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={teacher}",
+                                          "distill.hint_weight=1", "distill.hint_cache=true", "train.epochs=1",
+                                          "train.snapshots=0", "data.max_voxels=400"])
+    train(cfg, run, progress=False)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train/ihd_hint"] > 0
+    assert list((out / "teacher").glob("soft_labels_teacher_hints_*/manifest.json"))

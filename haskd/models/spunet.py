@@ -121,7 +121,9 @@ class SpUNet(nn.Module):
         self.head = nn.Linear(prev, num_classes)
         # Widths of the per-level features that ``forward`` adds as ``hints`` when ``return_hints`` is set
         # (the deepest encoder level, then every decoder level, coarse to fine): targets of the hint term of IHD.
+        # ``hint_coords`` holds each level's voxel coords (a level of stride s: the input voxel coords // s).
         self.hint_dims = (channels[-1], *dec_channels)
+        self.hint_strides = (2 ** n, *(2 ** (n - 1 - j) for j in range(n)))
         self.return_hints = False
 
     def set_backend(self, backend: str) -> "SpUNet":
@@ -136,15 +138,17 @@ class SpUNet(nn.Module):
             x = enc(down(x))
             skips.append(x)
         skips.pop()  # the deepest level is x itself
-        hints = [x.feats]
+        hints, coords = [x.feats], [x.coords]
         for up, dec in zip(self.up, self.dec):
             x = up(x)
             skip = skips.pop()
             x = dec(x.replace_feats(torch.cat([x.feats, skip.feats], 1)))
             hints.append(x.feats)
+            coords.append(x.coords)
         out = {"logits": self.head(x.feats), "feat": x.feats}
         if self.return_hints:
             out["hints"] = hints
+            out["hint_coords"] = coords  # (N_l, 4) [batch, x, y, z] of each level, in that level's voxels
         return out
 
 
