@@ -49,11 +49,11 @@ class _Frozen:
 
 
 @torch.no_grad()
-def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None) -> dict:
+def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=0.0) -> dict:
     """Per-original-point outputs of a frozen model on one unaugmented scene: ``logits`` (P,C) and, when the
     model gives them, ``feat`` (P,D) and ``visible`` (P,). With ``hint_model`` (the teacher's 3D branch), also
     ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``."""
-    sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
+    sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal, angle=angle)
     if extra is not None:
         sample = extra(sample)
     batch = move_to(collate([sample]), device)
@@ -119,10 +119,13 @@ class DistillTask(nn.Module):
                 cache_dirs["teacher"] = build_cache(teacher, view, tcfg, device, _cache_dir(d.teacher_ckpt, cfg),
                                                     feat=d.feat_weight > 0, extra=view.extra, topk=d.cache_topk,
                                                     sources=[d.teacher_ckpt])
-                if hint is not None and d.hint_cache:  # its own folder: switching the option rebuilds nothing
+                if hint is not None and d.hint_cache:  # own folders: switching the options rebuilds nothing
+                    if d.hint_cache_views < 1:
+                        raise HaskdError(f"distill.hint_cache_views must be at least 1, got {d.hint_cache_views}")
+                    kind = "teacher_hints" + (f"_{d.hint_cache_views}rot" if d.hint_cache_views > 1 else "")
                     cache_dirs["teacher_hints"] = build_hint_cache(teacher.backbone, train_set, cfg, device,
-                                                                   _cache_dir(d.teacher_ckpt, cfg, "teacher_hints"),
-                                                                   sources=[d.teacher_ckpt])
+                                                                   _cache_dir(d.teacher_ckpt, cfg, kind),
+                                                                   sources=[d.teacher_ckpt], views=d.hint_cache_views)
             else:
                 attach_frames(train_set, tcfg, selections=sel)
         if d.experts:
@@ -360,17 +363,29 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
     return cache_dir
 
 
-def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=()) -> Path:
+def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), views=1) -> Path:
     """Per-level hints of the teacher's 3D branch (points only, no frames needed) for every scene, once. The
-    file also holds the branch's logits (the cache format's required part; not used as targets)."""
+    file also holds the branch's logits (the cache format's required part; not used as targets).
+
+    ``views`` > 1 (``distill.hint_cache_views``): each level's features are the mean over the scene z-rotated by
+    ``2 pi k / views``, ``k = 0..views-1``, each view's per-point features averaged into the unrotated scene's
+    level-l voxels. A sparse conv net is not rotation-equivariant, and the student sees every batch at a random
+    rotation: the mean over rotations is the part of the teacher's features it can match without knowing the angle.
+    """
     names = [s.name for s in dataset.scenes]
-    if _fresh(cache_dir, names, sources, content="3D-branch logits, per-level hints"):
+    if _fresh(cache_dir, names, sources, content=f"3D-branch logits, per-level hints over {views} z-rotations"):
         return cache_dir
     from tqdm import tqdm
 
     for scene in tqdm(dataset.scenes, desc="teacher hints", unit="scene", leave=False):
         o = scene_outputs(backbone, scene, cfg, device, hint_model=backbone)
-        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], topk=1, hints=o["hints"])
+        hints = [[f, r] for f, r in o["hints"]]
+        for k in range(1, views):
+            v = scene_outputs(backbone, scene, cfg, device, hint_model=backbone, angle=2 * np.pi * k / views)
+            for h, (f, r) in zip(hints, v["hints"]):
+                h[0] = h[0] + torch.sparse.mm(sl_cache.pair_mean_matrix(h[1], r, h[0].shape[0], f.shape[0]), f)
+        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], topk=1,
+                                   hints=[(f / views, r) for f, r in hints])
     return cache_dir
 
 

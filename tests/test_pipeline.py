@@ -326,3 +326,33 @@ def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, t
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train/ihd_hint"] > 0
     assert list((out / "teacher").glob("soft_labels_teacher_hints_*/manifest.json"))
+
+
+def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run, tiny_rooms, tmp_path):
+    """distill.hint_cache_views = K: each cached level is the mean over K z-rotations of the scene, every view's
+    per-point features averaged into the unrotated scene's voxels of that level (checked against a per-point
+    gather + voxel mean), in a folder of its own."""
+    import numpy as np
+
+    from haskd.cache import gather_to_voxels, load_scene_cache
+    from haskd.distill import build_hint_cache, scene_outputs
+    from haskd.engine.checkpoint import load_model
+    from haskd.engine.trainer import build_datasets
+
+    out, _ = pipeline_run
+    teacher, tcfg = load_model(out / "teacher" / "last.pt", return_config=True)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    ds = build_datasets(cfg, splits=("train",))["train"]
+    ds.scenes = ds.scenes[:1]
+    bb = teacher.backbone.eval()
+    d = build_hint_cache(bb, ds, cfg, "cpu", tmp_path / "h3", views=3)
+    c = load_scene_cache(d, ds.scenes[0].name)
+    views = [scene_outputs(bb, ds.scenes[0], cfg, "cpu", hint_model=bb, angle=2 * np.pi * k / 3) for k in range(3)]
+    for lvl, (f0, r0) in enumerate(views[0]["hints"]):
+        per_point = torch.stack([v["hints"][lvl][0][v["hints"][lvl][1]] for v in views]).mean(0)  # (P, D)
+        expect = gather_to_voxels(per_point, r0, f0.shape[0])
+        got = torch.from_numpy(c[f"hint{lvl}"]).float()
+        assert torch.equal(torch.from_numpy(c[f"hint_rows{lvl}"]).long(), r0)
+        assert torch.allclose(got, expect, rtol=1e-2, atol=2e-3), lvl
+        if lvl == len(views[0]["hints"]) - 1:  # the views differ (no rotation-equivariant net): the mean moved
+            assert not torch.allclose(got, f0, rtol=1e-2, atol=2e-3)
