@@ -332,35 +332,67 @@ def _stamp(src) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def _fresh(cache_dir, names, sources, content: str = "") -> bool:
-    """A cache is reused only when it was built from these very checkpoints, with this ``content`` (what each scene
-    file holds), and holds every scene."""
+def _stamp_of(sources, content: str) -> str:
+    return ";".join(_stamp(s) for s in sources) + (f"|{content}" if content else "")
+
+
+def _fresh(cache_dir, names, stamp: str) -> bool:
+    """A cache is reused only when it was built from these very checkpoints, with this content (what each scene
+    file holds: both in ``stamp``), and holds every scene."""
+    cache_dir = Path(cache_dir)
+    sf = cache_dir / "source.txt"
+    return sf.is_file() and sf.read_text() == stamp and sl_cache.read_manifest(cache_dir) is not None \
+        and all(sl_cache._scene_file(cache_dir, n).is_file() for n in names)
+
+
+def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
+    """Build a cache folder once: ``write_scene(folder, i, scene)`` for every scene, into a private folder that is
+    renamed into place when complete. Two runs that start from the same checkpoint at once (two students of one
+    teacher) both build, and whichever finishes second keeps the first one's folder: no run ever reads or deletes
+    a folder another is writing (they once did, and a run failed on a scene file deleted under it)."""
+    import os
     import shutil
+    import tempfile
+
+    from tqdm import tqdm
 
     cache_dir = Path(cache_dir)
-    stamp = ";".join(_stamp(s) for s in sources) + (f"|{content}" if content else "")
-    sf = cache_dir / "source.txt"
-    if sf.is_file() and sf.read_text() == stamp and sl_cache.read_manifest(cache_dir) is not None \
-            and all(sl_cache._scene_file(cache_dir, n).is_file() for n in names):
-        return True
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    sf.write_text(stamp)
-    return False
+    names = [s.name for s in scenes]
+    stamp = _stamp_of(sources, content)
+    if _fresh(cache_dir, names, stamp):
+        return cache_dir
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".building", dir=cache_dir.parent))
+    try:
+        for i, scene in enumerate(tqdm(scenes, desc=desc, unit="scene", leave=False)):
+            write_scene(tmp, i, scene)
+        (tmp / "source.txt").write_text(stamp)
+        if not _fresh(cache_dir, names, stamp):  # nobody else finished first: replace the stale folder
+            old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".stale", dir=cache_dir.parent))
+            try:
+                os.replace(cache_dir, old / "cache")
+            except FileNotFoundError:
+                pass
+            try:
+                os.replace(tmp, cache_dir)
+            except OSError:  # another run put its (equal) folder there in between
+                if not _fresh(cache_dir, names, stamp):
+                    raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
 
 
 def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
     """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
-    names = [s.name for s in dataset.scenes]
-    if _fresh(cache_dir, names, sources, content="teacher logits, features, visibility, image gain"):
-        return cache_dir
-    from tqdm import tqdm
-
-    for i, scene in enumerate(tqdm(dataset.scenes, desc="teacher soft labels", unit="scene", leave=False)):
-        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s, i=i: extra(s, i)) if extra else None)
-        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], feat=o.get("feat") if feat else None,
+    def write(folder, i, scene):
+        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None)
+        sl_cache.write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
                                    visible=o.get("visible"), topk=topk, gain=o.get("gain"))
-    return cache_dir
+
+    return _build(cache_dir, dataset.scenes, sources, "teacher logits, features, visibility, image gain",
+                  "teacher soft labels", write)
 
 
 def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), views=1) -> Path:
@@ -372,30 +404,22 @@ def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), view
     level-l voxels. A sparse conv net is not rotation-equivariant, and the student sees every batch at a random
     rotation: the mean over rotations is the part of the teacher's features it can match without knowing the angle.
     """
-    names = [s.name for s in dataset.scenes]
-    if _fresh(cache_dir, names, sources, content=f"3D-branch logits, per-level hints over {views} z-rotations"):
-        return cache_dir
-    from tqdm import tqdm
-
-    for scene in tqdm(dataset.scenes, desc="teacher hints", unit="scene", leave=False):
+    def write(folder, i, scene):
         o = scene_outputs(backbone, scene, cfg, device, hint_model=backbone)
         hints = [[f, r] for f, r in o["hints"]]
         for k in range(1, views):
             v = scene_outputs(backbone, scene, cfg, device, hint_model=backbone, angle=2 * np.pi * k / views)
             for h, (f, r) in zip(hints, v["hints"]):
                 h[0] = h[0] + torch.sparse.mm(sl_cache.pair_mean_matrix(h[1], r, h[0].shape[0], f.shape[0]), f)
-        sl_cache.write_scene_cache(cache_dir, scene.name, o["logits"], topk=1,
-                                   hints=[(f / views, r) for f, r in hints])
-    return cache_dir
+        sl_cache.write_scene_cache(folder, scene.name, o["logits"], topk=1, hints=[(f / views, r) for f, r in hints])
+
+    return _build(cache_dir, dataset.scenes, sources, f"3D-branch logits, per-level hints over {views} z-rotations",
+                  "teacher hints", write)
 
 
 def build_expert_cache(experts, dataset, cfg, device, cache_dir, topk=8, sources=()) -> Path:
-    names = [s.name for s in dataset.scenes]
-    if _fresh(cache_dir, names, sources):
-        return cache_dir
-    from tqdm import tqdm
-
-    for scene in tqdm(dataset.scenes, desc="expert soft labels", unit="scene", leave=False):
+    def write(folder, i, scene):
         z = torch.stack([scene_outputs(m, scene, cfg, device)["logits"] for m in experts])
-        sl_cache.write_scene_cache(cache_dir, scene.name, z, topk=topk)
-    return cache_dir
+        sl_cache.write_scene_cache(folder, scene.name, z, topk=topk)
+
+    return _build(cache_dir, dataset.scenes, sources, "", "expert soft labels", write)

@@ -217,3 +217,50 @@ def test_pair_mean_matrix_averages_over_points_and_drops_the_dump_row():
     # row 0: points with b rows 1, 1, 0 -> (10 + 10 + 1) / 3; row 1: two points of b row 2 -> 100
     assert torch.allclose(torch.sparse.mm(m, x).reshape(-1), torch.tensor([7.0, 100.0]))
     assert m._nnz() == 3  # the two (0, 1) points and the two (1, 2) points are one entry each
+
+
+def test_two_runs_building_one_cache_at_once_both_get_it_whole(tmp_path):
+    """Two students of one teacher started together both build its cache: each writes a private folder and the
+    one finishing second keeps the first's, so neither reads or deletes files the other is writing; a changed
+    source (the checkpoint) rebuilds in place."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from haskd.distill import _build
+
+    src = tmp_path / "teacher.pt"
+    src.write_bytes(b"x")
+    scenes = [SimpleNamespace(name=f"s{i}") for i in range(4)]
+    seen = []
+
+    def write(folder, i, scene):
+        time.sleep(0.02)
+        seen.append(folder)
+        write_scene_cache(folder, scene.name, torch.randn(5, 3))
+
+    out, errors = tmp_path / "soft_labels_teacher", []
+
+    def run():
+        try:
+            _build(out, scenes, [src], "logits", "test", write)
+        except Exception as e:  # noqa: BLE001 -- the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(seen)) == 2 and out not in seen  # two private folders, never the shared one
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "s0.npz", "s1.npz", "s2.npz", "s3.npz",
+                                                     "source.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left behind
+    before = load_scene_cache(out, "s0")["topk_logits"]
+    _build(out, scenes, [src], "logits", "test", write)  # fresh: reused, not rebuilt
+    assert len(seen) == 8 and np.array_equal(load_scene_cache(out, "s0")["topk_logits"], before)
+    time.sleep(0.01)
+    src.write_bytes(b"xy")  # the checkpoint changed: rebuilt
+    _build(out, scenes, [src], "logits", "test", write)
+    assert len(seen) == 12 and not np.array_equal(load_scene_cache(out, "s0")["topk_logits"], before)
