@@ -102,7 +102,7 @@ class DistillConfig:
     logit_weight: float = 1.0
     feat_weight: float = 1.0
     hint_weight: float = 0.0             # per-level feature hints from the teacher's 3D branch (ours)
-    hint_cache: bool = False             # the hints from a cache of the unaugmented scenes, not online (ours)
+    hint_cache: bool = False             # with distill.cache: the hints from a cache of the unaugmented scenes (ours)
     hint_cache_views: int = 1            # cached hints: mean over this many z-rotations of each scene (ours)
     trust: str = "hard"                  # hard | soft | none
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
