@@ -113,8 +113,8 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
     (clipped to C). Default None keeps all C: at tau = 2 the tempered tail is heavy (a synthetic teacher
     with top-1 probability 0.74 at tau = 1 lost 26% of the tau = 2 target mass at k = 5), so truncation is
     an opt-in storage saving (20 classes: 80 B/point at k = C, 20 B/point at k = 5, plus features). hints: optional
-    list of ``(feats (N_l, D_l), rows (P,))`` per level (:func:`level_rows` of each point), stored per VOXEL of each level
-    (a few bytes per point, not ``sum(D_l)`` halves). The manifest records ``topk``, ``num_classes``, ``lead_shape``,
+    list of ``(feats (N_l, D_l), rows (P,))`` per level (``rows``: :func:`level_rows` of each point), stored per VOXEL
+    of each level (a few bytes per point, not ``sum(D_l)`` halves). The manifest records ``topk``, ``num_classes``, ``lead_shape``,
     ``feat_dim`` and ``hint_dims``; writing a scene with other settings into the same dir is an error.
     """
     z = _as_tensor(logits).detach().float().cpu()
