@@ -77,7 +77,7 @@ def cmd_eval(args):
     from .engine.evaluate import evaluate
     from .report import format_metrics
 
-    model, cfg = load_model(args.ckpt, return_config=True)
+    model, cfg = load_model(args.ckpt, return_config=True, module=args.module)
     from .config import apply_overrides
 
     apply_overrides(cfg, args.overrides)
@@ -114,7 +114,7 @@ def cmd_predict(args):
     from .engine.distributed import setup
     from .engine.predict import predict_file
 
-    model, cfg = load_model(args.ckpt, return_config=True)
+    model, cfg = load_model(args.ckpt, return_config=True, module=args.module)
     if cfg.role == "teacher":
         raise HaskdError(f"{args.ckpt}: is a teacher checkpoint; predict runs point-only students")
     device = setup(args.device or "auto", 0)
@@ -143,6 +143,9 @@ def build_parser():
     e.add_argument("--out", default=None, help="metrics JSON")
     e.add_argument("--tta", action="store_true", help="also report 4-rotation TTA (separately)")
     e.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    e.add_argument("--module", default="", metavar="FILE_OR_MODULE",
+                    help="your model's Python file or module, imported first (a checkpoint's own model.module is "
+                         "never imported: it could name any file)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=cmd_eval)
 
@@ -152,6 +155,9 @@ def build_parser():
     pr.add_argument("--out", default="predictions")
     pr.add_argument("--tta", action="store_true")
     pr.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    pr.add_argument("--module", default="", metavar="FILE_OR_MODULE",
+                    help="your model's Python file or module, imported first (a checkpoint's own model.module is "
+                         "never imported: it could name any file)")
     pr.set_defaults(func=cmd_predict)
 
     for name in COMMAND_MODULES:  # imported here: the command modules import add_common from this module

@@ -1,7 +1,9 @@
 """Checkpoints carry their config, so ``load_model(path)`` rebuilds the network with no YAML.
 
 Everything stored is a tensor, a number, a string or a container of those, so loading works with
-``torch.load(weights_only=True)`` and never unpickles code.
+``torch.load(weights_only=True)`` and never unpickles code. Nor does loading import code a checkpoint names: a
+stored ``model.module`` (a user's network file) is refused unless the caller passes that module itself (``--module``
+on the command line), or the network it registers is already registered in this process by the user's own code.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from ..errors import InputError
 
 
 def save_checkpoint(path, **payload):
-    """Atomic write: a temp file in the same folder, then rename (an interrupted save keeps the old file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Atomic write: a temp file in the same folder, then rename (an interrupted save keeps the old file; a failed
+    one removes its temp file and says why in one line)."""
+    from ..io import atomic_write
+
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_error(e: Exception) -> str:
@@ -45,15 +47,39 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_model(path, device="cpu", return_config=False):
-    """Rebuild the model stored in a checkpoint, in eval mode."""
+def load_model(path, device="cpu", return_config=False, module: str = ""):
+    """Rebuild the model stored in a checkpoint, in eval mode.
+
+    ``module``: a user's model file or module name to import first, given by the user (``--module``); it replaces
+    the checkpoint's ``model.module``, which is never imported (a checkpoint from elsewhere could name any file)."""
     from ..config import from_dict
-    from ..models import build_from_config
+    from ..models import REGISTRY, build_from_config, import_user_module
 
     ckpt = load_checkpoint(path)
     cfg = from_dict(ckpt["config"], source=str(path))
-    model = build_from_config(cfg)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    stored = cfg.model.module
+    if module:
+        import_user_module(module)
+        cfg.model.module = module
+    elif stored and cfg.model.name not in REGISTRY:
+        raise InputError(path, f"its config names user code (model.module={stored}) and haskd never imports code "
+                               f"named in a checkpoint; if you trust that file, pass it yourself: --module {stored}")
+    if cfg.model.name not in REGISTRY:
+        raise InputError(path, f"unknown model '{cfg.model.name}' (known: {', '.join(sorted(REGISTRY))})")
+    try:
+        model = build_from_config(cfg, import_module=False)
+    except InputError:
+        raise
+    except Exception as e:  # a config whose model kwargs the network rejects
+        raise InputError(path, f"cannot build its model from its config ({type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0][:160]})") from None
+    own = model.state_dict()
+    sd = ckpt["state_dict"]
+    shape = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shape:
+        raise InputError(path, f"weights do not match the config's model ({len(shape)} tensor(s) of another shape, "
+                               f"e.g. {shape[0]}: {tuple(sd[shape[0]].shape)} vs {tuple(own[shape[0]].shape)})")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise InputError(path, f"weights do not match the config's model (missing {list(missing)[:3]}, "
                                f"unexpected {list(unexpected)[:3]})")

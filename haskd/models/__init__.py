@@ -64,11 +64,13 @@ def import_user_module(spec: str):
             raise HaskdError(f"model.module '{spec}' cannot be imported ({e})") from None
 
 
-def build_from_config(cfg):
-    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'``."""
+def build_from_config(cfg, import_module: bool = True):
+    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'``. ``import_module=False``: do not
+    import ``cfg.model.module`` (a config read from a checkpoint; see :func:`haskd.engine.checkpoint.load_model`)."""
     from ..data.dataset import in_channels
 
-    import_user_module(cfg.model.module)
+    if import_module:
+        import_user_module(cfg.model.module)
 
     cin = in_channels(cfg.data.use_normal)
     if cfg.role == "teacher":
