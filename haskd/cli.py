@@ -60,12 +60,21 @@ def config_from_args(args):
 def cmd_train(args):
     from .engine.trainer import train
 
-    cfg = config_from_args(args)
+    from pathlib import Path
+
     out = args.out or "runs/train"
-    metrics = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.config is None and (Path(out) / "config.yaml").is_file():
+        args.config = str(Path(out) / "config.yaml")  # a resume continues with the run's own settings
+    cfg = config_from_args(args)
+    metrics = train(cfg, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if metrics:
         print(f"val mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  allAcc {metrics['allacc']:.4f}  -> {out}")
     return 0
+
+
+# Settings that define a checkpoint's network: an eval override may not change them (it would be silently ignored).
+CHECKPOINT_FIXED = (("model", "name"), ("model", "preset"), ("model", "kwargs"), ("data", "use_normal"),
+                    ("data", "num_classes"))
 
 
 def cmd_eval(args):
@@ -77,10 +86,21 @@ def cmd_eval(args):
     from .engine.evaluate import evaluate
     from .report import format_metrics
 
-    model, cfg = load_model(args.ckpt, return_config=True, module=args.module)
-    from .config import apply_overrides
+    from .config import apply_overrides, check_config
 
-    apply_overrides(cfg, args.overrides)
+    module = args.module
+    for item in args.overrides:  # model.module=FILE on the command line is the user's own choice, like --module
+        if item.startswith("model.module="):
+            module = item.split("=", 1)[1]
+    model, cfg = load_model(args.ckpt, return_config=True, module=module)
+    before = cfg.to_dict()
+    apply_overrides(cfg, [o for o in args.overrides if not o.startswith("model.module=")])
+    after = cfg.to_dict()
+    for sec, key in CHECKPOINT_FIXED:
+        if before[sec][key] != after[sec][key]:
+            raise HaskdError(f"{args.ckpt}: {sec}.{key}={after[sec][key]!r} disagrees with the checkpoint's "
+                             f"{before[sec][key]!r}; the network is rebuilt as stored (drop the override)")
+    check_config(cfg)
     device = setup(args.device or "auto", 0)
     model.to(device)
     root = args.data or cfg.data.root
@@ -114,6 +134,16 @@ def cmd_predict(args):
     from .engine.distributed import setup
     from .engine.predict import predict_file
 
+    from pathlib import Path
+
+    seen = {}
+    for inp in args.input:  # outputs are named after the input's stem: two inputs must not share one
+        prev = seen.setdefault(Path(inp).stem, inp)
+        if prev != inp:
+            raise HaskdError(f"{prev} and {inp} would write the same output names ({Path(inp).stem}_labels.npy, "
+                             f"{Path(inp).stem}_pred.ply); label them in separate calls with different --out")
+        if list(args.input).count(inp) > 1:
+            raise HaskdError(f"{inp} is given twice")
     model, cfg = load_model(args.ckpt, return_config=True, module=args.module)
     if cfg.role == "teacher":
         raise HaskdError(f"{args.ckpt}: is a teacher checkpoint; predict runs point-only students")
@@ -132,7 +162,9 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a student (or a teacher with role=teacher)")
     add_common(t)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT (with its own settings; a larger --epochs extends it)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (default: refused)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -184,3 +216,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("haskd: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # read-only folder, disk full, a file where a folder should be: one line, no traceback
+        from .io import os_reason
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"haskd: error: {where}{os_reason(e)}", file=sys.stderr)
+        return 2

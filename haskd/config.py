@@ -217,9 +217,13 @@ def resolve_path(name) -> Path:
 
 def _read_yaml(path: Path, depth=0) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise HaskdError(f"{path}: not a text YAML file (binary content)") from None
     except yaml.YAMLError as e:
         raise HaskdError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise HaskdError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):
         raise HaskdError(f"{path}: a config must be a mapping")
     base = raw.pop("_base_", None)
@@ -253,7 +257,7 @@ def load_config(path: Optional[str] = None, overrides=()) -> Config:
     p = resolve_path(path or DEFAULT_PRESET)
     cfg = from_dict(_read_yaml(p), source=str(p))
     apply_overrides(cfg, overrides)
-    return cfg
+    return check_config(cfg)
 
 
 def apply_overrides(cfg: Config, overrides) -> Config:
@@ -270,4 +274,94 @@ def apply_overrides(cfg: Config, overrides) -> Config:
 
 
 def save_config(cfg: Config, path):
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .io import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+ROLES = ("student", "teacher")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("onecycle", "cosine", "cyclic_cosine")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "spconv")
+FRAME_POLICIES = ("iof", "uniform", "random")
+
+
+def check_config(cfg: Config) -> Config:
+    """Check every value of a config when it is read, before any folder is made: one line naming the key, the
+    rule and the value (instead of a traceback deep inside training, or a silent wrong run)."""
+    import math
+
+    from .classes import DATASETS
+
+    def bad(key, rule, value):
+        raise HaskdError(f"config key '{key}' {rule}, got {value!r}")
+
+    def positive(key, value, strict=True):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (strict and value == 0):
+            bad(key, "must be a finite number " + ("> 0" if strict else ">= 0"), value)
+
+    def one_of(key, value, choices):
+        if value not in choices:
+            bad(key, f"must be one of {', '.join(choices)}", value)
+
+    d, m, o, t, te, di = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.teacher, cfg.distill
+    one_of("role", cfg.role, ROLES)
+    one_of("data.dataset", d.dataset, tuple(DATASETS))
+    n_names = len(DATASETS[d.dataset]["classes"])
+    if not 1 <= d.num_classes <= n_names:
+        bad("data.num_classes", f"must be 1..{n_names} for data.dataset={d.dataset}", d.num_classes)
+    positive("data.voxel_size", d.voxel_size)
+    for key in ("batch_size", "repeat"):
+        if getattr(d, key) < 1:
+            bad(f"data.{key}", "must be at least 1", getattr(d, key))
+    for key in ("max_voxels", "workers"):
+        if getattr(d, key) < 0:
+            bad(f"data.{key}", "must be >= 0", getattr(d, key))
+    one_of("model.backend", m.backend, BACKENDS)
+    if not isinstance(m.kwargs, dict) or not all(isinstance(k, str) for k in m.kwargs):
+        bad("model.kwargs", "must be a mapping of argument names to values", m.kwargs)
+    if not m.module:  # a user's module registers its network when imported; built-in names are checked here
+        from .models import REGISTRY
+
+        one_of("model.name", m.name, tuple(sorted(REGISTRY)))
+    one_of("optim.optimizer", o.optimizer, OPTIMIZERS)
+    one_of("optim.scheduler", o.scheduler, SCHEDULERS)
+    for key in ("lr", "weight_decay", "momentum", "clip_grad"):
+        positive(f"optim.{key}", getattr(o, key), strict=False)
+    if o.momentum >= 1:
+        bad("optim.momentum", "must be below 1", o.momentum)
+    if o.cycles < 1:
+        bad("optim.cycles", "must be at least 1", o.cycles)
+    one_of("optim.amp_dtype", o.amp_dtype, ("float16", "bfloat16"))
+    if t.epochs < 1:
+        bad("train.epochs", "must be at least 1", t.epochs)
+    one_of("train.device", t.device, DEVICES)
+    for key in ("eval_every", "threads", "snapshots"):
+        if getattr(t, key) < 0:
+            bad(f"train.{key}", "must be >= 0", getattr(t, key))
+    if t.log_every < 1:
+        bad("train.log_every", "must be at least 1", t.log_every)
+    one_of("train.snapshot_schedule", t.snapshot_schedule, ("second_half", "cycles"))
+    if not (isinstance(te.image_size, list) and len(te.image_size) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 8 for x in te.image_size)):
+        bad("teacher.image_size", "must be [H, W], two whole numbers >= 8", te.image_size)
+    for key in ("num_frames", "frame_stride", "frame_pool", "image_channels", "image_stem_stride", "fusion_hidden"):
+        if getattr(te, key) < 1:
+            bad(f"teacher.{key}", "must be at least 1", getattr(te, key))
+    for key in ("virtual_views", "epochs"):
+        if getattr(te, key) < 0:
+            bad(f"teacher.{key}", "must be >= 0", getattr(te, key))
+    positive("teacher.depth_tau", te.depth_tau)
+    for key in ("loss_3d", "loss_2d"):
+        positive(f"teacher.{key}", getattr(te, key), strict=False)
+    one_of("teacher.frame_policy", te.frame_policy, FRAME_POLICIES)
+    one_of("teacher.train_frames", te.train_frames, ("selected", "random"))
+    one_of("teacher.fusion", te.fusion, ("concat", "residual"))
+    positive("distill.tau", di.tau)
+    for key in ("logit_weight", "feat_weight", "hint_weight", "asd_weight"):
+        positive(f"distill.{key}", getattr(di, key), strict=False)
+    for key in ("asd_topk", "cache_topk", "hint_cache_views"):
+        if getattr(di, key) < 1:
+            bad(f"distill.{key}", "must be at least 1", getattr(di, key))
+    return cfg

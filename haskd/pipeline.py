@@ -79,7 +79,7 @@ def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
         log.info("[%s] done already: %s", name, run_dir)
         return json.loads((run_dir / "val_metrics.json").read_text())
     log.info("[%s] training -> %s", name, run_dir)
-    return train(cfg, run_dir, resume=True, progress=progress)
+    return train(cfg, run_dir, resume="auto", progress=progress)
 
 
 def _check_splits(cfg: Config, *more) -> None:

@@ -116,7 +116,7 @@ def test_checkpoint_with_code_is_refused_in_one_reason(tmp_path):
 def test_zero_epochs_is_an_error_not_a_silent_empty_run(tmp_path):
     scene(tmp_path / "d")
     rc, _, err = haskd("train", "--data", tmp_path / "d", "--out", tmp_path / "o", "train.epochs=0")
-    expect_one_line(rc, err, "train.epochs must be at least 1")
+    expect_one_line(rc, err, "'train.epochs' must be at least 1")
     rc, _, err = haskd("train", "--data", tmp_path / "d", "--out", tmp_path / "o", "--epochs", 0)
     assert rc == 2 and "--epochs: must be at least 1" in err
     assert not (tmp_path / "o").exists()

@@ -87,3 +87,164 @@ def test_checkpoint_naming_a_module_never_runs_it(tmp_path, capsys, name):
     # the user may pass the file themself: then it is their code, and it runs
     rc, _, err = cli(capsys, "predict", "--ckpt", ck, inp, "--out", tmp_path / "p2", "--module", payload)
     assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- run folders
+
+def scene(root, name="s0", split="train", n=200, seed=0, **arrays):
+    """A tiny scene folder; ``arrays`` replace or add files (name -> array, or None to leave the file out)."""
+    d = root / split / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    files = {"coord": (rng.random((n, 3)) * 2).astype(np.float32), "color": rng.integers(0, 255, (n, 3)).astype(np.uint8),
+             "segment20": rng.integers(0, 5, n)}
+    files.update(arrays)
+    for key, arr in files.items():
+        if arr is not None:
+            np.save(d / f"{key}.npy", arr)
+    return d
+
+
+@pytest.fixture
+def data(tmp_path):
+    scene(tmp_path / "data")
+    scene(tmp_path / "data", split="val", seed=1)
+    return tmp_path / "data"
+
+
+RUN = ["--no-progress", "--device", "cpu", *TINY, "train.eval_every=0"]
+
+
+def train(capsys, data, out, *more):
+    return cli(capsys, "train", "--data", data, "--out", out, *RUN, *more)
+
+
+def test_run_folder_is_owned_by_one_run(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, data, out, "--resume", "--epochs", 1)  # a mistyped --out must not start from scratch
+    one_line(rc, err, out, "no run to resume")
+    assert not out.exists()
+    assert train(capsys, data, out, "--epochs", 1)[0] == 0
+    best = (out / "best.pt").read_bytes()
+    lines = (out / "metrics.jsonl").read_text()
+    rc, _, err = train(capsys, data, out, "--epochs", 1)  # a plain rerun must not replace the run
+    one_line(rc, err, out, "already holds a run", "--resume", "--overwrite")
+    assert (out / "best.pt").read_bytes() == best and (out / "metrics.jsonl").read_text() == lines
+    rc, _, err = train(capsys, data, out, "--resume", "--epochs", 1)  # nothing left to do
+    one_line(rc, err, out, "finished (1 of 1 epochs)", "--epochs N > 1")
+    # another preset / optimizer / scheduler on resume: refused before config.yaml is touched
+    conf = (out / "config.yaml").read_text()
+    for change in ("model.preset=small", "optim.optimizer=adamw", "optim.scheduler=cosine"):
+        rc, _, err = train(capsys, data, out, "--resume", "--epochs", 2, change)
+        key = change.split("=")[0]
+        one_line(rc, err, out, "--resume with settings other than the run's", key)
+        assert (out / "config.yaml").read_text() == conf
+    rc, _, err = train(capsys, data, out, "--resume", "--overwrite")
+    one_line(rc, err, "contradict")
+    # extending a finished run: two more epochs, one metrics line per epoch, the schedule of 3 epochs
+    assert train(capsys, data, out, "--resume", "--epochs", 3)[0] == 0
+    rows = [__import__("json").loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    from haskd.engine.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["epoch"] == 3 and ck["config"]["train"]["epochs"] == 3
+    assert ck["scheduler"]["total_steps"] == 3  # one step per epoch on one training scene, batch 2
+    rc, _, err = train(capsys, data, out, "--resume", "--epochs", 2)
+    one_line(rc, err, "trained 3 epochs already")
+    # --overwrite replaces the run (only its own files)
+    (out / "notes.txt").write_text("mine")
+    assert train(capsys, data, out, "--epochs", 1, "--overwrite")[0] == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and (out / "notes.txt").exists()
+    assert leftovers(out) == []
+
+
+def test_second_live_run_is_refused_naming_the_first_pid(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from haskd.engine.runfolder import RunLock; "
+                               f"RunLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, _, err = train(capsys, data, out, "--epochs", 1)
+        one_line(rc, err, out, f"another haskd run (pid {holder.pid})")
+        assert sorted(p.name for p in out.iterdir()) == [".haskd.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(capsys, data, out, "--epochs", 1)[0] == 0  # the kernel dropped the dead run's lock
+
+
+def test_resume_after_a_kill_between_metrics_and_save(data, tmp_path, capsys, monkeypatch):
+    """A run killed after it logged epoch 2 but before it saved it: the resume repeats epoch 2, and metrics.jsonl
+    holds it once; the killed save's temp file is swept."""
+    import haskd.engine.trainer as T
+
+    out = tmp_path / "run"
+    real = T.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def save(path, **payload):
+        if payload.get("epoch") == 2:
+            (path.parent / f".{path.name}.tmp999999").write_bytes(b"half")  # what a killed save leaves
+            raise Killed
+        real(path, **payload)
+
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    with pytest.raises(Killed):
+        train(capsys, data, out, "--epochs", 3)
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    assert (out / ".last.pt.tmp999999").exists()
+    assert train(capsys, data, out, "--resume")[0] == 0
+    rows = [__import__("json").loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert leftovers(out) == []
+
+
+def test_predict_never_overwrites_its_own_outputs(tmp_path, capsys):
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = cloud(tmp_path / "a" / "room.npy", seed=1), cloud(tmp_path / "b" / "room.npy", seed=2)
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, a, b, "--out", tmp_path / "p")
+    one_line(rc, err, "room_labels.npy", str(a), str(b), "would write the same output names")
+    assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- config values
+
+CONFIG_CASES = {
+    "voxel_size<=0": (["data.voxel_size=0"], ["data.voxel_size", "> 0", "0"]),
+    "batch_size<=0": (["data.batch_size=0"], ["data.batch_size", "at least 1"]),
+    "lr<0": (["optim.lr=-0.1"], ["optim.lr", ">= 0", "-0.1"]),
+    "lr nan": (["optim.lr=.nan"], ["optim.lr", "finite"]),
+    "unknown dataset": (["data.dataset=kitti"], ["data.dataset", "scannet20, s3dis", "kitti"]),
+    "num_classes above the class list": (["data.num_classes=30"], ["data.num_classes", "1..20"]),
+    "kwargs not a mapping": (["model.kwargs=5"], ["model.kwargs", "mapping"]),
+    "unknown kwarg": (["model.kwargs={bogus: 1}"], ["model spunet", "bogus"]),
+    "bad kwarg value": (["model.kwargs={channels: [8, 16]}"], ["spunet", "channels", "same"]),
+    "unknown model": (["model.name=pointnet9"], ["model.name", "ptv3, spunet"]),
+    "unknown optimizer": (["optim.optimizer=adam"], ["optim.optimizer", "sgd, adamw"]),
+    "bad image size": (["teacher.image_size=[0, 10]"], ["teacher.image_size"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_value_stops_before_any_folder(data, tmp_path, capsys, case):
+    overrides, needles = CONFIG_CASES[case]
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, data, out, "--epochs", 1, *overrides)
+    one_line(rc, err, *needles)
+    assert not out.exists()
+
+
+def test_binary_yaml_is_one_line(data, tmp_path, capsys):
+    bad = tmp_path / "cfg.yaml"
+    bad.write_bytes(bytes(range(256)) * 4)
+    rc, _, err = cli(capsys, "train", "--config", bad, "--data", data, "--out", tmp_path / "run")
+    one_line(rc, err, bad, "not a text YAML file")
+    assert not (tmp_path / "run").exists()

@@ -68,7 +68,10 @@ def test_bad_fusion_and_train_frames_values_are_one_line_errors(tiny_rooms):
 
     with pytest.raises(HaskdError, match="teacher.train_frames"):
         build_datasets(_cfg(tiny_rooms, "teacher.train_frames=all"))
-    cfg = _cfg(tiny_rooms, "teacher.fusion=sum")
+    with pytest.raises(HaskdError, match="teacher.fusion"):  # refused when the config is read
+        _cfg(tiny_rooms, "teacher.fusion=sum")
+    cfg = _cfg(tiny_rooms)
+    cfg.teacher.fusion = "sum"  # and by the network itself when a config is built in code
     with pytest.raises(HaskdError, match="teacher.fusion"):
         MultiModalTeacher.from_config(cfg, in_channels=6)
 

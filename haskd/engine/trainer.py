@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, save_config
+from ..config import Config
 from ..data.dataset import SceneDataset
 from ..data.transforms import collate
 from ..errors import HaskdError
@@ -156,29 +156,113 @@ def warm_start_path(cfg: Config) -> str:
     return ""
 
 
-def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, return_model: bool = False):
+def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_model: bool = False,
+          overwrite: bool = False):
     """Train from a config; returns the final validation metrics (also in ``last.pt`` and metrics.jsonl), or
-    ``(metrics, model)`` with ``return_model``."""
-    if cfg.train.epochs < 1:
-        raise HaskdError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    ``(metrics, model)`` with ``return_model``.
+
+    ``resume``: True continues the run in ``out_dir`` (there must be one), False starts a new one (there must be
+    none, unless ``overwrite`` replaces it), "auto" resumes when there is one (the pipeline's stages). See
+    :mod:`haskd.engine.runfolder`. A resume with a larger ``train.epochs`` extends a run: the learning-rate
+    schedule is rebuilt for the new length and fast-forwarded to the step reached (so the rate jumps to where the
+    longer schedule is at that step), and snapshot epochs follow the new length."""
+    from ..config import check_config
+    from ..io import make_dir, sweep_temp, write_text
+    from .runfolder import RunLock, check_resume_config, check_start, clear_run
+
+    check_config(cfg)
     device = dist_utils.setup(cfg.train.device, cfg.train.threads)
     main = dist_utils.is_main()
     out = Path(out_dir)
+    if main:
+        check_start(out, resume, overwrite)
+    resuming = bool(resume) and (out / "last.pt").is_file()
+    ck = None
+    if resuming:
+        ck = load_checkpoint(out / "last.pt")
+        check_resume_config(out, ck["config"], cfg.to_dict())
+        done, planned = int(ck["epoch"]), int(ck["config"]["train"]["epochs"])
+        if cfg.train.epochs < done:
+            raise HaskdError(f"{out}: the run has trained {done} epochs already; --epochs {cfg.train.epochs} would "
+                             f"shorten it (pass --epochs N > {done} to extend it)")
+        if cfg.train.epochs == done:
+            if resume is True:
+                raise HaskdError(f"{out}: the run is finished ({done} of {planned} epochs); pass --epochs N > {done} "
+                                 f"to extend it")
+            metrics = dict(ck.get("val_metrics") or {})
+            if main and metrics and not (out / "val_metrics.json").is_file():
+                write_text(out / "val_metrics.json", json.dumps(metrics))
+            return (metrics, None) if return_model else metrics
+    elif resume is True and main:
+        log.info("%s: no last.pt yet (the run stopped in its first epoch); starting it from epoch 0", out)
     seed_everything(cfg.train.seed + dist_utils.rank())
-    # Read (and validate) all input before anything is written, so bad input leaves no partial output.
+    # Read (and validate) all input, and build the network, before anything is written: bad input or a bad model
+    # setting leaves no folder and no file.
     datasets = build_datasets(cfg)
     train_set, val_set = datasets["train"], datasets["val"]
+    model = build_checked(cfg)
+    lock = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if cfg.role == "teacher" and main:
-        import json as _json
+        make_dir(out)
+        lock = RunLock(out)
+    try:
+        if main:
+            if overwrite and not resuming:
+                clear_run(out)
+            for p in sweep_temp(out):
+                log.info("removed %s (left by an interrupted save)", p)
+            write_text(out / "config.yaml", _yaml(cfg))
+            if cfg.role == "teacher":
+                chosen = {**train_set.chosen_frames, **val_set.chosen_frames}
+                write_text(out / "frames.json", json.dumps(chosen, indent=1))
+            if resuming:
+                _trim_metrics(out / "metrics.jsonl", int(ck["epoch"]))
+        return _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_model)
+    finally:
+        if lock is not None:
+            lock.release()
 
-        chosen = {**train_set.chosen_frames, **val_set.chosen_frames}
-        (out / "frames.json").write_text(_json.dumps(chosen, indent=1))
-    model = build_from_config(cfg)
+
+def build_checked(cfg: Config):
+    """The network of ``cfg``; a constructor that rejects the config's ``model.kwargs`` (or preset) is one line."""
+    try:
+        return build_from_config(cfg)
+    except HaskdError:
+        raise
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise HaskdError(f"model {cfg.model.name} (preset {cfg.model.preset}, kwargs {cfg.model.kwargs}) cannot be "
+                         f"built: {type(e).__name__}: {first}") from None
+
+
+def _yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _trim_metrics(path: Path, epoch: int) -> None:
+    """Drop metric lines of epochs after ``epoch`` (a run killed between its metrics line and its save logged an
+    epoch that the resume repeats)."""
+    from ..io import write_text
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("epoch", 0)) <= epoch:
+                keep.append(line)
+        except (ValueError, AttributeError):
+            pass  # a line cut by a kill
+    write_text(path, "".join(f"{ln}\n" for ln in keep))
+
+
+def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_model):
+    train_set, val_set = datasets["train"], datasets["val"]
+    resume = ck is not None
     init = warm_start_path(cfg)
-    if init and not (resume and (out / "last.pt").is_file()):
+    if init and not resume:
         init_weights(model, init)
     model = model.to(device)
     task = build_task(cfg, model, device, datasets).to(device)
@@ -202,11 +286,22 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
         log.info("mixed precision: autocast %s on %s%s", str(amp_dtype).replace("torch.", ""), device.type,
                  " with a gradient scaler" if scaler.is_enabled() else "")
     start_epoch, best, history = 0, -1.0, []
-    if resume and (out / "last.pt").is_file():
-        ck = load_checkpoint(out / "last.pt")
+    if resume:
         task.load_state_dict(ck["task_state"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        if int(ck["config"]["train"]["epochs"]) == cfg.train.epochs:
+            sched.load_state_dict(ck["scheduler"])
+        else:  # an extended run: the schedule of the new length, at the step reached
+            import warnings
+
+            sched = build_scheduler(cfg, opt, cfg.train.epochs * steps_per_epoch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+                for _ in range(int(ck["epoch"]) * steps_per_epoch):
+                    sched.step()
+            if main:
+                log.info("extending the run from %d to %d epochs: learning-rate schedule rebuilt for %d epochs",
+                         int(ck["config"]["train"]["epochs"]), cfg.train.epochs, cfg.train.epochs)
         _set_rng_state(ck["rng"])
         if scaler.is_enabled() and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
@@ -282,7 +377,9 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
         dist_utils.barrier()
     logger.close()
     if main and metrics:
-        (out / "val_metrics.json").write_text(json.dumps(metrics))
+        from ..io import write_text
+
+        write_text(out / "val_metrics.json", json.dumps(metrics))
     return (metrics, model) if return_model else metrics
 
 
