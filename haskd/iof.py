@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import HaskdError
+from .errors import HaskdError, InputError
 from .lifting import visibility
 
 log = logging.getLogger(__name__)
@@ -94,17 +94,22 @@ def sharpness(path, max_side: int = 640) -> float:
 
 
 def _load_depths(frameset, ids, step: int):
-    from PIL import Image
-
-    ds, ps = [], []
+    """Depths (F, h, w) metres at 1/step resolution and poses; an unreadable frame gets an all-invalid depth (it sees
+    nothing) and is listed in the third value."""
+    ds, ps, bad = [], [], []
     for fid in ids:
-        with Image.open(frameset.root / "depth" / f"{fid}.png") as im:
-            d = np.asarray(im, dtype=np.float32)
+        try:
+            d = frameset.read_depth(fid)
+        except InputError as e:
+            log.warning("%s; frame skipped", e)
+            bad.append(fid)
+            h, w = frameset.depth_hw or ds[0].shape
+            d = np.zeros((h, w), dtype=np.float32)
         # Strided subsampling keeps pixel j of the small map = pixel step*j of the full one, so plain scaling of K
         # by 1/step is exact in the pixel-centre convention.
-        ds.append(d[::step, ::step] / 1000.0)
+        ds.append(d[::step, ::step])
         ps.append(frameset.pose(fid))
-    return np.stack(ds), np.stack(ps)
+    return np.stack(ds), np.stack(ps), bad
 
 
 def build_visibility(points, frameset, voxel_size: float = 0.05, tau: float = 0.1, stride: int = 1,
@@ -131,15 +136,33 @@ def build_visibility(points, frameset, voxel_size: float = 0.05, tau: float = 0.
     Kd[:2] /= depth_step
     Kd[2] = (0, 0, 1)
     pts = torch.from_numpy(points)
+    bad = []
     for s in range(0, F, chunk):
         part = cand[s:s + chunk]
-        depth, pose = _load_depths(frameset, part, depth_step)
+        depth, pose, unreadable = _load_depths(frameset, part, depth_step)
+        bad += unreadable
         vis = visibility(pts, torch.from_numpy(pose).float(), torch.from_numpy(Kd).float(),
                          torch.from_numpy(depth), tau).numpy()
         point_vis[s:s + len(part)] = vis
         fi, pi = np.nonzero(vis)
         voxel_vis[s + fi, pv[pi]] = True
-    sharp = np.array([sharpness(frameset.root / "color" / f"{fid}.jpg") for fid in cand])
+    sharp = []
+    for fid in cand:
+        try:
+            sharp.append(sharpness(frameset.root / "color" / f"{fid}.jpg"))
+        except Exception as e:  # a truncated or garbage JPEG: skipped and counted, like the frame list's own skips
+            log.warning("%s: unreadable image (%s); frame skipped", frameset.root / "color" / f"{fid}.jpg",
+                        type(e).__name__)
+            bad.append(fid)
+            sharp.append(0.0)
+    sharp = np.array(sharp)
+    if bad:
+        frameset.skipped["unreadable image"] = frameset.skipped.get("unreadable image", 0) + len(set(bad))
+        keep = np.array([fid not in set(bad) for fid in cand])
+        if not keep.any():
+            raise HaskdError(f"{frameset.root}: no readable frame among the candidates")
+        cand = [f for f, k in zip(cand, keep) if k]
+        point_vis, voxel_vis, sharp = point_vis[keep], voxel_vis[keep], sharp[keep]
     quality = sharp / sharp.max() if sharp.max() > 0 else np.ones_like(sharp)
     return FrameVisibility(cand, point_vis, voxel_vis, pv, sharp, quality, float(voxel_size), float(tau))
 

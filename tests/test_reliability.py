@@ -45,11 +45,13 @@ def tiny_ckpt(path, **config_changes):
     from haskd.models import build_from_config
 
     cfg = load_config(None, TINY)
-    model = build_from_config(cfg)
     d = cfg.to_dict()
     for key, value in config_changes.items():
         sec, name = key.split("__")
         d[sec][name] = value
+    if d["model"]["name"] in ("spunet", "ptv3"):
+        cfg.data.use_normal = d["data"]["use_normal"]
+    model = build_from_config(cfg)
     save_checkpoint(path, config=d, state_dict=model.state_dict(), epoch=1)
     return path
 
@@ -248,3 +250,182 @@ def test_binary_yaml_is_one_line(data, tmp_path, capsys):
     rc, _, err = cli(capsys, "train", "--config", bad, "--data", data, "--out", tmp_path / "run")
     one_line(rc, err, bad, "not a text YAML file")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- scene arrays
+
+N = 200
+_rng = np.random.default_rng(3)
+SCENE_CASES = {
+    "non-numeric coord": (dict(coord=np.array([["a", "b", "c"]] * N)), "coord.npy", ["coord must hold numbers", "<U1"]),
+    "nan coord": (dict(coord=np.full((N, 3), np.nan)), "coord.npy", ["NaN/inf coordinates"]),
+    "coords spanning 1e7 m": (dict(coord=np.concatenate([_rng.random((N - 1, 3)), [[1e7, 0, 0]]])), "coord.npy",
+                              ["span", "not an indoor scene"]),
+    "coord (N, 2)": (dict(coord=np.zeros((N, 2), np.float32)), "coord.npy", ["coord must be (N, 3)"]),
+    "float labels": (dict(segment20=np.full(N, -0.3)), "segment20.npy", ["labels must hold integers", "float64"]),
+    "nan colour": (dict(color=np.full((N, 3), np.nan)), "color.npy", ["colour(s) with NaN/inf"]),
+    "colour out of range": (dict(color=np.full((N, 3), 300, np.int32)), "color.npy", ["colours must be 0..255", "300"]),
+    "nan normal": (dict(normal=np.full((N, 3), np.nan, np.float32)), "normal.npy", ["normal(s) with NaN/inf"]),
+    "normal wrong shape": (dict(normal=np.zeros((N, 2), np.float32)), "", ["normal must be (200, 3)"]),
+    "missing normals": (dict(normal=None), "normal.npy", ["missing file", "data.use_normal=true"]),
+    "garbage npy": ("garbage", "coord.npy", ["cannot read .npy"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCENE_CASES))
+def test_bad_scene_array_is_one_line(tmp_path, capsys, case):
+    arrays, fname, needles = SCENE_CASES[case]
+    normals = dict(normal=_rng.normal(size=(N, 3)).astype(np.float32))
+    d = scene(tmp_path / "data", **{**normals, **({} if arrays == "garbage" else arrays)})
+    if arrays == "garbage":
+        (d / "coord.npy").write_bytes(b"\x93NUMPY garbage")
+    scene(tmp_path / "data", split="val", seed=1, **normals)
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, tmp_path / "data", out, "--epochs", 1, "data.use_normal=true")
+    one_line(rc, err, d / fname if fname else d, *needles)
+    assert not out.exists()
+
+
+def test_far_coordinates_keep_their_precision(tmp_path, capsys):
+    """A georeferenced scan 5e5 m from 0: labels equal those of the same cloud at 0, and the output PLY keeps the
+    input's own coordinates (float64)."""
+    from plyfile import PlyData
+
+    from haskd.data.scene import load_scene
+
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    near = cloud(tmp_path / "near.npy", n=2000)
+    arr = np.load(near)
+    far = tmp_path / "far.npy"
+    arr[:, :3] += (5e5, 4e6, 0)
+    np.save(far, arr)
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, near, far, "--out", tmp_path / "p")
+    assert rc == 0, err
+    assert np.array_equal(np.load(tmp_path / "p" / "near_labels.npy"), np.load(tmp_path / "p" / "far_labels.npy"))
+    v = PlyData.read(str(tmp_path / "p" / "far_pred.ply"))["vertex"].data
+    assert v["x"].dtype == np.float64 and np.array_equal(v["x"], arr[:, 0]) and np.array_equal(v["y"], arr[:, 1])
+    # scene folders: float64 coordinates kept until the origin is subtracted
+    d = scene(tmp_path / "data", n=2000, coord=arr[:, :3])
+    s = load_scene(d)
+    assert np.array_equal(s.origin, [5e5, 4e6, 0]) and np.abs(s.world - arr[:, :3]).max() < 1e-6
+
+
+def test_predict_reads_ply_colour_names_and_normals(tmp_path, capsys):
+    from plyfile import PlyData, PlyElement
+
+    from haskd.engine.predict import read_points
+
+    n = 50
+    v = np.zeros(n, [("x", "f4"), ("y", "f4"), ("z", "f4"), ("diffuse_red", "u1"), ("diffuse_green", "u1"),
+                     ("diffuse_blue", "u1"), ("nx", "f4"), ("ny", "f4"), ("nz", "f4")])
+    v["x"] = np.arange(n)
+    v["diffuse_red"], v["diffuse_green"], v["diffuse_blue"], v["nz"] = 200, 10, 30, 1
+    PlyData([PlyElement.describe(v, "vertex")]).write(str(tmp_path / "d.ply"))
+    s = read_points(tmp_path / "d.ply")
+    assert (s.color == [200, 10, 30]).all() and (s.normal == [0, 0, 1]).all()
+    # a mesh without stored normals: from its faces (one triangle in the z=0 plane, counter-clockwise: +z)
+    mv = np.array([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [("x", "f4"), ("y", "f4"), ("z", "f4")])
+    faces = np.array([([0, 1, 2],)], [("vertex_indices", "i4", (3,))])
+    PlyData([PlyElement.describe(mv, "vertex"), PlyElement.describe(faces, "face")]).write(str(tmp_path / "m.ply"))
+    assert np.allclose(read_points(tmp_path / "m.ply").normal, [0, 0, 1])
+    # a model trained with normals: an input without them is refused in one line; (N, 9) .npy with normals runs
+    ck = tiny_ckpt(tmp_path / "n.pt", data__use_normal=True)
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, cloud(tmp_path / "plain.npy"), "--out", tmp_path / "p")
+    one_line(rc, err, "plain.npy", "trained with normals", "has none")
+    assert not (tmp_path / "p").exists()
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, cloud(tmp_path / "withn.npy", normals=True), "--out",
+                     tmp_path / "p")
+    assert rc == 0, err
+
+
+def test_eval_override_that_disagrees_with_the_checkpoint(tmp_path, capsys):
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    rc, _, err = cli(capsys, "eval", "--ckpt", ck, "--data", tmp_path, "model.preset=small")
+    one_line(rc, err, ck, "model.preset='small' disagrees with the checkpoint's 'tiny'")
+
+
+def test_checkpoint_whose_weights_disagree_with_its_config(tmp_path, capsys):
+    from haskd.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    c = load_checkpoint(ck)
+    c["config"]["model"]["preset"] = "small"
+    save_checkpoint(ck, **c)
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, cloud(tmp_path / "c.npy"), "--out", tmp_path / "p")
+    one_line(rc, err, ck, "weights do not match the config's model")
+    assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- frames
+
+def frames_scene(root, n_frames=4, K=None, split="train", name="s0"):
+    """A scene whose 4 frames look at its points (identity poses, points 2 m in front); 30x40 images."""
+    from haskd.data.frames import write_frame, write_intrinsics
+
+    rng = np.random.default_rng(0)
+    coord = np.concatenate([rng.uniform(-1, 1, (N, 2)), np.full((N, 1), 2.0)], 1).astype(np.float32)
+    d = scene(root, name=name, split=split, coord=coord)
+    for i in range(n_frames):
+        write_frame(d / "frames", f"{i:03d}", rng.integers(0, 255, (30, 40, 3)).astype(np.uint8),
+                    depth_m=np.full((30, 40), 2.0), pose=np.eye(4))
+    write_intrinsics(d / "frames", np.array([[30, 0, 20], [0, 30, 15], [0, 0, 1]]) if K is None else K)
+    return d
+
+
+def _depth(d, fid, arr):
+    from PIL import Image
+
+    Image.fromarray(arr).save(d / "frames" / "depth" / f"{fid}.png")
+
+
+FRAME_ERRORS = {
+    "nan intrinsics": (lambda d: frames_scene(d, K=np.full((3, 3), np.nan)), "intrinsic_color.txt", ["NaN/inf"]),
+    "zero intrinsics": (lambda d: frames_scene(d, K=np.zeros((3, 3))), "intrinsic_color.txt", ["fx, fy > 0"]),
+    "every depth of another size": (
+        lambda d: [_depth(s, f"{i:03d}", np.full((15, 20), 2000, np.uint16)) for s in [frames_scene(d)] for i in range(4)],
+        "intrinsic_depth.txt", ["principal point (20, 15) is not near the centre of the 20x15 images"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAME_ERRORS))
+def test_bad_frames_are_one_line(tmp_path, capsys, case):
+    make, fname, needles = FRAME_ERRORS[case]
+    make(tmp_path / "data")
+    d = tmp_path / "data" / "train" / "s0" / "frames" / "intrinsic" / fname
+    rc, _, err = cli(capsys, "frames", "select", "--data", tmp_path / "data", "--policy", "uniform", "--k", 2,
+                     "--out", tmp_path / "sel")
+    one_line(rc, err, d, *needles)
+    assert not (tmp_path / "sel").exists()
+    # teacher training reads the same frames (NaN intrinsics used to crash it with a segfault)
+    frames_scene(tmp_path / "data", split="val", name="v0")
+    rc, _, err = train(capsys, tmp_path / "data", tmp_path / "run", "--epochs", 1, "role=teacher")
+    one_line(rc, err, d, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def _truncate_jpg(d, fid):
+    p = d / "frames" / "color" / f"{fid}.jpg"
+    p.write_bytes(p.read_bytes()[:200])
+
+
+FRAME_SKIPS = {
+    "one depth of another size": (lambda d: _depth(d, "001", np.full((15, 20), 2000, np.uint16)), "depth of another size"),
+    "8-bit depth": (lambda d: _depth(d, "001", np.full((30, 40), 200, np.uint8)), "depth not 16-bit"),
+    "garbage depth png": (lambda d: (d / "frames" / "depth" / "001.png").write_bytes(b"\x89PNG garbage"),
+                          "unreadable image"),
+    "truncated jpg": (lambda d: _truncate_jpg(d, "001"), "unreadable image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAME_SKIPS))
+def test_unusable_frame_is_a_counted_skip(tmp_path, capsys, caplog, case):
+    import json
+
+    spoil, reason = FRAME_SKIPS[case]
+    spoil(frames_scene(tmp_path / "data"))
+    rc, _, err = cli(capsys, "frames", "select", "--data", tmp_path / "data", "--policy", "uniform", "--k", 3,
+                     "--out", tmp_path / "sel")
+    assert rc == 0, err
+    chosen = json.loads((tmp_path / "sel" / "frames_uniform_k3.json").read_text())["s0"]["ids"]
+    assert "001" not in chosen and len(chosen) == 3
+    assert reason in caplog.text

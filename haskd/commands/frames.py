@@ -100,7 +100,11 @@ def _scenes(args):
 
     for d in list_scenes(args.data, args.split):
         fdir = ensure_frames(d, num_views=args.num_views)
-        yield load_scene(d), open_frames(fdir, strict=True)
+        scene = load_scene(d)
+        fs = open_frames(fdir, strict=True)
+        if fdir == d / "frames":  # real frames: poses in the input's frame (virtual ones: the scene's own)
+            fs.origin = scene.origin
+        yield scene, fs
 
 
 def run_select(args) -> int:
@@ -108,11 +112,13 @@ def run_select(args) -> int:
 
     if args.k < 1:
         raise HaskdError(f"--k must be >= 1, got {args.k}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io import make_dir
+
     mc = _entropy_model(args.ckpt) if args.policy == "iof" else None
+    scenes = list(_scenes(args))  # every scene and frame list checked before the output folder is made
+    out = make_dir(args.out)
     result = {}
-    for scene, fs in _scenes(args):
+    for scene, fs in scenes:
         ent, emax = _point_entropy(mc, scene)
         r = select_frames(scene.coord, fs, args.k, args.policy, args.voxel_size, args.tau, args.lam, ent,
                           args.seed, args.stride, entropy_max=emax, quality_power=args.quality_power)

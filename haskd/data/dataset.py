@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .scene import list_scenes, load_scene
 from .transforms import augment, crop, make_features, voxel_mean, voxelize
 
@@ -22,6 +23,10 @@ class SceneDataset(torch.utils.data.Dataset):
                  augment=True, seed=0, repeat=1, need_labels=True, scenes=None):
         self.dirs = [Path(p) for p in scenes] if scenes is not None else list_scenes(root, split)
         self.scenes = [load_scene(p, num_classes=num_classes, need_labels=need_labels) for p in self.dirs]
+        if use_normal:  # zeros in place of missing normals would give a silently different network input
+            for sc in self.scenes:
+                if sc.normal is None:
+                    raise InputError(Path(sc.path) / "normal.npy", "missing file (the config has data.use_normal=true)")
         self.num_classes = num_classes
         self.voxel_size = voxel_size
         self.train = train

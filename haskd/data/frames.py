@@ -6,8 +6,9 @@
     frames/intrinsic/intrinsic_color.txt  4x4 (fx, fy, cx, cy in the top-left 3x3)
     frames/intrinsic/intrinsic_depth.txt  4x4, for the depth image size
 
-Frames with a non-finite pose (ScanNet has ``-inf`` poses), a colour image without depth, or an unreadable file are
-skipped and counted, never used.
+Frames with a non-finite pose (ScanNet has ``-inf`` poses), a colour image without depth, an unreadable image or
+pose, a depth image that is not 16-bit or not of the sequence's size are skipped and counted, never used.
+Intrinsics that are not finite, have fx or fy <= 0, or do not fit the images' size stop with one line.
 """
 from __future__ import annotations
 
@@ -39,16 +40,73 @@ class FrameSet:
     K_color: np.ndarray
     K_depth: np.ndarray
     skipped: dict = field(default_factory=dict)  # reason -> count
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(3))  # the scene's origin (see Scene.origin)
+    depth_hw: tuple = ()                         # (h, w) of every usable depth image
 
     def pose(self, fid) -> np.ndarray:
-        return read_pose(self.root / "pose" / f"{fid}.txt")
+        """Camera-to-world, in the scene's local frame (world minus the scene's origin)."""
+        m = read_pose(self.root / "pose" / f"{fid}.txt")
+        m[:3, 3] -= self.origin
+        return m
+
+    def read_color(self, fid) -> np.ndarray:
+        """(H, W, 3) uint8; an unreadable (truncated, garbage) file raises :class:`InputError` naming it."""
+        return _read_image(self.root / "color" / f"{fid}.jpg", "RGB")
+
+    def read_depth(self, fid) -> np.ndarray:
+        """(h, w) float32 metres; unreadable, not 16-bit, or of another size than the others: :class:`InputError`."""
+        path = self.root / "depth" / f"{fid}.png"
+        d = _read_image(path, None)
+        if d.dtype != np.uint16 and d.dtype != np.int32:
+            raise InputError(path, f"depth must be a 16-bit PNG in millimetres, got {d.dtype}")
+        if self.depth_hw and d.shape != tuple(self.depth_hw):
+            raise InputError(path, f"depth of size {d.shape[1]}x{d.shape[0]}, the others are "
+                                   f"{self.depth_hw[1]}x{self.depth_hw[0]}")
+        return d.astype(np.float32) / 1000.0
 
     def load(self, fid, color: bool = True) -> Frame:
-        from PIL import Image
+        c = self.read_color(fid) if color else None
+        return Frame(fid, c, self.read_depth(fid), self.pose(fid), self.K_color, self.K_depth)
 
-        c = np.asarray(Image.open(self.root / "color" / f"{fid}.jpg").convert("RGB")) if color else None
-        d = np.asarray(Image.open(self.root / "depth" / f"{fid}.png"), dtype=np.float32) / 1000.0
-        return Frame(fid, c, d, self.pose(fid), self.K_color, self.K_depth)
+
+def _read_image(path, mode) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if mode is None and im.mode in ("I;16", "I;16B", "I;16L"):
+                return np.array(im, dtype=np.uint16)
+            return np.asarray(im.convert(mode) if mode else im)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for truncated or garbage files
+        raise InputError(path, f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def _header(path):
+    """(mode, (h, w)) from an image's header, or None when the header is unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode, (im.height, im.width)
+    except Exception:
+        return None
+
+
+def check_intrinsic(K, path, hw=None) -> np.ndarray:
+    """Refuse intrinsics that are not finite or have fx, fy <= 0, and (given the image size ``hw``) a principal
+    point far from the image centre (intrinsics of another image size): one line naming the file."""
+    K = np.asarray(K, dtype=np.float64)
+    if not np.isfinite(K).all():
+        raise InputError(path, "intrinsics hold NaN/inf")
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    if fx <= 0 or fy <= 0:
+        raise InputError(path, f"intrinsics need fx, fy > 0, got fx={fx:g} fy={fy:g}")
+    if hw:
+        h, w = hw
+        if not (0.25 * w <= cx <= 0.75 * w and 0.25 * h <= cy <= 0.75 * h):
+            raise InputError(path, f"principal point ({cx:g}, {cy:g}) is not near the centre of the {w}x{h} "
+                                   f"images: intrinsics for another image size?")
+    return K
 
 
 def read_matrix(path) -> np.ndarray:
@@ -120,8 +178,10 @@ def open_frames(frames_dir, strict: bool = False):
     K_color = read_intrinsic(intr / "intrinsic_color.txt")
     kd = intr / "intrinsic_depth.txt"
     K_depth = read_intrinsic(kd) if kd.is_file() else K_color.copy()
+    check_intrinsic(K_color, intr / "intrinsic_color.txt")
+    check_intrinsic(K_depth, kd if kd.is_file() else intr / "intrinsic_color.txt")
     skipped = {}
-    ids = []
+    ids, depth_hw, color_hw = [], {}, {}
     for p in sorted((d / "color").glob("*.jpg")):
         fid = p.stem
         reason = None
@@ -136,17 +196,34 @@ def open_frames(frames_dir, strict: bool = False):
                     reason = "non-finite pose"
             except InputError:
                 reason = "unreadable pose"
+        if not reason:  # image headers only (cheap); a file truncated after its header is caught when read
+            ch, dh = _header(p), _header(d / "depth" / f"{fid}.png")
+            if ch is None or dh is None:
+                reason = "unreadable image"
+            elif dh[0] not in ("I;16", "I;16B", "I;16L", "I"):
+                reason = "depth not 16-bit"
+            else:
+                depth_hw[fid], color_hw[fid] = dh[1], ch[1]
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
         else:
             ids.append(fid)
+    if ids:  # depth images of one size: frames of another size are skipped (their intrinsics would not fit)
+        sizes = [depth_hw[f] for f in ids]
+        common = max(set(sizes), key=sizes.count)
+        other = [f for f in ids if depth_hw[f] != common]
+        if other:
+            skipped["depth of another size"] = len(other)
+            ids = [f for f in ids if depth_hw[f] == common]
+        check_intrinsic(K_depth, kd if kd.is_file() else intr / "intrinsic_color.txt", common)
+        check_intrinsic(K_color, intr / "intrinsic_color.txt", color_hw[ids[0]])
     if skipped:
         log.warning("%s: skipped %s", d, ", ".join(f"{n} frame(s) with {r}" for r, n in sorted(skipped.items())))
     if not ids:
         if strict:
             raise InputError(d, f"no usable frame ({skipped})")
         return None
-    return FrameSet(d, ids, K_color, K_depth, skipped)
+    return FrameSet(d, ids, K_color, K_depth, skipped, depth_hw=common)
 
 
 def scale_intrinsic(K, sx: float, sy: float) -> np.ndarray:

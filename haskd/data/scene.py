@@ -29,13 +29,19 @@ LABEL_FILES = ("segment20.npy", "segment.npy")
 @dataclass
 class Scene:
     name: str
-    coord: np.ndarray                      # (N, 3) float32
+    coord: np.ndarray                      # (N, 3) float32, relative to ``origin``
     color: np.ndarray                      # (N, 3) uint8
     segment: Optional[np.ndarray] = None   # (N,) int64, -1 ignore
     normal: Optional[np.ndarray] = None    # (N, 3) float32
     instance: Optional[np.ndarray] = None  # (N,) int64
     path: Optional[Path] = None
     extras: dict = field(default_factory=dict)
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(3))  # (3,) float64: world = coord + origin
+
+    @property
+    def world(self) -> np.ndarray:
+        """(N, 3) float64 coordinates in the input's own frame (what outputs are written in)."""
+        return self.coord.astype(np.float64) + self.origin
 
     @property
     def num_points(self) -> int:
@@ -49,11 +55,61 @@ class Scene:
         return d if d.is_dir() else None
 
 
-def _load_npy(path: Path) -> np.ndarray:
+# Float32 keeps about 7 significant digits: beyond this distance from the origin (metres) a millimetre is lost, so
+# scenes further out (georeferenced scans) are moved to a per-scene origin while still in float64.
+FAR = 1.0e4
+# Indoor scenes in metres span tens of metres; a span beyond this is a unit or export error (mm, or garbage).
+MAX_SPAN = 1.0e4
+
+
+def _load_npy(path: Path, what: str = "", kinds: str = "biuf") -> np.ndarray:
+    """Read an .npy file that must hold numbers of the dtype kinds ``kinds`` (numpy's b, i, u, f)."""
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError for broken files
-        raise InputError(path, f"cannot read .npy ({type(e).__name__}: {e})") from None
+        raise InputError(path, f"cannot read .npy ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if arr.dtype.kind not in kinds:
+        want = {"iu": "integers", "biu": "integers", "biuf": "numbers", "iuf": "numbers", "f": "floats"}.get(kinds, kinds)
+        raise InputError(path, f"{what or 'array'} must hold {want}, got dtype {arr.dtype}")
+    return arr
+
+
+def to_local(coord: np.ndarray, where) -> tuple:
+    """(float32 coordinates, float64 origin): coordinates far from 0 are moved by a per-scene origin (whole
+    metres) while still in float64, so float32 keeps sub-millimetre precision; near ones keep origin 0 (unchanged)."""
+    coord = np.asarray(coord)
+    if coord.ndim != 2 or coord.shape[1] != 3:
+        raise InputError(where, f"coord must be (N, 3), got {coord.shape}")
+    if coord.shape[0] == 0:
+        raise InputError(where, "empty scene (0 points)")
+    c64 = coord.astype(np.float64, copy=False)
+    finite = np.isfinite(c64)
+    if not finite.all():
+        bad = int((~finite).any(1).sum())
+        raise InputError(where, f"{bad} point(s) with NaN/inf coordinates")
+    lo, hi = c64.min(0), c64.max(0)
+    span = float((hi - lo).max())
+    if span > MAX_SPAN:
+        raise InputError(where, f"coordinates span {span:.3g} m (more than {MAX_SPAN:.0f} m): not an indoor scene "
+                                f"in metres (millimetres? a stray point?)")
+    origin = np.zeros(3)
+    if np.abs(c64).max() > FAR:
+        origin = np.floor(lo)
+    return (c64 - origin).astype(np.float32), origin
+
+
+def colors_to_uint8(color: np.ndarray, where) -> np.ndarray:
+    """Colours as uint8 0..255; float colours in 0..1 or 0..255 are scaled; anything else is refused."""
+    if color.dtype == np.uint8:
+        return color
+    c = np.asarray(color, dtype=np.float64)
+    if c.size and not np.isfinite(c).all():
+        raise InputError(where, f"{int((~np.isfinite(c)).any(-1).sum())} colour(s) with NaN/inf")
+    if c.size and (c.min() < 0 or c.max() > 255):
+        raise InputError(where, f"colours must be 0..255 (or 0..1), got {c.min():g}..{c.max():g}")
+    if c.size and c.max() <= 1.0 and color.dtype.kind == "f":  # exporters store colours as 0..1 floats
+        c = c * 255.0
+    return np.clip(np.round(c), 0, 255).astype(np.uint8)
 
 
 def validate(scene: Scene, where, num_classes: Optional[int] = None, need_labels: bool = False) -> Scene:
@@ -69,8 +125,12 @@ def validate(scene: Scene, where, num_classes: Optional[int] = None, need_labels
     n = c.shape[0]
     if scene.color.shape != (n, 3):
         raise InputError(where, f"color must be ({n}, 3), got {scene.color.shape}")
-    if scene.normal is not None and scene.normal.shape != (n, 3):
-        raise InputError(where, f"normal must be ({n}, 3), got {scene.normal.shape}")
+    if scene.normal is not None:
+        if scene.normal.shape != (n, 3):
+            raise InputError(where, f"normal must be ({n}, 3), got {scene.normal.shape}")
+        if not np.isfinite(scene.normal).all():
+            bad = int((~np.isfinite(scene.normal)).any(1).sum())
+            raise InputError(where, f"{bad} normal(s) with NaN/inf")
     if scene.segment is not None:
         s = scene.segment
         if s.shape != (n,):
@@ -88,29 +148,33 @@ def validate(scene: Scene, where, num_classes: Optional[int] = None, need_labels
 
 
 def load_scene(path, num_classes: Optional[int] = None, need_labels: bool = False) -> Scene:
-    """Read one scene folder. Raises :class:`InputError` (one line: file and reason) on bad input."""
+    """Read one scene folder. Raises :class:`InputError` (one line: file and reason) on bad input: a missing or
+    unreadable file, a non-numeric array, NaN/inf coordinates, colours or normals, float labels, shapes that
+    disagree, labels out of range. Coordinates far from 0 get a per-scene origin (``Scene.origin``)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(path, "scene folder not found")
     for name in ("coord.npy", "color.npy"):
         if not (path / name).is_file():
             raise InputError(path / name, "missing file")
-    coord = _load_npy(path / "coord.npy").astype(np.float32, copy=False)
-    color = _load_npy(path / "color.npy")
-    if color.dtype != np.uint8:
-        # Some exporters store colours as float 0..255 or 0..1.
-        color = np.asarray(color, dtype=np.float64)
-        if color.size and color.max() <= 1.0:
-            color = color * 255.0
-        color = np.clip(np.round(color), 0, 255).astype(np.uint8)
+    coord, origin = to_local(_load_npy(path / "coord.npy", "coord", "iuf"), path / "coord.npy")
+    color = colors_to_uint8(_load_npy(path / "color.npy", "color", "iuf"), path / "color.npy")
     segment = None
     for name in LABEL_FILES:
         if (path / name).is_file():
-            segment = _load_npy(path / name).astype(np.int64).reshape(-1)
+            # float labels would be truncated (-0.3 -> class 0): refused, not guessed
+            segment = _load_npy(path / name, "labels", "iu").astype(np.int64).reshape(-1)
             break
-    normal = _load_npy(path / "normal.npy").astype(np.float32) if (path / "normal.npy").is_file() else None
-    instance = _load_npy(path / "instance.npy").astype(np.int64).reshape(-1) if (path / "instance.npy").is_file() else None
-    scene = Scene(path.name, coord, color, segment, normal, instance, path=path)
+    normal = None
+    if (path / "normal.npy").is_file():
+        normal = _load_npy(path / "normal.npy", "normal", "iuf").astype(np.float32)
+        if normal.shape == coord.shape and not np.isfinite(normal).all():
+            bad = int((~np.isfinite(normal)).any(1).sum())
+            raise InputError(path / "normal.npy", f"{bad} normal(s) with NaN/inf")
+    instance = None
+    if (path / "instance.npy").is_file():
+        instance = _load_npy(path / "instance.npy", "instance ids", "iu").astype(np.int64).reshape(-1)
+    scene = Scene(path.name, coord, color, segment, normal, instance, path=path, origin=origin)
     return validate(scene, path, num_classes=num_classes, need_labels=need_labels)
 
 
@@ -118,9 +182,21 @@ def load_scene(path, num_classes: Optional[int] = None, need_labels: bool = Fals
 def atomic_dir(path):
     """Build a folder in a temporary sibling and yield it; on success it replaces ``path`` in one rename, on any
     error (or interruption) it is removed, so ``path`` is never left half-written."""
+    from ..io import make_dir
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    make_dir(path.parent)
+    sweep_temp_dirs(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
+    except OSError as e:
+        from ..io import os_error
+
+        raise os_error(e, path) from None
+    # mkdtemp makes a private folder (0700): give the scene the permissions of any new folder (others can read it)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if path.exists():
@@ -129,6 +205,25 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sweep_temp_dirs(path) -> list:
+    """Remove temp folders of :func:`atomic_dir` for ``path`` (``.<name>.<pid>.<random>``) whose process is gone
+    (a killed ``prepare``); returns the removed folders."""
+    from ..io import _alive
+
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = f".{path.name}."
+    for p in path.parent.iterdir():
+        rest = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        pid = rest.split(".", 1)[0]
+        if p.is_dir() and "." in rest and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def write_scene(path, coord, color, segment=None, normal=None, instance=None, label_name="segment20.npy",

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..data.frames import open_frames, scale_intrinsic
-from ..errors import HaskdError
+from ..errors import HaskdError, InputError
 from ..lifting import lift
 from .image_unet import ImageUNet
 
@@ -153,14 +153,24 @@ def load_frames(frameset, ids, image_hw) -> dict:
     H, W = image_hw
     cols, deps, poses = [], [], []
     K_color = None
+    kept = []
     for fid in ids:
-        fr = frameset.load(fid)
+        try:
+            fr = frameset.load(fid)
+        except InputError as e:  # truncated after a readable header: skipped and counted, like open_frames' skips
+            log.warning("%s; frame skipped", e)
+            frameset.skipped["unreadable image"] = frameset.skipped.get("unreadable image", 0) + 1
+            continue
+        kept.append(fid)
         h0, w0 = fr.color.shape[:2]
         img = Image.fromarray(fr.color).resize((W, H), Image.BILINEAR)
         cols.append(np.asarray(img).transpose(2, 0, 1))
         deps.append(fr.depth)
         poses.append(fr.pose)
         K_color = scale_intrinsic(fr.K_color, W / w0, H / h0)
+    if not kept:
+        raise InputError(frameset.root, "no readable frame among the chosen ones")
+    ids = kept
     dshapes = {d.shape for d in deps}
     if len(dshapes) != 1:
         raise HaskdError(f"{frameset.root}: depth images of different sizes {sorted(dshapes)}")
@@ -179,6 +189,8 @@ def choose_frames(scene, cfg, frames_root=None, point_entropy=None):
     fs = open_frames(fdir)
     if fs is None:
         return None, [], {}
+    if fdir == scene.path / "frames":  # real frames: poses in the input's frame (virtual ones: the scene's own)
+        fs.origin = scene.origin
     sel = select_frames(scene.coord, fs, k=t.num_frames, policy=t.frame_policy, voxel_size=cfg.data.voxel_size,
                         tau=t.depth_tau, point_entropy=point_entropy, seed=cfg.train.seed, stride=t.frame_stride)
     return fs, sel["ids"], sel
@@ -197,7 +209,10 @@ def attach_frames(dataset, cfg, selections: dict = None, pool: bool = False):
         if selections and scene.name in selections:
             from ..virtual_views import ensure_frames
 
-            fs = open_frames(ensure_frames(scene.path, num_views=cfg.teacher.virtual_views))
+            fdir = ensure_frames(scene.path, num_views=cfg.teacher.virtual_views)
+            fs = open_frames(fdir)
+            if fs is not None and fdir == scene.path / "frames":  # real frames: poses in the input's frame
+                fs.origin = scene.origin
             ids = list(selections[scene.name])
         else:
             fs, ids, _ = choose_frames(scene, cfg)
