@@ -14,7 +14,9 @@ follow the conventions of :mod:`haskd.lifting` (OpenCV axes, camera-to-world pos
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -143,22 +145,43 @@ def render_views(coord, color, num_views: int = 20, image_size=(240, 320), fov_d
     return views
 
 
+def cache_root() -> Path:
+    """Where rendered views are kept: ``$HASKD_CACHE``, else ``$XDG_CACHE_HOME/haskd``, else ``~/.cache/haskd``."""
+    if os.environ.get("HASKD_CACHE"):
+        return Path(os.environ["HASKD_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "haskd"
+
+
+def virtual_dir(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0, seed: int = 0) -> Path:
+    """The cache folder of a scene's rendered views: named after the scene, its points file (path, size, mtime)
+    and the rendering settings, so edited points or other settings render anew."""
+    scene_dir = Path(scene_dir).resolve()
+    st = (scene_dir / "coord.npy").stat()
+    key = f"{scene_dir}|{st.st_size}|{st.st_mtime_ns}|{num_views}|{tuple(image_size)}|{fov_deg}|{seed}"
+    return cache_root() / "virtual_views" / f"{scene_dir.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
 def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0, seed: int = 0,
                   overwrite: bool = False) -> Path:
-    """Return a usable frames folder for a scene: its real ``frames/`` when it has one (real frames win),
-    else ``frames_virtual/``, rendered and written (ScanNet layout) when missing or when ``overwrite``.
+    """Return a usable frames folder for a scene: its real ``frames/`` when it has one (real frames win), else its
+    ``frames_virtual/`` when one was made beforehand (by a prepare step or an older haskd), else rendered views in
+    the cache (:func:`virtual_dir`), rendered and written (ScanNet layout) when missing or when ``overwrite``.
 
-    The folder is written into a temporary sibling and renamed, so an interrupted run leaves no half folder.
+    The input data are never written to (a read-only dataset works). The cache folder is written into a temporary
+    sibling and renamed, so an interrupted run leaves no half folder.
     """
     from .data.scene import load_scene, atomic_dir
 
     scene_dir = Path(scene_dir)
     if open_frames(scene_dir / "frames") is not None:
         return scene_dir / "frames"
-    out = scene_dir / VIRTUAL_DIR
+    if not overwrite and open_frames(scene_dir / VIRTUAL_DIR) is not None:
+        return scene_dir / VIRTUAL_DIR
+    scene = load_scene(scene_dir)
+    out = virtual_dir(scene_dir, num_views, image_size, fov_deg, seed)
     if not overwrite and open_frames(out) is not None:
         return out
-    scene = load_scene(scene_dir)
     views = render_views(scene.coord, scene.color, num_views, image_size, fov_deg, seed)
     if not any((d > 0).any() for _, d, _, _ in views):
         raise InputError(scene_dir, "virtual views: no point projects into any rendered view")

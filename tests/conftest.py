@@ -24,6 +24,18 @@ def shared_data():
     return p
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _view_cache(tmp_path_factory):
+    # rendered virtual views go to a cache folder (never into the input data): keep the tests' out of ~/.cache
+    old = os.environ.get("HASKD_CACHE")
+    os.environ["HASKD_CACHE"] = str(tmp_path_factory.mktemp("haskd_cache"))
+    yield
+    if old is None:
+        os.environ.pop("HASKD_CACHE", None)
+    else:
+        os.environ["HASKD_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tests are many small ops on 2 shared cores: 2 OpenMP threads mostly wait on each other (measured up to 5x

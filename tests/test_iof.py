@@ -128,7 +128,7 @@ def test_frames_cli_select_and_coverage(tmp_path):
     sel = json.loads((tmp_path / "sel" / "frames_iof_k2.json").read_text())
     assert set(sel) == {"room_a", "room_b"} and len(sel["room_a"]["ids"]) == 2
     assert (tmp_path / "sel" / "room_a_iof.png").is_file()
-    assert (tmp_path / "data" / "val" / "room_a" / "frames_virtual" / "pose").is_dir()
+    assert not (tmp_path / "data" / "val" / "room_a" / "frames_virtual").exists()  # views go to the cache
     args = parser.parse_args(["frames", "coverage", *common, "--ks", "1,2", "--seeds", "0,1",
                               "--out", str(tmp_path / "cov.md")])
     assert args.func(args) == 0

@@ -1,4 +1,7 @@
 """Virtual views: splatted depth is consistent with the points, lifting the rendered colours recovers point colours."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +91,11 @@ def test_render_views_depth_consistent_and_lifting_recovers_colours():
 def test_ensure_frames_writes_virtual_and_prefers_real(tmp_path):
     coord, color = _room()
     scene = write_scene(tmp_path / "train" / "room", coord[::2], color[::2])
+    before = sorted(p.name for p in scene.iterdir())
     d = ensure_frames(scene, num_views=3, image_size=(30, 40))
-    assert d == scene / "frames_virtual"
+    assert d.parent.parent == Path(os.environ["HASKD_CACHE"]) and d.name.startswith("room-")
+    assert sorted(p.name for p in scene.iterdir()) == before  # the input is never written to
+    assert d.stat().st_mode & 0o077 != 0  # a normal folder (others may read it), not mkdtemp's private 0700
     fs = open_frames(d, strict=True)
     assert len(fs.ids) == 3
     f = fs.load(fs.ids[0])
