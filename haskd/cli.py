@@ -92,6 +92,12 @@ def cmd_eval(args):
     for item in args.overrides:  # model.module=FILE on the command line is the user's own choice, like --module
         if item.startswith("model.module="):
             module = item.split("=", 1)[1]
+    if args.out:  # an unwritable --out fails now, not after the evaluation
+        from pathlib import Path
+
+        from .io import make_dir
+
+        make_dir(Path(args.out).parent)
     model, cfg = load_model(args.ckpt, return_config=True, module=module)
     before = cfg.to_dict()
     apply_overrides(cfg, [o for o in args.overrides if not o.startswith("model.module=")])
@@ -122,10 +128,9 @@ def cmd_eval(args):
         result["tta"] = {k: t[k] for k in ("miou", "macc", "allacc", "per_class_iou")}
     print(format_metrics(result))
     if args.out:
-        from pathlib import Path
+        from .io import write_text
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_text(args.out, json.dumps(result, indent=1))
     return 0
 
 

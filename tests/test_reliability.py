@@ -22,7 +22,7 @@ def cli(capsys, *args):
     except SystemExit as e:  # argparse errors
         rc = e.code
     out, err = capsys.readouterr()
-    return rc, out, [ln for ln in err.splitlines() if ln.strip()]
+    return rc, out, [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]  # progress bars are not messages
 
 
 def one_line(rc, err, *needles):
@@ -429,3 +429,122 @@ def test_unusable_frame_is_a_counted_skip(tmp_path, capsys, caplog, case):
     chosen = json.loads((tmp_path / "sel" / "frames_uniform_k3.json").read_text())["s0"]["ids"]
     assert "001" not in chosen and len(chosen) == 3
     assert reason in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- writes
+
+def _fail_after_partial(errno_):
+    """A write function that leaves half a file, then fails like the OS would."""
+    def write(*args, **kwargs):
+        target = next((a for a in args if isinstance(a, (str, os.PathLike))), None)
+        if target is not None:
+            with open(target, "wb") as f:
+                f.write(b"half")
+        raise OSError(errno_, os.strerror(errno_))
+    return write
+
+
+def test_disk_full_in_train_leaves_no_partial_checkpoint(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", _fail_after_partial(errno.ENOSPC))
+    rc, _, err = train(capsys, data, out, "--epochs", 1)
+    one_line(rc, err, out / "best.pt", "cannot write", "disk full")
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists() and leftovers(out) == []
+    monkeypatch.undo()
+    assert train(capsys, data, out, "--resume", "--epochs", 1)[0] == 0  # the run that never saved starts clean
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_disk_full_in_predict_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import plyfile
+
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    monkeypatch.setattr(plyfile.PlyData, "write", lambda self, path: _fail_after_partial(errno.ENOSPC)(path))
+    rc, _, err = cli(capsys, "predict", "--ckpt", ck, cloud(tmp_path / "c.npy"), "--out", tmp_path / "p")
+    one_line(rc, err, "c_pred.ply", "disk full")
+    assert list((tmp_path / "p").iterdir()) == []  # neither the labels nor a truncated PLY, no temp file
+
+
+SMALL = ["--train", 1, "--val", 1, "--points-per-m2", 30, "--frames", 2, "--image-size", 24, 32, "--no-progress"]
+
+
+def test_disk_full_in_prepare_leaves_no_partial_scene(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import haskd.data.scene as S
+
+    real = np.save
+    calls = []
+
+    def save(path, arr, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:
+            _fail_after_partial(errno.ENOSPC)(path)
+        real(path, arr, *a, **k)
+
+    monkeypatch.setattr(S.np, "save", save)
+    out = tmp_path / "syn"
+    rc, _, err = cli(capsys, "prepare", "synthetic", "--out", out, *SMALL)
+    one_line(rc, err, out / "train", "disk full")
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temp folder left
+    assert not any((p / "coord.npy").exists() and not (p / "color.npy").exists() for p in out.rglob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "prepare"])
+def test_read_only_output_is_one_line(data, tmp_path, capsys, monkeypatch, command):
+    """A read-only --out (monkeypatched: tests run as root, for whom chmod does not bite)."""
+    import errno
+    import pathlib
+
+    ro = tmp_path / "ro"
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(ro)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    args = {"train": ["train", "--data", data, "--out", ro / "run", *RUN, "--epochs", 1],
+            "eval": ["eval", "--ckpt", ck, "--data", data, "--out", ro / "m.json", "--device", "cpu"],
+            "predict": ["predict", "--ckpt", ck, cloud(tmp_path / "c.npy"), "--out", ro / "p"],
+            "prepare": ["prepare", "synthetic", "--out", ro / "syn", *SMALL]}[command]
+    rc, _, err = cli(capsys, *args)
+    one_line(rc, err, ro, "read-only")
+    assert not ro.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "eval"])
+def test_out_that_is_a_file(data, tmp_path, capsys, command):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    ck = tiny_ckpt(tmp_path / "m.pt")
+    args = {"train": ["train", "--data", data, "--out", f, *RUN, "--epochs", 1],
+            "predict": ["predict", "--ckpt", ck, cloud(tmp_path / "c.npy"), "--out", f],
+            "eval": ["eval", "--ckpt", ck, "--data", data, "--out", f / "m.json", "--device", "cpu"]}[command]
+    rc, _, err = cli(capsys, *args)
+    one_line(rc, err, f, "is a file")
+    assert f.read_text() == "mine"
+
+
+def test_prepared_scenes_are_readable_by_others_and_killed_temp_folders_are_swept(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert cli(capsys, "prepare", "synthetic", "--out", out, *SMALL)[0] == 0
+    room = next(p for p in (out / "train").iterdir() if p.is_dir())
+    assert room.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
+    stale = room.parent / f".{room.name}.999999.abcd1234"  # what a killed prepare leaves (its pid is gone)
+    stale.mkdir()
+    (stale / "coord.npy").write_bytes(b"half")
+    assert cli(capsys, "prepare", "synthetic", "--out", out, *SMALL, "--overwrite")[0] == 0
+    assert not stale.exists()
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -202,8 +202,12 @@ def atomic_dir(path):
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, read-only: one line naming the scene being written
+            from ..io import os_error
+
+            raise os_error(e, path) from None
         raise
 
 

@@ -92,7 +92,7 @@ def read_points(path) -> Scene:
     return validate(scene, path)
 
 
-def write_ply(path, coord, color, labels=None):
+def write_ply(path, coord, color, labels=None, atomic=True):
     from plyfile import PlyData, PlyElement
 
     coord = np.asarray(coord)
@@ -105,10 +105,14 @@ def write_ply(path, coord, color, labels=None):
     v["red"], v["green"], v["blue"] = color[:, 0], color[:, 1], color[:, 2]
     if labels is not None:
         v["label"] = labels
+    data = PlyData([PlyElement.describe(v, "vertex")], text=False)
+    if not atomic:
+        data.write(str(path))
+        return
     from ..io import atomic_write
 
     with atomic_write(path) as tmp:  # never a truncated PLY under its final name (disk full, kill)
-        PlyData([PlyElement.describe(v, "vertex")], text=False).write(str(tmp))
+        data.write(str(tmp))
 
 
 def predict_file(model, cfg, inp, out_dir, device="cpu", tta=False) -> dict:
@@ -126,10 +130,12 @@ def predict_file(model, cfg, inp, out_dir, device="cpu", tta=False) -> dict:
     out = make_dir(out_dir)
     npy = out / f"{scene.name}_labels.npy"
     ply = out / f"{scene.name}_pred.ply"
-    with atomic_write(npy) as tmp:
-        with open(tmp, "wb") as f:
+    # both files are written to temp names and renamed only when both are complete (a full disk leaves neither)
+    with atomic_write(npy) as tmp_npy, atomic_write(ply) as tmp_ply:
+        with open(tmp_npy, "wb") as f:
             np.save(f, labels)
-    write_ply(ply, scene.extras.get("coord64", scene.coord), colorize(labels, cfg.data.dataset), labels)
+        write_ply(tmp_ply, scene.extras.get("coord64", scene.coord), colorize(labels, cfg.data.dataset), labels,
+                  atomic=False)
     names = class_names(cfg.data.dataset)
     counts = np.bincount(labels, minlength=cfg.data.num_classes)
     return {"labels": str(npy), "ply": str(ply), "points": int(labels.shape[0]),

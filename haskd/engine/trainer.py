@@ -207,8 +207,8 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
         lock = RunLock(out)
     try:
         if main:
-            if overwrite and not resuming:
-                clear_run(out)
+            if (overwrite or resume is True) and not resuming:
+                clear_run(out)  # --overwrite, or --resume of a run that never saved an epoch: start clean
             for p in sweep_temp(out):
                 log.info("removed %s (left by an interrupted save)", p)
             write_text(out / "config.yaml", _yaml(cfg))
