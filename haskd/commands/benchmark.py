@@ -49,7 +49,13 @@ def _config(args):
 
     if args.ckpt and not args.config:
         cfg = from_dict(load_checkpoint(args.ckpt)["config"], source=str(args.ckpt))
+        stored, cfg.model.module = cfg.model.module, ""  # never import code a checkpoint names (see load_model)
         apply_overrides(cfg, args.overrides)
+        if stored and not cfg.model.module:
+            from ..errors import InputError
+
+            raise InputError(args.ckpt, f"its config names user code (model.module={stored}) and haskd never imports "
+                                        f"code named in a checkpoint; if you trust that file, pass model.module={stored}")
     else:
         cfg = load_config(args.config, args.overrides)
     cfg.data.root = args.data
