@@ -78,8 +78,11 @@ def test_autocast_dtype_choice():
     assert autocast_dtype(c, cpu) is torch.bfloat16 and autocast_dtype(c, cuda) is torch.bfloat16
     c = load_config("scannet20_haskd", ["optim.amp_dtype=bfloat16", "optim.amp=false"])
     assert autocast_dtype(c, cpu) is None and autocast_dtype(c, cuda) is None
+    with pytest.raises(HaskdError, match="'optim.amp_dtype' must be one of float16, bfloat16, got 'fp8'"):
+        load_config("scannet20_haskd", ["optim.amp_dtype=fp8"])  # refused when the config is read
+    c.optim.amp_dtype = "fp8"  # and by the trainer for a config built in code
     with pytest.raises(HaskdError, match="optim.amp_dtype must be float16 or bfloat16, got 'fp8'"):
-        autocast_dtype(load_config("scannet20_haskd", ["optim.amp_dtype=fp8"]), cpu)
+        autocast_dtype(c, cpu)
 
 
 def _rows(run):
