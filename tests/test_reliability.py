@@ -548,3 +548,10 @@ def _umask():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_s3dis_scenes_under_the_scannet_class_list(data, tmp_path, capsys):
+    (data / "manifest.json").write_text('{"version": 1, "dataset": "s3dis", "scenes": {}}')
+    rc, _, err = train(capsys, data, tmp_path / "run", "--epochs", 1)
+    one_line(rc, err, data / "manifest.json", "prepared as s3dis", "data.dataset=scannet20")
+    assert not (tmp_path / "run").exists()

@@ -40,6 +40,7 @@ def build_datasets(cfg: Config, splits=("train", "val")):
     d = cfg.data
     if not d.root:
         raise HaskdError("no data root: pass --data ROOT (a folder holding <split>/<scene>/ scene folders)")
+    check_dataset_kind(d.root, d.dataset)
     out = {}
     for which in splits:
         split = d.train_split if which == "train" else d.val_split
@@ -54,6 +55,27 @@ def build_datasets(cfg: Config, splits=("train", "val")):
         for which, ds in out.items():
             attach_frames(ds, cfg, pool=which == "train" and cfg.teacher.train_frames == "random")
     return out
+
+
+# ``haskd prepare scannet|s3dis`` record what they imported in ROOT/manifest.json: its labels follow that class list.
+MANIFEST_CLASS_LISTS = {"scannet": "scannet20", "s3dis": "s3dis"}
+
+
+def check_dataset_kind(root, dataset: str) -> None:
+    """Refuse data prepared as one dataset read under another's class list (S3DIS labels would train with ScanNet
+    names, and the reverse); data without a manifest are not checked."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        kind = json.loads(path.read_text()).get("dataset")
+    except (ValueError, OSError, AttributeError):
+        return
+    want = MANIFEST_CLASS_LISTS.get(kind)
+    if want and want != dataset:
+        raise HaskdError(f"{path}: these scenes were prepared as {kind} (class list {want}) but the config has "
+                         f"data.dataset={dataset}; use the {want} preset or data.dataset={want} "
+                         f"data.num_classes=...")
 
 
 def build_task(cfg: Config, model, device, datasets):
