@@ -13,6 +13,7 @@ Intrinsics that are not finite, have fx or fy <= 0, or do not fit the images' si
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,15 +82,25 @@ def _read_image(path, mode) -> np.ndarray:
         raise InputError(path, f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
+_HEADERS: dict = {}  # (path, size, mtime) -> header: a scene's frame list is opened several times per run
+
+
 def _header(path):
     """(mode, (h, w)) from an image's header, or None when the header is unreadable."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return im.mode, (im.height, im.width)
-    except Exception:
+        st = os.stat(path)
+    except OSError:
         return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HEADERS:
+        try:
+            with Image.open(path) as im:
+                _HEADERS[key] = (im.mode, (im.height, im.width))
+        except Exception:
+            _HEADERS[key] = None
+    return _HEADERS[key]
 
 
 def check_intrinsic(K, path, hw=None) -> np.ndarray:
@@ -197,7 +208,7 @@ def open_frames(frames_dir, strict: bool = False):
             except InputError:
                 reason = "unreadable pose"
         if not reason:  # image headers only (cheap); a file truncated after its header is caught when read
-            ch, dh = _header(p), _header(d / "depth" / f"{fid}.png")
+            ch, dh = _header(p), _header(d / "depth" / f"{fid}.png")  # cached per file (size, mtime)
             if ch is None or dh is None:
                 reason = "unreadable image"
             elif dh[0] not in ("I;16", "I;16B", "I;16L", "I"):
