@@ -92,12 +92,6 @@ def cmd_eval(args):
     for item in args.overrides:  # model.module=FILE on the command line is the user's own choice, like --module
         if item.startswith("model.module="):
             module = item.split("=", 1)[1]
-    if args.out:  # an unwritable --out fails now, not after the evaluation
-        from pathlib import Path
-
-        from .io import make_dir
-
-        make_dir(Path(args.out).parent)
     model, cfg = load_model(args.ckpt, return_config=True, module=module)
     before = cfg.to_dict()
     apply_overrides(cfg, [o for o in args.overrides if not o.startswith("model.module=")])
@@ -107,6 +101,12 @@ def cmd_eval(args):
             raise HaskdError(f"{args.ckpt}: {sec}.{key}={after[sec][key]!r} disagrees with the checkpoint's "
                              f"{before[sec][key]!r}; the network is rebuilt as stored (drop the override)")
     check_config(cfg)
+    if args.out:  # an unwritable --out fails now, not after the evaluation
+        from pathlib import Path
+
+        from .io import make_dir
+
+        make_dir(Path(args.out).parent)
     device = setup(args.device or "auto", 0)
     model.to(device)
     root = args.data or cfg.data.root

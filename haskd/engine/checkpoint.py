@@ -7,7 +7,6 @@ on the command line), or the network it registers is already registered in this 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
