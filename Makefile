@@ -9,7 +9,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup setup-test demo test test-slow clean
+.PHONY: setup setup-test demo test test-slow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,14 @@ test: setup-test
 
 test-slow: setup-test
 	$(PY) -m pytest -q -m slow
+
+# The prepared GPU check (README, "GPU check"): on a CUDA machine whose python3 has torch and haskd's dependencies;
+# installs nothing (such machines often have no network). OUT: where gpu_check.json goes; ROOMS: optional prepared
+# scene root to tile into ScanNet-sized rooms (default: synthetic rooms).
+OUT ?= gpu_check
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py --out $(OUT) $(if $(ROOMS),--rooms $(ROOMS))
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

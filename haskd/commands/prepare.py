@@ -37,7 +37,7 @@ def run_synthetic(args) -> int:
 
     kw = {"points_per_m2": args.points_per_m2, "num_frames": args.frames, "image_size": tuple(args.image_size)}
     s = write_dataset(args.out, num_train=args.train, num_val=args.val, seed=args.seed, overwrite=args.overwrite,
-                      progress=not args.no_progress, num_test=args.test, **kw)
+                      progress=not args.no_progress, num_test=args.test, jobs=max(1, args.jobs), **kw)
     test = f", test {len(s['test'])}" if s["test"] else ""
     print(f"synthetic: train {len(s['train'])}, val {len(s['val'])}{test}; written {s['written']}, "
           f"already there {s['skipped']} -> {args.out}")
@@ -93,6 +93,7 @@ def register(subparsers):
     y.add_argument("--frames", type=int, default=12, help="RGB-D frames per room")
     y.add_argument("--image-size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"))
     y.add_argument("--overwrite", action="store_true", help="rewrite scenes (and accept other settings)")
+    y.add_argument("--jobs", type=int, default=1, help="rooms made in parallel processes (same files; default 1)")
     y.add_argument("--no-progress", action="store_true")
     y.set_defaults(func=run_synthetic)
 
