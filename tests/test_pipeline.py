@@ -356,3 +356,22 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
         assert torch.allclose(got, expect, rtol=1e-2, atol=2e-3), lvl
         if lvl == len(views[0]["hints"]) - 1:  # the views differ (no rotation-equivariant net): the mean moved
             assert not torch.allclose(got, f0, rtol=1e-2, atol=2e-3)
+
+
+def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):
+    """`haskd ablate --jobs 2`: two seeds trained in two processes; each seed's row values are those of that seed
+    run alone in this process with the same threads, number for number."""
+    from haskd.cli import main
+    from haskd.pipeline import run_ablation
+
+    over = [*PIPE, "train.epochs=1", "train.snapshots=1", "train.threads=1"]
+    assert main(["ablate", "--config", "scannet20_haskd", "--data", str(tiny_rooms), "--out", str(tmp_path / "par"),
+                 "--seeds", "0,1", "--jobs", "2", *over]) == 0
+    assert (tmp_path / "par" / "seed1" / "ablate.log").is_file()
+    cfg = load_config("scannet20_haskd", [*over, f"data.root={tiny_rooms}"])
+    seq = run_ablation(cfg, tmp_path / "seq", seeds=(1,), progress=False)  # one seed alone, in this process
+    par = json.loads((tmp_path / "par" / "ablation.json").read_text())
+    assert par["seeds"] == [0, 1]
+    for part in ("rows", "teacher"):
+        for r, v in seq[part].items():
+            assert par[part][r]["miou"][1] == v["miou"][0], r

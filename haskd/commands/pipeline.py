@@ -1,6 +1,7 @@
 """``haskd pipeline``, ``haskd demo`` and ``haskd ablate``."""
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def register(sub):
     a.add_argument("--split", default=None,
                    help="split the table reports (default: data.val_split). Experts and every stage still use val; "
                         "a held-out split (`prepare synthetic --test N`) keeps choices made on val out of the numbers")
+    a.add_argument("--jobs", type=positive_int, default=1,
+                   help="seeds trained side by side in that many processes, each with cores/N torch threads "
+                        "(default 1). Each seed's runs are what `--seeds S, train.threads=cores/N` gives alone")
     a.set_defaults(func=run_ablate)
 
 
@@ -128,7 +132,9 @@ def run_ablate(args) -> int:
     if args.epochs is not None:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
-    table = run_ablation(cfg, out, seeds=args.seeds, split=args.split)
+    if args.jobs > 1 and len(args.seeds) > 1:
+        run_seeds_in_parallel(cfg, out, args.seeds, args.jobs)
+    table = run_ablation(cfg, out, seeds=args.seeds, split=args.split)  # reuses the runs the processes finished
     from ..pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
@@ -136,3 +142,46 @@ def run_ablate(args) -> int:
     name = f"ablation_{table['split']}" if table["split"] != cfg.data.val_split else "ablation"
     print(f"\n{out / (name + '.md')}  {out / (name + '.json')}")
     return 0
+
+
+def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int) -> None:
+    """Train every seed of an ablation in its own ``haskd ablate --seeds S,`` process, ``jobs`` at a time, each with
+    ``cores // jobs`` torch threads. The runs land where a sequential ablation puts them, so the caller's
+    ``run_ablation`` then only reads them. A seed that fails stops the ablation with one line naming its log."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ..config import save_config
+    from ..errors import HaskdError
+
+    jobs = min(jobs, len(seeds))
+    child = copy.deepcopy(cfg)
+    if child.train.threads <= 0:
+        child.train.threads = max(1, (os.cpu_count() or 1) // jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    conf = out / "ablate_jobs_config.yaml"
+    save_config(child, conf)
+    pending, running = list(seeds), {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            (out / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+            logf = out / f"seed{seed}" / "ablate.log"
+            cmd = [sys.executable, "-m", "haskd", "ablate", "--config", str(conf), "--out", str(out),
+                   "--seeds", f"{seed},"]
+            with open(logf, "w") as f:
+                running[seed] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), logf)
+            print(f"seed {seed}: training in its own process ({child.train.threads} threads), log {logf}", flush=True)
+        time.sleep(1.0)
+        for seed, (proc, logf) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[seed]
+            if proc.returncode != 0:
+                for other, _ in running.values():
+                    other.terminate()
+                tail = logf.read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise HaskdError(f"seed {seed} failed ({tail[0]}); see {logf}")
+            print(f"seed {seed}: done", flush=True)
