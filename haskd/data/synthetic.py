@@ -748,7 +748,7 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
     they are complete) unless ``overwrite``; a root made with other settings is refused unless ``overwrite``.
     Summary keys: ``root``, ``train`` / ``val`` / ``test`` (scene names), ``written``, ``skipped``, ``num_points``.
     """
-    from tqdm import tqdm
+    from ..progress import progress as bar
 
     root = Path(root)
     settings = {"generator": "haskd.data.synthetic", "version": 1, "seed": seed,
@@ -766,7 +766,7 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
     summary = {"root": str(root), "train": [], "val": [], "test": [], "written": 0, "skipped": 0, "num_points": 0}
     root.mkdir(parents=True, exist_ok=True)
     scenes = []
-    for split, i in tqdm(jobs, desc="synthetic rooms", unit="scene", disable=not progress):
+    for split, i in bar(jobs, desc="synthetic rooms", unit="scene", disable=not progress):
         s = _scene_seed(seed, split, i)
         name = f"synth_{split}_{i:04d}"
         path = root / split / name
