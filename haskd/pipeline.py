@@ -108,10 +108,11 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     save_config(cfg, out / "config.yaml")
     v = {"ihd": True, "asd": True, **(variant or {})}
     cfgs = stage_configs(cfg, out, v)
-    plan = ([("teacher", cfgs["teacher"].train.epochs)] if v["ihd"] else []) \
-        + ([("baseline", cfgs["baseline"].train.epochs)] if with_baseline else []) \
-        + [("stage1", cfgs["stage1"].train.epochs)] \
-        + ([("experts", 0), ("student", cfgs["student"].train.epochs)] if v["asd"] else [])
+    # weights: epochs; a teacher epoch (images) and a student epoch are priced apart
+    plan = ([("teacher", cfgs["teacher"].train.epochs, "teacher")] if v["ihd"] else []) \
+        + ([("baseline", cfgs["baseline"].train.epochs, "student")] if with_baseline else []) \
+        + [("stage1", cfgs["stage1"].train.epochs, "student")] \
+        + ([("experts", 0, "experts"), ("student", cfgs["student"].train.epochs, "student")] if v["asd"] else [])
     clock = StageClock(plan, started=started, logger=log if is_main() else None)
 
     def stage(name):

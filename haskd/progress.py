@@ -101,27 +101,33 @@ def progress(iterable=None, desc: str = "", unit: str = "it", total=None, disabl
 class StageClock:
     """The overall progress of a run made of stages: ``stage 2/5 baseline: elapsed 3m05s, about 7m left``.
 
-    ``stages``: ``[(name, weight)]`` in order; a weight is the stage's share of the work (the pipeline uses its
-    epochs). The estimate is the time per unit of weight of the stages that ran in this process (stages finished
-    earlier and skipped count nothing) times the weight left; before any stage has run there is none.
-    ``logger``: where the lines go (None: nowhere)."""
+    ``stages``: ``[(name, weight)]`` or ``[(name, weight, kind)]`` in order; a weight is the stage's share of the
+    work (the pipeline uses its epochs), a kind groups stages whose unit of weight costs alike (a teacher epoch
+    is not a student epoch). The estimate prices each stage left at the time per unit of weight of the stages of
+    its kind that ran in this process, else of all that ran (stages finished earlier and skipped count nothing);
+    before any stage has run there is none. ``logger``: where the lines go (None: nowhere)."""
 
     def __init__(self, stages, started: float = None, logger=log):
-        self.stages = [(str(n), float(w)) for n, w in stages]
+        self.stages = [(str(st[0]), float(st[1]), st[2] if len(st) > 2 else "") for st in stages]
         self.t0 = time.time() if started is None else started
         self.log = logger  # None: silent (the other ranks of a distributed run)
-        self.index = {n: i for i, (n, _) in enumerate(self.stages)}
-        self.spent_weight, self.spent_time = 0.0, 0.0
+        self.index = {n: i for i, (n, _, _) in enumerate(self.stages)}
+        self.spent = {}  # kind -> [seconds, weight] of the stages timed here
         self.current, self.current_start, self.finished = None, None, set()
 
-    def left(self, after: int) -> float:
-        return sum(w for i, (n, w) in enumerate(self.stages) if i >= after and n not in self.finished)
+    def _rate(self, kind):
+        t, w = self.spent.get(kind, (0.0, 0.0))
+        if w > 0:
+            return t / w
+        t, w = (sum(v[i] for v in self.spent.values()) for i in (0, 1))
+        return t / w if w > 0 else None
 
     def estimate(self, after: int):
-        """Seconds left for stages from ``after`` on, or None while nothing has been timed."""
-        if self.spent_weight <= 0:
+        """Seconds left for the unfinished stages from index ``after`` on, or None while nothing has been timed."""
+        if self._rate(None) is None:
             return None
-        return self.spent_time / self.spent_weight * self.left(after)
+        return sum(w * self._rate(k) for i, (n, w, k) in enumerate(self.stages)
+                   if i >= after and n not in self.finished)
 
     def line(self, name: str) -> str:
         i = self.index[name]
@@ -136,9 +142,11 @@ class StageClock:
 
     def done(self, name: str, ran: bool = True) -> None:
         """``ran``: False for a stage that was skipped (finished earlier): its time says nothing of the rate."""
-        if ran and self.current == name and self.current_start is not None:
-            self.spent_time += time.time() - self.current_start
-            self.spent_weight += self.stages[self.index[name]][1]
+        _, weight, kind = self.stages[self.index[name]]
+        if ran and weight > 0 and self.current == name and self.current_start is not None:
+            t = self.spent.setdefault(kind, [0.0, 0.0])
+            t[0] += time.time() - self.current_start
+            t[1] += weight
         self.finished.add(name)
         self.current = None
 

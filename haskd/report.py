@@ -70,9 +70,13 @@ def per_class_table(summary: dict) -> str:
         lines.append(f"| {c} | " + " | ".join(pct(summary[k]["metrics"]["per_class_iou"].get(c), 1)
                                               for k, _ in models) + " |")
     absent = [c for c in names if c not in present]
+    notes = []
+    if any(summary[k]["metrics"]["per_class_iou"].get(c) is None for c in present for k, _ in models):
+        notes.append("'-': the class has no point in the val rooms and the model predicted none (no IoU); a model "
+                     "that predicts a class the rooms lack scores 0 on it.")
     if absent:
-        lines.append(f"\nAbsent from the val rooms (no IoU, left out of the mean): {', '.join(absent)}.")
-    return "\n".join(lines)
+        notes.append(f"Absent from the val rooms (no IoU, left out of the mean): {', '.join(absent)}.")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _plt():
@@ -176,7 +180,8 @@ def _marker_size(coord, n_points: int, panel_inches: float) -> float:
     ext = np.ptp(coord[:, :2], axis=0).clip(min=1e-3)
     spacing_m = float(np.sqrt(ext[0] * ext[1] / max(n_points, 1)))
     pt_per_m = panel_inches * 72 / float(ext.max())
-    return float(np.clip((spacing_m * pt_per_m) ** 2, 0.3, 30.0))
+    # x2.5: the points also lie on walls and furniture sides, so fewer of them than n_points cover the floor
+    return float(np.clip(2.5 * (spacing_m * pt_per_m) ** 2, 0.3, 30.0))
 
 
 def topdown_png(coord, labels_by_title: dict, dataset, path, max_points=60000):
@@ -203,7 +208,7 @@ def topdown_png(coord, labels_by_title: dict, dataset, path, max_points=60000):
         ax.set_aspect("equal")
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # two-line titles stay inside the image
     plt.close(fig)
     return legend_entries(list(labels_by_title.values()), dataset)
 

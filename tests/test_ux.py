@@ -84,20 +84,26 @@ def test_stage_clock_estimates_from_the_stages_that_ran(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(P.time, "time", lambda: now[0])
     lines = []
-    clock = P.StageClock([("teacher", 12), ("baseline", 6), ("experts", 0), ("student", 6)], started=990.0,
+    clock = P.StageClock([("teacher", 12, "teacher"), ("baseline", 6, "student"), ("experts", 0, "experts"),
+                          ("student", 6, "student")], started=990.0,
                          logger=type("L", (), {"info": lambda self, m: lines.append(m)})())
     clock.start("teacher")
-    now[0] += 0  # a finished stage skipped: says nothing of the rate
-    clock.done("teacher", ran=False)
+    now[0] += 120  # 12 teacher epochs in 120 s
+    clock.done("teacher")
     clock.start("baseline")
-    now[0] += 60  # 6 epochs in 60 s
+    now[0] += 30  # 6 student epochs in 30 s
     clock.done("baseline")
     clock.start("experts")
+    now[0] += 7  # weight 0: its time prices nothing
     clock.done("experts")
     clock.start("student")
     assert lines[0] == "stage 1/4 teacher: elapsed 10 s, estimate after the first stage"
-    assert lines[1] == "stage 2/4 baseline: elapsed 10 s, estimate after the first stage"
-    assert lines[3] == "stage 4/4 student: elapsed 1m10s, about 1m00s left"  # 10 s/epoch x 6 epochs
+    assert lines[1] == "stage 2/4 baseline: elapsed 2m10s, about 2m00s left"  # no student timed yet: 10 s/epoch
+    assert lines[3] == "stage 4/4 student: elapsed 2m47s, about 30 s left"  # 5 s per student epoch x 6
+    skipped = P.StageClock([("a", 1), ("b", 1)], logger=None)
+    skipped.start("a")
+    skipped.done("a", ran=False)  # finished earlier: says nothing of the rate
+    assert skipped.estimate(1) is None
     assert P.duration(3725) == "1h02m" and P.duration(59.6) == "1m00s"
 
 
