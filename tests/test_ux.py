@@ -159,3 +159,25 @@ def test_predict_prints_per_class_counts():
     text = class_counts_text({"wall": 1500, "floor": 3500}, 5000)
     assert text.splitlines()[0].split() == ["floor", "3,500", "points", "70.0%"]
     assert text.splitlines()[1].split() == ["wall", "1,500", "points", "30.0%"]
+
+
+def test_sample_ply_cut_is_a_seeded_subset_of_the_crop():
+    import numpy as np
+
+    from haskd.prepare.sample_ply import cut
+
+    coord = np.random.default_rng(0).uniform(0, 10, (20000, 3)).astype(np.float32)
+    a, b = cut(coord, 3000, crop=4.0, seed=1), cut(coord, 3000, crop=4.0, seed=1)
+    assert np.array_equal(a, b) and a.size == 3000 and np.all(np.diff(a) > 0)
+    assert np.all(np.abs(coord[a, :2] - 5.0) <= 2.0 + 1e-3)  # inside the 4 m square around the centre
+    assert cut(coord, 50000).size == 20000  # fewer points than asked: all of them
+
+
+def test_sample_ply_from_the_shared_room(shared_data, tmp_path):
+    from haskd.engine.predict import read_points
+    from haskd.prepare.sample_ply import write_sample_ply
+
+    r = write_sample_ply(shared_data, tmp_path / "s.ply", points=2000)
+    scene = read_points(tmp_path / "s.ply")  # what `haskd predict` reads
+    assert scene.num_points == r["points"] == 2000 and r["source_points"] > 2000
+    assert scene.color.std() > 0  # real colours, not the grey placeholder
