@@ -95,9 +95,9 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
                  started: float = None) -> dict:
     """Run every stage (skipping finished ones); returns the summary dict (also written to OUT/summary.json).
 
-    Before each stage one line gives the overall progress (``stage 2/5 baseline: elapsed 3m05s, about 7m left``,
-    :class:`haskd.progress.StageClock`, each stage weighted by its epochs); ``started`` (a ``time.time()``) counts
-    earlier work (the demo's room generation) in the elapsed time."""
+    Before each stage one line gives the overall progress (``stage 2/5 baseline: elapsed 3m05s, about 7m10s
+    left``, :class:`haskd.progress.StageClock`: each stage weighted by its epochs, teacher and student epochs priced
+    apart); ``started`` (a ``time.time()``) counts earlier work (the demo's room generation) in the elapsed time."""
     from .engine.distributed import is_main
     from .experts import build_expert_table
     from .progress import StageClock
