@@ -21,12 +21,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The tests also exercise the optional spconv backend (CPU wheel); skipped cleanly where it cannot install.
+# One test opens the pipeline's report.html in headless Chromium: installed from the distribution's packages when
+# apt-get exists and we are root, best-effort (never fails setup); without it that test skips.
 setup-test: setup
 	@$(if $(HAS_GPU),true,$(PY) -c "import spconv" 2>/dev/null || $(PY) -m pip install -q "spconv>=2.3" || echo "spconv not installed: its tests will skip")
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+				|| echo "chromium not installed: the headless-browser report test will skip"; \
+		else echo "chromium not installed (needs apt-get as root): the headless-browser report test will skip"; fi; }
 
 demo: setup
 	$(VENV)/bin/haskd demo
 
+# `make test` skips the tests marked slow (pyproject addopts); `make test-slow` runs only those (long real-data runs).
 test: setup-test
 	$(PY) -m pytest -q
 

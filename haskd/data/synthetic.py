@@ -756,7 +756,7 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
     Summary keys: ``root``, ``train`` / ``val`` / ``test`` (scene names), ``written``, ``skipped``, ``num_points``.
     ``jobs`` > 1 makes the rooms in that many processes: every room has its own seed, so the files are the same.
     """
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     root = Path(root)
     settings = {"generator": "haskd.data.synthetic", "version": 1, "seed": seed,
@@ -784,8 +784,7 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
             summary["skipped"] += 1
         else:
             todo.append((s, name, path, room_kwargs))
-    bar = tqdm(total=len(rooms), initial=summary["skipped"], desc="synthetic rooms", unit="scene",
-               disable=not progress)
+    bar = progress_bar(total=len(todo), desc="synthetic rooms", unit="scene", disable=not progress)
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
 
