@@ -306,21 +306,27 @@ def expert_heatmap_png(iou, class_names: Sequence[str], expert, path, teacher_io
     fig = Figure(figsize=(max(6.0, 0.45 * c + 2), max(2.5, 0.5 * m + 1.5)))
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN = class absent
-    vmax = float(np.nanmax(a)) if np.isfinite(a).any() else 1.0
-    im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0.0, vmax=max(vmax, 1e-6), aspect="auto")
+    a = 100 * a  # read in percent
+    vmax = float(np.nanmax(a)) if np.isfinite(a).any() else 100.0
+    im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0.0, vmax=max(vmax, 1e-4), aspect="auto")
     for j in range(c):
-        ax.add_patch(Rectangle((j - 0.5, expert[j] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        # a class absent from every row was chosen by default, not on evidence: dashed grey box
+        absent = not np.isfinite(a[:, j]).any()
+        ax.add_patch(Rectangle((j - 0.5, expert[j] - 0.5), 1, 1, fill=False, edgecolor="0.2" if absent else "red",
+                               linewidth=1.2 if absent else 2, linestyle="--" if absent else "-"))
         if m * c <= 400:  # numbers only while they stay readable
             for i in range(m):
                 if math.isfinite(a[i, j]):
-                    ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=6,
                             color="black" if a[i, j] > 0.6 * vmax else "white")  # readable on yellow
     ax.set_xticks(range(c))
     ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(m))
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_title("per-class IoU of each snapshot (red box = expert)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    who = "snapshot and the teacher" if teacher_iou is not None else "snapshot"
+    ax.set_title(f"val IoU (%) per class of each {who}; red box = the class's expert, grey = class absent",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="IoU (%)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,14 +32,47 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_common(p, data_required=False):
-    p.add_argument("--config", default=None, help="YAML config or preset name (default: scannet20_student)")
-    p.add_argument("--data", default=None, required=data_required, help="data root holding <split>/<scene>/")
-    p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the line breaks of a command's description and ends each option's help with its default
+    (unless the help already names it, or there is none worth saying: None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.help is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (list, tuple)) and not d):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else "%(default)s"
+            return f"{text} (default: {shown})".strip()
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser class of ``haskd`` and every subcommand (subparsers inherit it): :class:`HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# Shown under every training/eval command's options.
+SCENES_IN = "scene folders <DATA>/<split>/<scene>/ (coord.npy, color.npy, segment20.npy or segment.npy, ...)"
+
+
+def add_common(p, data_required=False, out_default=None):
+    p.add_argument("--config", default=None, help="YAML config or preset name from haskd/configs/ (default: "
+                   "scannet20_student for train; each command's description names its own)")
+    p.add_argument("--data", default=None, required=data_required,
+                   help="data root holding <split>/<scene>/ (default: the config's data.root)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {out_default or 'the command default'})")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the config's train.epochs)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's train.seed)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="default: the config's train.device (auto: cuda when available)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.lr=0.01 model.preset=tiny (an unknown key lists the valid ones)")
 
 
 def config_from_args(args):
@@ -58,9 +91,9 @@ def config_from_args(args):
 
 
 def cmd_train(args):
-    from .engine.trainer import train
-
     from pathlib import Path
+
+    from .engine.trainer import train
 
     out = args.out or "runs/train"
     if args.resume and args.config is None and (Path(out) / "config.yaml").is_file():
@@ -68,7 +101,8 @@ def cmd_train(args):
     cfg = config_from_args(args)
     metrics = train(cfg, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if metrics:
-        print(f"val mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  allAcc {metrics['allacc']:.4f}  -> {out}")
+        print(f"val mIoU {100 * metrics['miou']:.2f}%  mAcc {100 * metrics['macc']:.2f}%  "
+              f"allAcc {100 * metrics['allacc']:.2f}%  -> {out}")
     return 0
 
 
@@ -84,9 +118,8 @@ def cmd_eval(args):
     from .engine.checkpoint import load_model
     from .engine.distributed import setup
     from .engine.evaluate import evaluate
-    from .report import format_metrics
-
     from .config import apply_overrides, check_config
+    from .report import format_metrics
 
     module = args.module
     for item in args.overrides:  # model.module=FILE on the command line is the user's own choice, like --module
@@ -135,11 +168,11 @@ def cmd_eval(args):
 
 
 def cmd_predict(args):
+    from pathlib import Path
+
     from .engine.checkpoint import load_model
     from .engine.distributed import setup
     from .engine.predict import predict_file
-
-    from pathlib import Path
 
     seen = {}
     for inp in args.input:  # outputs are named after the input's stem: two inputs must not share one
@@ -157,41 +190,71 @@ def cmd_predict(args):
     for inp in args.input:
         r = predict_file(model, cfg, inp, args.out, device, tta=args.tta)
         print(f"{inp}: {r['points']} points -> {r['labels']}, {r['ply']}")
+        print(class_counts_text(r["class_counts"], r["points"]))
     return 0
 
 
+def class_counts_text(counts: dict, total: int) -> str:
+    """Per-class point counts, most frequent first, with their share in percent (one class per line)."""
+    width = max((len(k) for k in counts), default=0)
+    return "\n".join(f"  {name:<{width}}  {n:>9,d} points  {100 * n / max(total, 1):5.1f}%"
+                     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="haskd", description=__doc__.split("\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = Parser(prog="haskd", description=__doc__.split("\n")[0],
+               epilog="`haskd COMMAND --help` names each command's inputs, outputs and defaults.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging with logger names")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a student (or a teacher with role=teacher)")
-    add_common(t)
+    t = sub.add_parser("train", help="train a student (or a teacher with role=teacher)", description=(
+        "Train a point-only student (or the multi-modal teacher with role=teacher) from a config.\n\n"
+        f"Reads:  {SCENES_IN};\n        a teacher also reads each scene's frames/ (or renders virtual views into a cache\n"
+        "        folder, $HASKD_CACHE or ~/.cache/haskd; the data are never written to).\n"
+        "Writes: OUT/config.yaml (resolved), last.pt (every epoch), best.pt, metrics.jsonl, tb/ (TensorBoard),\n"
+        "        val_metrics.json, snapshots/ (with train.snapshots=M), frames.json (teacher).\n"
+        "A folder that holds a run is refused unless --resume or --overwrite; one live run per folder.\n"
+        "Prints: one line per epoch (loss, val mIoU in percent, time), then the final val metrics."))
+    add_common(t, out_default="runs/train")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT (with its own settings; a larger --epochs extends it)")
+                   help="continue the run in OUT exactly (RNG, optimizer, epoch) with its own settings; a larger "
+                        "--epochs extends it (the learning-rate schedule is rebuilt for the new length)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (default: refused)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no per-step progress bar on a terminal")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on every original point of a split")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--data", default=None)
-    e.add_argument("--split", default="val")
-    e.add_argument("--out", default=None, help="metrics JSON")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on every original point of a split", description=(
+        "Evaluate a checkpoint on every original point of a split (full resolution).\n\n"
+        "Reads:  --ckpt (its config rebuilds the model), the split's scene folders under --data.\n"
+        "Writes: --out JSON (fractions 0..1, confusion matrix) when given; nothing otherwise.\n"
+        "Prints: mIoU / mAcc / allAcc and per-class IoU, in percent."))
+    e.add_argument("--ckpt", required=True, help="checkpoint (last.pt / best.pt of a run)")
+    e.add_argument("--data", default=None, help="data root (default: the checkpoint's data.root)")
+    e.add_argument("--split", default="val", help="split folder to score")
+    e.add_argument("--out", default=None, help="metrics JSON path (default: print only)")
     e.add_argument("--tta", action="store_true", help="also report 4-rotation TTA (separately)")
-    e.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    e.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="default: auto")
     e.add_argument("--module", default="", metavar="FILE_OR_MODULE",
                     help="your model's Python file or module, imported first (a checkpoint's own model.module is "
                          "never imported: it could name any file)")
-    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. data.voxel_size)")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="label point clouds (.ply/.npy/.txt) -> .npy labels + coloured .ply")
-    pr.add_argument("--ckpt", required=True)
-    pr.add_argument("input", nargs="+")
-    pr.add_argument("--out", default="predictions")
-    pr.add_argument("--tta", action="store_true")
-    pr.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    pr = sub.add_parser("predict", help="label point clouds (.ply/.npy/.txt) -> .npy labels + coloured .ply",
+                        description=(
+        "Label point clouds with a trained point-only student.\n\n"
+        "Reads:  INPUT files: .ply (vertex x y z, optional red green blue or diffuse_red..., nx ny nz or a mesh's\n"
+        "        faces), .npy ((N,3) xyz, (N,6) xyz rgb or (N,9) xyz rgb normal), .txt / .xyz (one point per line:\n"
+        "        x y z [r g b [nx ny nz]]); colours 0..255 or 0..1; metres. A model trained with normals needs them.\n"
+        "Writes: OUT/<name>_labels.npy ((N,) int class ids, input order) and OUT/<name>_pred.ply (coloured by\n"
+        "        class, with a 'label' property), OUT defaulting to predictions/.\n"
+        "Prints: per file, the point count, the two paths and how many points each class got.\n"
+        "Try it: `haskd prepare sample-ply --out my_scan.ply` cuts a small real ScanNet room from ../shared/data."))
+    pr.add_argument("--ckpt", required=True, help="student checkpoint (a teacher is refused)")
+    pr.add_argument("input", nargs="+", help="point cloud files (.ply, .npy, .txt, .xyz)")
+    pr.add_argument("--out", default="predictions", help="output folder")
+    pr.add_argument("--tta", action="store_true", help="average 4 z-rotations")
+    pr.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="default: auto")
     pr.add_argument("--module", default="", metavar="FILE_OR_MODULE",
                     help="your model's Python file or module, imported first (a checkpoint's own model.module is "
                          "never imported: it could name any file)")

@@ -354,7 +354,7 @@ def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
     import shutil
     import tempfile
 
-    from tqdm import tqdm
+    from .progress import progress
 
     cache_dir = Path(cache_dir)
     names = [s.name for s in scenes]
@@ -364,7 +364,7 @@ def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".building", dir=cache_dir.parent))
     try:
-        for i, scene in enumerate(tqdm(scenes, desc=desc, unit="scene", leave=False)):
+        for i, scene in enumerate(progress(scenes, desc=desc, unit="scene", leave=False)):
             write_scene(tmp, i, scene)
         (tmp / "source.txt").write_text(stamp)
         if not _fresh(cache_dir, names, stamp):  # nobody else finished first: replace the stale folder

@@ -254,6 +254,16 @@ def coverage(points, frameset, ids, voxel_size: float = 0.05, tau: float = 0.1,
     return cache.coverage(list(ids))
 
 
+def _caption_font(size: int):
+    """A scalable font of ``size`` px (Pillow >= 10.1 ships one), else PIL's small bitmap default."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: no size argument
+        return ImageFont.load_default()
+
+
 def contact_sheet(frameset, ids, scores, path, thumb_width: int = 320, cols: int = 5, title: str = "") -> Path:
     """Write a PNG grid of the chosen frames captioned with id and score (a None score is left out).
 
@@ -268,20 +278,23 @@ def contact_sheet(frameset, ids, scores, path, thumb_width: int = 320, cols: int
             thumbs.append(im.resize((thumb_width, max(1, round(im.height * thumb_width / im.width)))))
     if not thumbs:
         raise HaskdError("contact sheet: no frame to draw")
-    cap, top = 18, 22 if title else 0
+    font = _caption_font(max(13, thumb_width // 18))  # the default bitmap font is ~8 px: unreadable scaled
+    size = getattr(font, "size", 10)
+    cap, top = size + 8, size + 10 if title else 0
     th = max(t.height for t in thumbs)
     cols = max(1, min(cols, len(thumbs)))
     rows = (len(thumbs) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * thumb_width, top + rows * (th + cap)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((4, 4), title, fill=(0, 0, 0))
+        draw.text((4, 4), title, fill=(0, 0, 0), font=font)
     scores = list(scores) if scores is not None else []
     scores += [None] * (len(thumbs) - len(scores))
     for i, (t, fid, s) in enumerate(zip(thumbs, ids, scores)):
         x, y = (i % cols) * thumb_width, top + (i // cols) * (th + cap)
         sheet.paste(t, (x, y))
-        draw.text((x + 4, y + th + 3), f"#{i + 1} {fid}" + ("" if s is None else f"  score {s:.4g}"), fill=(0, 0, 0))
+        draw.text((x + 4, y + th + 3), f"#{i + 1} {fid}" + ("" if s is None else f"  score {s:.4g}"), fill=(0, 0, 0),
+                  font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

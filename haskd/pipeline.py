@@ -91,10 +91,16 @@ def _check_splits(cfg: Config, *more) -> None:
         list_scenes(cfg.data.root, split)
 
 
-def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, progress=True, report=True) -> dict:
-    """Run every stage (skipping finished ones); returns the summary dict (also written to OUT/summary.json)."""
+def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, progress=True, report=True,
+                 started: float = None) -> dict:
+    """Run every stage (skipping finished ones); returns the summary dict (also written to OUT/summary.json).
+
+    Before each stage one line gives the overall progress (``stage 2/5 baseline: elapsed 3m05s, about 7m10s
+    left``, :class:`haskd.progress.StageClock`: each stage weighted by its epochs, teacher and student epochs priced
+    apart); ``started`` (a ``time.time()``) counts earlier work (the demo's room generation) in the elapsed time."""
     from .engine.distributed import is_main
     from .experts import build_expert_table
+    from .progress import StageClock
 
     _check_splits(cfg)
     out = Path(out)
@@ -102,25 +108,42 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     save_config(cfg, out / "config.yaml")
     v = {"ihd": True, "asd": True, **(variant or {})}
     cfgs = stage_configs(cfg, out, v)
+    # weights: epochs; a teacher epoch (images) and a student epoch are priced apart
+    plan = ([("teacher", cfgs["teacher"].train.epochs, "teacher")] if v["ihd"] else []) \
+        + ([("baseline", cfgs["baseline"].train.epochs, "student")] if with_baseline else []) \
+        + [("stage1", cfgs["stage1"].train.epochs, "student")] \
+        + ([("experts", 0, "experts"), ("student", cfgs["student"].train.epochs, "student")] if v["asd"] else [])
+    clock = StageClock(plan, started=started, logger=log if is_main() else None)
+
+    def stage(name):
+        clock.start(name)
+        ran = not _done(out / name, cfgs[name].train.epochs)
+        metrics = run_stage(name, cfgs[name], out / name, progress)
+        clock.done(name, ran)
+        return metrics
+
     summary = {"config": str(out / "config.yaml"), "variant": v}
     if v["ihd"]:
-        summary["teacher"] = _entry(out / "teacher", run_stage("teacher", cfgs["teacher"], out / "teacher", progress))
+        summary["teacher"] = _entry(out / "teacher", stage("teacher"))
     if with_baseline:
-        summary["baseline"] = _entry(out / "baseline", run_stage("baseline", cfgs["baseline"], out / "baseline",
-                                                                 progress))
+        summary["baseline"] = _entry(out / "baseline", stage("baseline"))
     if v["asd"]:
-        run_stage("stage1", cfgs["stage1"], out / "stage1", progress)
+        stage("stage1")
         exp = out / "stage1" / "experts.json"
         teacher = out / "teacher" if v["ihd"] else None
-        if _stale_table(exp, teacher) and is_main():
+        clock.start("experts")
+        stale = _stale_table(exp, teacher)
+        if stale and is_main():
             build_expert_table(out / "stage1", cfg.data.root, cfg.data.val_split, "cpu"
                                if cfg.train.device in ("auto", "cpu") else cfg.train.device,
                                topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress, teacher=teacher)
+        clock.done("experts", stale)
         summary["experts"] = str(exp)
-        summary["student"] = _entry(out / "student", run_stage("student", cfgs["student"], out / "student", progress))
+        summary["student"] = _entry(out / "student", stage("student"))
     else:
-        summary["student"] = _entry(out / "stage1", run_stage("stage1", cfgs["stage1"], out / "stage1", progress))
+        summary["student"] = _entry(out / "stage1", stage("stage1"))
     if is_main():
+        log.info(clock.summary())
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if report:
             from .report import write_report

@@ -111,6 +111,7 @@ def test_every_role_trains_under_bfloat16_autocast(tiny_rooms, tmp_path, caplog)
     assert ck["scaler"] == {}  # bfloat16 needs no gradient scaler
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float16_training_keeps_the_scaler_across_a_resume(tiny_rooms, tmp_path):
     """CUDA float16 (the default there): the gradient scaler's state is saved in last.pt and restored on resume."""

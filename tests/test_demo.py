@@ -15,6 +15,8 @@ def test_demo_prints_the_table(tmp_path, capsys):
     assert "HAS-KD demo on 2 + 1 synthetic rooms" in text
     for row in ("baseline", "teacher", "HAS-KD student"):
         assert row in text
+    assert "| class (val IoU, %) | baseline (points only) |" in text  # the per-class table follows the summary
+    assert f"under {tmp_path}" in text and "disk: " in text  # how much it wrote, and where
     assert (tmp_path / "synthetic_bench_2_1_7_seed0" / "report.html").is_file()  # the rooms name the run
 
 

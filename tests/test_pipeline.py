@@ -356,3 +356,191 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
         assert torch.allclose(got, expect, rtol=1e-2, atol=2e-3), lvl
         if lvl == len(views[0]["hints"]) - 1:  # the views differ (no rotation-equivariant net): the mean moved
             assert not torch.allclose(got, f0, rtol=1e-2, atol=2e-3)
+
+
+def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):
+    """`haskd ablate --jobs 2`: two seeds trained in two processes; each seed's row values are those of that seed
+    run alone in this process with the same threads, number for number."""
+    from haskd.cli import main
+    from haskd.pipeline import run_ablation
+
+    over = [*PIPE, "train.epochs=1", "train.snapshots=1", "train.threads=1"]
+    assert main(["ablate", "--config", "scannet20_haskd", "--data", str(tiny_rooms), "--out", str(tmp_path / "par"),
+                 "--seeds", "0,1", "--jobs", "2", *over]) == 0
+    assert (tmp_path / "par" / "seed1" / "ablate.log").is_file()
+    cfg = load_config("scannet20_haskd", [*over, f"data.root={tiny_rooms}"])
+    seq = run_ablation(cfg, tmp_path / "seq", seeds=(1,), progress=False)  # one seed alone, in this process
+    par = json.loads((tmp_path / "par" / "ablation.json").read_text())
+    assert par["seeds"] == [0, 1]
+    for part in ("rows", "teacher"):
+        for r, v in seq[part].items():
+            assert par[part][r]["miou"][1] == v["miou"][0], r
+
+
+# ------------------------------------------------------------------------------------------ the report (issue 21)
+class _Page:
+    """The parts of report.html the structure tests look at (stdlib HTML parser)."""
+
+    def __init__(self, text):
+        from html.parser import HTMLParser
+
+        page = self
+        self.imgs, self.sections, self.frames_rows, self.views = [], [], 0, []
+        self.text = text
+
+        class P(HTMLParser):
+            stack, in_frames, cur_view = [], False, None
+
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "h2":
+                    page.sections.append({"imgs": [], "what": 0, "title": ""})
+                if tag == "img":
+                    page.imgs.append(a["src"])
+                    if page.sections:
+                        page.sections[-1]["imgs"].append(a["src"])
+                    if self.cur_view is not None:
+                        self.cur_view["img"] = a["src"]
+                if tag == "p" and a.get("class") == "what" and page.sections:
+                    page.sections[-1]["what"] += 1
+                if tag == "div" and a.get("class") == "view":
+                    self.cur_view = {"img": None, "legend": 0}
+                    page.views.append(self.cur_view)
+                if tag == "div" and a.get("class") == "item" and self.cur_view is not None:
+                    self.cur_view["legend"] += 1
+                if tag == "th" and a.get("class") is None:
+                    pass
+                if tag == "tr" and page.sections and "Frames" in page.sections[-1]["title"]:
+                    page.frames_rows += 1
+
+            def handle_data(self, data):
+                if self.lasttag == "h2" and page.sections:
+                    page.sections[-1]["title"] += data
+
+        P().feed(text)
+
+
+def test_report_explains_itself(pipeline_run, tiny_rooms):
+    """report.html: every image exists; a class legend beside every top-down view, whose panels include the teacher;
+    a 'what this shows' line in every section with a figure; the chosen-frames list complete (one row per room of
+    frames.json, header excluded); percent units; the expert heatmap explained in words that name the teacher."""
+    from haskd.data.scene import load_scene
+
+    out, summary = pipeline_run
+    text = (out / "report.html").read_text()
+    page = _Page(text)
+    assert page.imgs and all((out / src).is_file() for src in page.imgs), page.imgs
+    assert page.views and all(v["img"] and v["legend"] >= 2 for v in page.views)  # a class + unlabelled at least
+    gt = load_scene(Path(tiny_rooms) / "val" / "synth_val_0000").segment
+    assert page.views[0]["legend"] >= len(set(gt[gt >= 0].tolist()))  # every true class in the key
+    assert "left to right: ground truth, teacher (+ images), baseline, HAS-KD student" in text
+    for sec in page.sections:
+        if sec["imgs"]:
+            assert sec["what"] >= 1, sec["title"]
+    chosen = json.loads((out / "teacher" / "frames.json").read_text())
+    assert page.frames_rows == len(chosen) + 1
+    assert "model (val, every point, %)" in text and "All numbers are percentages" in text
+    what = text[text.index("Snapshot experts"):]
+    assert "teacher" in what[:what.index("Frames chosen")].split("What this shows")[1]
+
+
+def test_frames_list_folds_but_never_truncates(tmp_path):
+    """A run with many rooms lists every one of them (folded in <details> that says how many)."""
+    from types import SimpleNamespace
+
+    from haskd.report import _frames_section
+
+    (tmp_path / "teacher").mkdir()
+    chosen = {f"room{i:03d}": ["00001", "00002"] for i in range(40)}
+    (tmp_path / "teacher" / "frames.json").write_text(json.dumps(chosen))
+    cfg = SimpleNamespace(teacher=SimpleNamespace(frame_policy="iof", num_frames=2))
+    html = "\n".join(_frames_section(tmp_path, cfg, [], tmp_path, num_scenes=2))
+    assert "<summary>all 40 rooms</summary>" in html
+    assert html.count("<tr>") == 41 and all(name in html for name in chosen)
+
+
+def _chromium():
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_report_images_load_in_headless_chromium(pipeline_run):
+    """Open report.html in headless Chromium: every <img> decodes (naturalWidth > 0) once the page has loaded."""
+    import re
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium; `make setup-test` tries)")
+    out, _ = pipeline_run
+    probe = ("<script>window.addEventListener('load', () => { const r = [...document.images].map(i => "
+             "[i.getAttribute('src'), i.complete, i.naturalWidth]); const p = document.createElement('pre'); "
+             "p.id = 'probe'; p.textContent = JSON.stringify(r); document.body.appendChild(p); });</script>")
+    page = out / "report_probe.html"  # beside report.html: the same relative image paths
+    page.write_text((out / "report.html").read_text().replace("</body>", probe + "</body>"))
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                        "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="probe">(.*?)</pre>', r.stdout, re.S)
+    assert m, (r.returncode, r.stderr[-2000:])
+    import html as _html
+
+    imgs = json.loads(_html.unescape(m.group(1)))
+    assert len(imgs) == (out / "report.html").read_text().count("<img ")
+    missing = [src for src, complete, width in imgs if not complete or width == 0]
+    assert imgs and not missing, missing
+
+
+def test_readme_predict_example_runs_as_written(pipeline_run, shared_data, tmp_path, capsys):
+    """The README's `haskd prepare sample-ply` and `haskd predict` lines, run word for word from a folder beside
+    ../shared/data with a student at runs/haskd/student/last.pt (the tiny pipeline's)."""
+    import os
+    import shlex
+
+    import numpy as np
+
+    from conftest import REPO
+    from haskd.cli import main
+
+    out, _ = pipeline_run
+    readme = (REPO / "README.md").read_text()
+    lines = [ln.split("#")[0].strip() for ln in readme.splitlines()]
+    cut = next(ln for ln in lines if ln.startswith("haskd prepare sample-ply"))
+    predict = next(ln for ln in lines if ln.startswith("haskd predict"))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data, target_is_directory=True)
+    cwd = tmp_path / "work"
+    (cwd / "runs" / "haskd" / "student").mkdir(parents=True)
+    (cwd / "runs" / "haskd" / "student" / "last.pt").symlink_to(out / "student" / "last.pt")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main(shlex.split(cut)[1:]) == 0
+        capsys.readouterr()
+        assert main(shlex.split(predict)[1:]) == 0
+    finally:
+        os.chdir(old)
+    printed = capsys.readouterr().out
+    name = Path(next(a for a in shlex.split(predict) if a.endswith(".ply"))).stem
+    preds = cwd / "preds"
+    labels = np.load(preds / f"{name}_labels.npy")
+    assert 1000 <= labels.size <= 20000 and (preds / f"{name}_pred.ply").is_file()
+    counts = [int(m.replace(",", "")) for m in __import__("re").findall(r"([\d,]+) points +[\d.]+%", printed)]
+    assert sum(counts) == labels.size  # the per-class counts are printed and add up
+
+
+def test_pipeline_logs_stage_lines(pipeline_run, tiny_rooms, caplog):
+    """The overall progress line before each stage: stage i/n, elapsed, estimate (none before anything ran)."""
+    import logging
+    import re
+
+    out, _ = pipeline_run
+    caplog.set_level(logging.INFO)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}"])
+    run_pipeline(cfg, out, progress=False, report=False)
+    stages = [re.fullmatch(r"stage (\d)/5 (\w+): elapsed [\dms ]+, (.*)", m).groups() for m in caplog.messages
+              if m.startswith("stage ")]
+    assert [(i, n) for i, n, _ in stages] == [("1", "teacher"), ("2", "baseline"), ("3", "stage1"), ("4", "experts"),
+                                              ("5", "student")]
+    assert all(tail == "estimate after the first stage" for _, _, tail in stages)  # every stage was skipped
+    assert any(m.startswith("5/5 stages done in") for m in caplog.messages)

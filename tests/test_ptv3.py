@@ -181,7 +181,8 @@ def test_bad_config_is_reported():
 
 @pytest.mark.parametrize("device,dtype", [
     ("cpu", torch.bfloat16),
-    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+    pytest.param("cuda", torch.float16,
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_autocast_forward_backward(device, dtype):
     model = _tiny(backend="torch").to(device).train()
     batch = {k: v.to(device) for k, v in _batch(_sample(90, 1), _sample(37, 2)).items()}

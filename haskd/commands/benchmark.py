@@ -10,17 +10,23 @@ from pathlib import Path
 
 
 def register(sub):
-    p = sub.add_parser("benchmark", help="time inference, training steps, sparse-conv layers, data loading, DDP")
+    p = sub.add_parser("benchmark", help="time inference, training steps, sparse-conv layers, data loading, DDP",
+                       description=(
+        "Latency / training-step / memory medians and their ratios, measured in one run (docs/performance.md);\n"
+        "or one of --layers, --chunked, --loading, --ddp.\n\n"
+        "Reads:  --ckpt (and --teacher, --snapshots, --baseline), the split's scene folders under --data.\n"
+        "Writes: --out, the full result as JSON (seconds, bytes).\n"
+        "Prints: Markdown tables."))
     p.add_argument("--ckpt", default=None, help="student checkpoint (model benchmark; config for --loading/--ddp)")
     p.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="split whose scenes are timed")
     p.add_argument("--teacher", default=None, help="multi-modal teacher checkpoint")
     p.add_argument("--snapshots", default=None, help="folder of epoch_*.pt snapshots (ensemble; ASD experts)")
     p.add_argument("--baseline", default=None, help="baseline student checkpoint (same network)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5, help="timed repetitions (medians reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared: default 1)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device")
     p.add_argument("--max-scenes", type=int, default=3, help="scenes of the split to time")
     p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     mode = p.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def _common(p):
     p.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split folder whose scenes are processed")
     p.add_argument("--stride", type=int, default=1, help="candidate frames: every s-th frame")
     p.add_argument("--voxel-size", type=float, default=0.05, help="voxel size (m) for coverage gains")
     p.add_argument("--tau", type=float, default=0.1, help="depth tolerance (m) of the visibility test")
@@ -32,19 +32,30 @@ def _common(p):
 
 
 def register(subparsers):
-    p = subparsers.add_parser("frames", help="IOF frame selection for the teacher (select, coverage)")
+    p = subparsers.add_parser("frames", help="IOF frame selection for the teacher (select, coverage)",
+                              description="Frame filtering (IOF) on scene folders; docs/iof.md.")
     sub = p.add_subparsers(dest="frames_cmd", required=True)
-    s = sub.add_parser("select", help="choose K frames per scene -> JSON + contact sheets")
+    s = sub.add_parser("select", help="choose K frames per scene -> JSON + contact sheets", description=(
+        "Choose K frames per scene with a policy (IOF, uniform, random).\n\n"
+        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (scenes without frames get frames_virtual/ rendered\n"
+        "        and written into the scene folder).\n"
+        "Writes: OUT/frames_<policy>_k<K>.json ({scene: [frame ids]}) and OUT/<scene>_<policy>.png contact sheets.\n"
+        "Prints: per scene the chosen frames and the share of points they see."))
     _common(s)
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--policy", default="iof", choices=("iof", "uniform", "random"))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--k", type=int, default=5, help="frames per scene")
+    s.add_argument("--policy", default="iof", choices=("iof", "uniform", "random"), help="frame policy")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(func=run_select)
-    c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON")
+    c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON",
+                       description=(
+        "Point coverage (share of points seen by the chosen frames) of frame policies at several K.\n\n"
+        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (or rendered frames_virtual/).\n"
+        "Writes: OUT (a Markdown table, coverage as fractions 0..1) and OUT with .json (per scene and mean).\n"
+        "Prints: the table."))
     _common(c)
     c.add_argument("--ks", default="3,5,10", help="comma-separated K values")
-    c.add_argument("--policies", default="iof,uniform,random")
+    c.add_argument("--policies", default="iof,uniform,random", help="comma-separated frame policies to compare")
     c.add_argument("--seeds", default="0,1,2,3,4", help="seeds averaged for the random policies")
     c.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
     c.set_defaults(func=run_coverage)

@@ -737,8 +737,15 @@ def _scene_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1)[0])
 
 
+def _make_and_write(job):
+    seed, name, path, room_kwargs = job
+    room = make_room(seed, name=name, **room_kwargs)
+    write_room(room, path)
+    return int(len(room["coord"]))
+
+
 def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, overwrite: bool = False,
-                  progress: bool = True, num_test: int = 0, **room_kwargs) -> dict:
+                  progress: bool = True, num_test: int = 0, jobs: int = 1, **room_kwargs) -> dict:
     """Write ``<root>/{train,val,test}/<scene>/`` scene folders with frames; returns a summary dict.
 
     ``test`` (``num_test`` rooms, none by default) is a held-out split: nothing in the pipeline reads it, so a
@@ -747,8 +754,9 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
     ``<root>/synthetic.json`` records the generator settings. Scenes already on disk are kept (writes are atomic, so
     they are complete) unless ``overwrite``; a root made with other settings is refused unless ``overwrite``.
     Summary keys: ``root``, ``train`` / ``val`` / ``test`` (scene names), ``written``, ``skipped``, ``num_points``.
+    ``jobs`` > 1 makes the rooms in that many processes: every room has its own seed, so the files are the same.
     """
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     root = Path(root)
     settings = {"generator": "haskd.data.synthetic", "version": 1, "seed": seed,
@@ -762,11 +770,11 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
         if old is None or {k: old.get(k) for k in settings} != settings:
             raise HaskdError(f"{root}: holds a synthetic dataset made with other settings (see {meta}); "
                              "choose another --out or pass --overwrite")
-    jobs = [(split, i) for split, n in (("train", num_train), ("val", num_val), ("test", num_test)) for i in range(n)]
+    rooms = [(split, i) for split, n in (("train", num_train), ("val", num_val), ("test", num_test)) for i in range(n)]
     summary = {"root": str(root), "train": [], "val": [], "test": [], "written": 0, "skipped": 0, "num_points": 0}
     root.mkdir(parents=True, exist_ok=True)
-    scenes = []
-    for split, i in tqdm(jobs, desc="synthetic rooms", unit="scene", disable=not progress):
+    scenes, todo = [], []
+    for split, i in rooms:
         s = _scene_seed(seed, split, i)
         name = f"synth_{split}_{i:04d}"
         path = root / split / name
@@ -774,10 +782,25 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
         scenes.append({"split": split, "name": name, "seed": s})
         if path.is_dir() and not overwrite:
             summary["skipped"] += 1
-            continue
-        room = make_room(s, name=name, **room_kwargs)
-        write_room(room, path)
-        summary["written"] += 1
-        summary["num_points"] += int(len(room["coord"]))
+        else:
+            todo.append((s, name, path, room_kwargs))
+    bar = progress_bar(total=len(todo), desc="synthetic rooms", unit="scene", disable=not progress)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent may hold torch's OpenMP threads, which do not survive a fork
+        with mp.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            counts = []
+            for n in pool.imap(_make_and_write, todo):
+                counts.append(n)
+                bar.update()
+    else:
+        counts = []
+        for job in todo:
+            counts.append(_make_and_write(job))
+            bar.update()
+    bar.close()
+    summary["written"] = len(counts)
+    summary["num_points"] = sum(counts)
     meta.write_text(json.dumps({**settings, "hard_classes": list(HARD_CLASSES), "scenes": scenes}, indent=1))
     return summary

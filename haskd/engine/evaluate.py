@@ -61,9 +61,9 @@ def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, 
     idx = list(range(rank(), len(dataset.scenes), world_size()))
     it = idx
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress as bar
 
-        it = tqdm(idx, desc="eval", unit="scene", leave=False)
+        it = bar(idx, desc="eval", unit="scene", leave=False, line=False)
     for i in it:
         scene = dataset.scenes[i]
         if scene.segment is None:

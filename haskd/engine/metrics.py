@@ -25,9 +25,11 @@ class ConfusionMatrix:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            m = self.mat.clone()
+            # nccl reduces CUDA tensors only; the matrix itself stays on the CPU
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            m = self.mat.to(dev, copy=True)
             dist.all_reduce(m)
-            self.mat = m
+            self.mat = m.cpu()
 
     def compute(self, class_names=None) -> dict:
         return metrics_from_confusion(self.mat.numpy(), class_names)

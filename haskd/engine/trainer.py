@@ -335,6 +335,7 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
     cfg_dict = cfg.to_dict()
     metrics = {}
     step = start_epoch * steps_per_epoch
+    run_t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs):
         train_set.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -343,10 +344,10 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
         task.train()
         it = loader
         if progress and main:
-            from tqdm import tqdm
+            from ..progress import progress as bar
 
-            it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
-                      dynamic_ncols=True)
+            # off a terminal: no bar, the epoch line below is the only output of an epoch
+            it = bar(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False, line=False)
         t0, sums, n = time.perf_counter(), {}, 0
         for batch in it:
             batch = move_to(batch, device)
@@ -392,10 +393,8 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
             if epoch + 1 in snaps:
                 save_checkpoint(out / "snapshots" / f"epoch_{epoch + 1:03d}.pt", config=cfg_dict,
                                 state_dict=model.state_dict(), epoch=epoch + 1)
-            msg = f"epoch {epoch + 1}/{cfg.train.epochs} loss {rec['train/loss']:.4f}"
-            if "val/miou" in rec:
-                msg += f" val mIoU {rec['val/miou']:.4f}"
-            log.info(msg)
+            log.info(epoch_line(epoch + 1, cfg.train.epochs, rec, time.perf_counter() - run_t0,
+                                epoch + 1 - start_epoch))
         dist_utils.barrier()
     logger.close()
     if main and metrics:
@@ -403,6 +402,21 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
 
         write_text(out / "val_metrics.json", json.dumps(metrics))
     return (metrics, model) if return_model else metrics
+
+
+def epoch_line(epoch: int, epochs: int, rec: dict, elapsed: float, done_here: int) -> str:
+    """The one log line of an epoch: ``epoch 3/6 loss 0.8123 val mIoU 30.01% (25 s/epoch, about 1m15s left)``.
+
+    ``elapsed``: seconds since this process started training (``done_here`` epochs, so a resumed run's estimate
+    uses only the epochs it timed itself)."""
+    from ..progress import duration
+
+    msg = f"epoch {epoch}/{epochs} loss {rec['train/loss']:.4f}"
+    if "val/miou" in rec:
+        msg += f" val mIoU {100 * rec['val/miou']:.2f}%"
+    per = elapsed / max(done_here, 1)
+    left = f", about {duration(per * (epochs - epoch))} left" if epoch < epochs else ""
+    return msg + f" ({duration(per)}/epoch{left})"
 
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -179,7 +179,7 @@ def run_jobs(jobs: list, worker: Callable, manifest: Manifest, options: dict, wo
     folder ``out_dir`` (atomically) and raises :class:`HaskdError` / :class:`InputError` for bad input.
     ``workers <= 1`` runs in this process (no pool). Returns a :class:`Summary`; never raises for a bad scene.
     """
-    from tqdm import tqdm
+    from ..progress import progress
 
     summary = Summary()
     todo = []
@@ -206,7 +206,7 @@ def run_jobs(jobs: list, worker: Callable, manifest: Manifest, options: dict, wo
                                    "info": res.get("info", {})})
         summary.done.append(job.name)
 
-    bar = tqdm(total=len(todo), desc=desc, unit="scene", file=sys.stderr, dynamic_ncols=True)
+    bar = progress(total=len(todo), desc=desc, unit="scene", file=sys.stderr)
     try:
         if workers <= 1 or len(todo) <= 1:
             for job in todo:

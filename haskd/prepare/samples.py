@@ -272,7 +272,7 @@ def prepare_samples(src, out, val_rooms=DEFAULT_VAL_ROOMS, overwrite: bool = Fal
     Returns ``{"out", "scannet": {"train", "val", "frames_only"}, "s3dis": {split: [rooms]}, "written", "skipped",
     "sources": {"<dataset>/<split>/<name>": source}, "placeholder_color": [...]}`` (scene name lists sorted).
     """
-    from tqdm import tqdm
+    from ..progress import progress as bar
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -282,7 +282,7 @@ def prepare_samples(src, out, val_rooms=DEFAULT_VAL_ROOMS, overwrite: bool = Fal
         raise InputError(src, "no known sample folder inside (see shared/data/README.md)")
     summary = {"out": str(out), "scannet": {"train": [], "val": [], "frames_only": []}, "s3dis": {},
                "written": 0, "skipped": 0, "sources": {}, "placeholder_color": []}
-    for job in tqdm(jobs, desc="import samples", unit="scene", disable=not progress):
+    for job in bar(jobs, desc="import samples", unit="scene", disable=not progress):
         key = f"{job['dataset']}/{job['split']}/{job['name']}"
         summary["sources"][key] = job["source"]
         group = summary[job["dataset"]]

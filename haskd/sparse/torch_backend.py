@@ -36,6 +36,13 @@ DENSE_CELLS_PER_VOXEL = 64
 DENSE_MAX_CELLS = 1 << 26
 
 
+def linear_keys(coords: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of int64 ``coords`` ``(..., D)`` with ``mult`` ``(D,)``: a product and a sum, not
+    ``coords @ mult``, since CUDA has no integer matrix-vector kernel ("addmv_impl_cuda" not implemented for
+    'Long', found by the GPU check)."""
+    return (coords * mult).sum(-1)
+
+
 class CoordIndex:
     """Row lookup for ``(N, 4)`` int64 coords ``[b, x, y, z]`` (non-negative, unique).
 
@@ -55,7 +62,7 @@ class CoordIndex:
         self.mult = torch.tensor([sx * sy * sz, sy * sz, sz, 1], dtype=torch.int64, device=dev)
         self.pad = pad
         self.volume = (int(hi[0]) + 1) * sx * sy * sz
-        keys = coords @ self.mult + pad * int(self.mult[1:].sum()) if self.n else coords.new_zeros(0)
+        keys = linear_keys(coords, self.mult) + pad * int(self.mult[1:].sum()) if self.n else coords.new_zeros(0)
         self.keys, self.order = torch.sort(keys)
         self.table = None
         if self.volume <= min(DENSE_MAX_CELLS, max(DENSE_CELLS_PER_VOXEL * self.n, 1 << 20)):
@@ -64,7 +71,7 @@ class CoordIndex:
 
     def delta(self, offsets: torch.Tensor) -> torch.Tensor:
         """Key shift of each ``(K, 3)`` offset, ``(K,)``; valid for ``|offset| <= pad``."""
-        return offsets @ self.mult[1:]
+        return linear_keys(offsets, self.mult[1:])
 
     def find(self, qkeys: torch.Tensor) -> torch.Tensor:
         """Rows whose key equals each query (keys from :meth:`delta` shifts, so inside the box); -1 where none."""
@@ -200,7 +207,7 @@ def build_down_map(coords: torch.Tensor, kernel_size: int, stride: int):
     index = CoordIndex(coords, pad=kernel_size)
     base = out_coords.clone()
     base[:, 1:] *= stride
-    bkeys = base @ index.mult + index.pad * int(index.mult[1:].sum())
+    bkeys = linear_keys(base, index.mult) + index.pad * int(index.mult[1:].sum())
     table = index.find(bkeys[None, :] + index.delta(offs)[:, None])  # (K, M)
     in_idx, out_idx, groups = _pairs_from_table(table)
     return out_coords, KernelMap(coords.shape[0], out_coords.shape[0], in_idx, out_idx, groups)
