@@ -209,7 +209,8 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a student (or a teacher with role=teacher)", description=(
         "Train a point-only student (or the multi-modal teacher with role=teacher) from a config.\n\n"
-        f"Reads:  {SCENES_IN};\n        a teacher also reads each scene's frames/ (or renders virtual views into a cache\n"
+        f"Reads:  {SCENES_IN};\n"
+        "        a teacher also reads each scene's frames/ (or renders virtual views into a cache\n"
         "        folder, $HASKD_CACHE or ~/.cache/haskd; the data are never written to).\n"
         "Writes: OUT/config.yaml (resolved), last.pt (every epoch), best.pt, metrics.jsonl, tb/ (TensorBoard),\n"
         "        val_metrics.json, snapshots/ (with train.snapshots=M), frames.json (teacher).\n"

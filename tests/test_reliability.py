@@ -555,3 +555,12 @@ def test_s3dis_scenes_under_the_scannet_class_list(data, tmp_path, capsys):
     rc, _, err = train(capsys, data, tmp_path / "run", "--epochs", 1)
     one_line(rc, err, data / "manifest.json", "prepared as s3dis", "data.dataset=scannet20")
     assert not (tmp_path / "run").exists()
+
+
+def test_pca_normals_of_a_plane_face_the_room():
+    from haskd.engine.predict import pca_normals
+
+    rng = np.random.default_rng(0)
+    floor = np.c_[rng.random((300, 2)) * 4, np.zeros(300)]
+    n = pca_normals(floor, viewpoint=(2, 2, 1.5))
+    assert np.allclose(n, [0, 0, 1], atol=1e-6)

@@ -60,8 +60,9 @@ def _config(args):
         if stored and not cfg.model.module:
             from ..errors import InputError
 
-            raise InputError(args.ckpt, f"its config names user code (model.module={stored}) and haskd never imports "
-                                        f"code named in a checkpoint; if you trust that file, pass model.module={stored}")
+            raise InputError(args.ckpt, f"its config names user code (model.module={stored}) and haskd never "
+                                        f"imports code named in a checkpoint; if you trust that file, pass "
+                                        f"model.module={stored}")
     else:
         cfg = load_config(args.config, args.overrides)
     cfg.data.root = args.data

@@ -1,7 +1,7 @@
 """``haskd frames select|coverage``: IOF frame selection per scene, and the point-coverage comparison of policies.
 
 A scene folder is ``<root>/<split>/<scene>/`` with ``coord.npy``, ``color.npy`` and optional ``frames/``; scenes
-without frames get rendered virtual views (``frames_virtual/``, see :mod:`haskd.virtual_views`). The points must be
+without frames get rendered virtual views (cached outside the data, see :mod:`haskd.virtual_views`). The points must be
 in the frame of the camera poses (raw ScanNet coordinates, not axis-aligned).
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ def register(subparsers):
     sub = p.add_subparsers(dest="frames_cmd", required=True)
     s = sub.add_parser("select", help="choose K frames per scene -> JSON + contact sheets", description=(
         "Choose K frames per scene with a policy (IOF, uniform, random).\n\n"
-        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (scenes without frames get frames_virtual/ rendered\n"
-        "        and written into the scene folder).\n"
+        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (scenes without frames get virtual views rendered\n"
+        "        into a cache folder, $HASKD_CACHE or ~/.cache/haskd; the data are never written to).\n"
         "Writes: OUT/frames_<policy>_k<K>.json ({scene: [frame ids]}) and OUT/<scene>_<policy>.png contact sheets.\n"
         "Prints: per scene the chosen frames and the share of points they see."))
     _common(s)
@@ -50,7 +50,7 @@ def register(subparsers):
     c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON",
                        description=(
         "Point coverage (share of points seen by the chosen frames) of frame policies at several K.\n\n"
-        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (or rendered frames_virtual/).\n"
+        "Reads:  <DATA>/<split>/<scene>/ points and frames/ (or rendered virtual views, cached).\n"
         "Writes: OUT (a Markdown table, coverage as fractions 0..1) and OUT with .json (per scene and mean).\n"
         "Prints: the table."))
     _common(c)

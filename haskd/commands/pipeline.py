@@ -23,7 +23,7 @@ def register(sub):
                        description=(
         f"The whole HAS-KD recipe as resumable stages (config default: {HASKD_PRESET}); a finished stage is\n"
         "skipped on a rerun, an interrupted one resumes.\n\n"
-        "Reads:  scene folders <DATA>/<split>/<scene>/ with frames/ (or rendered frames_virtual/) for the teacher.\n"
+        "Reads:  scene folders <DATA>/<split>/<scene>/ with frames/ (or virtual views, cached) for the teacher.\n"
         "Writes: OUT/{teacher,baseline,stage1,student}/ run folders (checkpoints, soft-label caches beside the\n"
         "        teacher and stage 1), OUT/stage1/experts.json, OUT/summary.json, OUT/report.html + OUT/report/.\n"
         "Prints: a line per stage (stage i/n, elapsed, estimate), per epoch, then the results tables (percent)."))
@@ -52,7 +52,7 @@ def register(sub):
     a = sub.add_parser("ablate", help="baseline | +IHD (uniform) | +IHD (IOF) | +ASD only | HAS-KD over seeds",
                        description=(
         f"The ablation table over seeds (config default: {HASKD_PRESET}); finished runs are reused.\n\n"
-        "Reads:  scene folders <DATA>/<split>/<scene>/ (with frames/ or rendered frames_virtual/).\n"
+        "Reads:  scene folders <DATA>/<split>/<scene>/ (with frames/ or rendered virtual views, cached).\n"
         "Writes: OUT/seed<S>/... run folders, OUT/ablation.md and OUT/ablation.json (ablation_<split>.* with\n"
         "        --split); mIoU in percent.\n"
         "Prints: the ablation table and the per-class table (mean +- std over seeds, percent)."))

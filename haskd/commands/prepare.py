@@ -136,7 +136,8 @@ def register(subparsers):
         "Cut a few thousand points of a real ScanNet room (shared samples) into a PLY file.\n\n"
         "Reads:  --src/scannet_mmdet3d_testdata/<scene>/ (or scannet_votenet_50k_picwoon/) of ../shared/data.\n"
         "Writes: --out, a binary PLY: x y z (metres, axis-aligned), red green blue, and the ScanNet-20 ground\n"
-        "        truth as 'label' (-1 = unlabelled; `haskd predict` ignores it). About 20 bytes a point."))
+        "        truth as 'label' (-1 = unlabelled; `haskd predict` ignores it), nx ny nz (estimated from the\n"
+        "        room's points, for models trained with normals). About 32 bytes a point."))
     c.add_argument("--src", type=Path, default=DEFAULT_SAMPLES, help="samples folder (default ../shared/data)")
     c.add_argument("--out", type=Path, default=Path("my_scan.ply"), help="PLY path")
     c.add_argument("--scene", default="scene0000_00", help="ScanNet scene of the samples")

@@ -34,6 +34,27 @@ def _face_normals(coord, faces) -> np.ndarray:
     return (normal / np.where(length > 0, length, 1.0)).astype(np.float32)
 
 
+def pca_normals(coord, k: int = 16, viewpoint=None, query=None) -> np.ndarray:
+    """Unit normals (M, 3) float32 at the points ``query`` (default: all of ``coord``): the smallest principal axis
+    of each point's ``k`` nearest neighbours in ``coord``, turned to face ``viewpoint`` (default: 1.5 m above the
+    centre of the footprint, inside an indoor room)."""
+    from scipy.spatial import cKDTree
+
+    coord = np.asarray(coord, dtype=np.float64)
+    query = coord if query is None else np.asarray(query, dtype=np.float64)
+    k = max(3, min(k, coord.shape[0]))
+    _, nn = cKDTree(coord).query(query, k=k)
+    nb = coord[nn] - coord[nn].mean(1, keepdims=True)              # (M, k, 3)
+    _, vecs = np.linalg.eigh(np.einsum("mki,mkj->mij", nb, nb))   # ascending eigenvalues
+    normal = vecs[:, :, 0]
+    if viewpoint is None:
+        lo, hi = coord.min(0), coord.max(0)
+        viewpoint = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2] + 1.5])
+    flip = ((np.asarray(viewpoint) - query) * normal).sum(1) < 0
+    normal[flip] *= -1
+    return normal.astype(np.float32)
+
+
 def read_points(path) -> Scene:
     """Read a point cloud: ``.ply`` (x y z, colours as red/green/blue or diffuse_red/..., normals as nx ny nz, or
     from the faces of a mesh), ``.npy`` or ``.txt`` ((N, 3) xyz, (N, 6) xyzrgb, (N, 9) xyzrgb + normals).
@@ -92,12 +113,14 @@ def read_points(path) -> Scene:
     return validate(scene, path)
 
 
-def write_ply(path, coord, color, labels=None, atomic=True):
+def write_ply(path, coord, color, labels=None, atomic=True, normal=None):
     from plyfile import PlyData, PlyElement
 
     coord = np.asarray(coord)
     xyz = "f8" if coord.dtype == np.float64 else "f4"  # far-from-origin coordinates keep their float64 precision
     fields = [("x", xyz), ("y", xyz), ("z", xyz), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    if normal is not None:
+        fields += [("nx", "f4"), ("ny", "f4"), ("nz", "f4")]
     if labels is not None:
         fields.append(("label", "i4"))
     v = np.empty(coord.shape[0], dtype=fields)
@@ -105,6 +128,8 @@ def write_ply(path, coord, color, labels=None, atomic=True):
     v["red"], v["green"], v["blue"] = color[:, 0], color[:, 1], color[:, 2]
     if labels is not None:
         v["label"] = labels
+    if normal is not None:
+        v["nx"], v["ny"], v["nz"] = normal[:, 0], normal[:, 1], normal[:, 2]
     data = PlyData([PlyElement.describe(v, "vertex")], text=False)
     if not atomic:
         data.write(str(path))

@@ -41,9 +41,9 @@ def cut(coord: np.ndarray, points: int, crop: float = 0.0, seed: int = 0) -> np.
 
 def write_sample_ply(src, out, scene: str = "scene0000_00", points: int = 5000, crop: float = 0.0,
                      seed: int = 0) -> dict:
-    """Write ``out`` (binary PLY: x y z, red green blue, label = ScanNet-20 id or -1) and return ``{"path",
-    "points", "source_points", "source", "bytes"}``."""
-    from ..engine.predict import write_ply
+    """Write ``out`` (binary PLY: x y z, red green blue, label = ScanNet-20 id or -1, nx ny nz estimated from the
+    room's points) and return ``{"path", "points", "source_points", "source", "bytes"}``."""
+    from ..engine.predict import pca_normals, write_ply
 
     if points < 1:
         raise InputError(out, f"--points must be at least 1, got {points}")
@@ -54,7 +54,9 @@ def write_sample_ply(src, out, scene: str = "scene0000_00", points: int = 5000, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    write_ply(tmp, room["coord"][idx], room["color"][idx], room["segment"][idx].astype(np.int32))
+    # normals from the full-resolution room (the samples store none), so models trained with normals can label it
+    normal = pca_normals(room["coord"], query=room["coord"][idx])
+    write_ply(tmp, room["coord"][idx], room["color"][idx], room["segment"][idx].astype(np.int32), normal=normal)
     tmp.replace(out)
     return {"path": str(out), "points": int(idx.size), "source_points": int(room["coord"].shape[0]),
             "source": source, "bytes": out.stat().st_size}
