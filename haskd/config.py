@@ -82,6 +82,7 @@ class TrainConfig:
     snapshot_schedule: str = "second_half"  # second_half | cycles
     log_every: int = 10
     init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
+    lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
 
 
 @dataclass

@@ -81,6 +81,8 @@ def test_student_preset_trains_and_evaluates_with_voting(ds, net, tiny_rooms, s3
     cfg = load_config(f"{ds}_{net}_student", [*TOY, f"data.root={_root(ds, tiny_rooms, s3dis_rooms)}"])
     metrics, model = train(cfg, tmp_path / "run", progress=False, return_model=True)
     assert 0 <= metrics["miou"] <= 1 and len(metrics["per_class_iou"]) == cfg.data.num_classes
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("train/lovasz" in rec) == (net == "ptv3")  # Pointcept's PTv3 criteria: CE + Lovasz
     val = SceneDataset(cfg.data.root, "val", cfg.data.num_classes, cfg.data.voxel_size, use_normal=True)
     val.scenes = [_small_scene(val.scenes[0])]
     augs = voting_augs(cfg.data.vote_augs, cfg.data.dataset)

@@ -193,3 +193,23 @@ def test_mix3d_overlays_pairs_and_keeps_per_point_maps():
     assert plain["offset"].tolist() == [samples[0]["grid_coord"].shape[0],
                                         samples[0]["grid_coord"].shape[0] + samples[1]["grid_coord"].shape[0],
                                         sum(s["grid_coord"].shape[0] for s in samples)]
+
+
+def test_lovasz_softmax_is_one_minus_iou_on_hard_predictions():
+    from haskd.engine.tasks import lovasz_softmax
+
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.integers(-1, 4, 300))
+    pred = torch.from_numpy(rng.integers(0, 5, 300))
+    logits = torch.nn.functional.one_hot(pred, 5).float() * 1e4  # softmax = one-hot
+    v = y >= 0
+    ious = []
+    for c in torch.unique(y[v]):  # classes present in the labels, as Pointcept's classes="present"
+        a, b = y[v] == c, pred[v] == c
+        ious.append((a & b).sum().item() / (a | b).sum().item())
+    assert lovasz_softmax(logits, y).item() == pytest.approx(1 - np.mean(ious), abs=1e-6)
+    perfect = torch.nn.functional.one_hot(y.clamp(min=0), 5).float() * 1e4
+    assert lovasz_softmax(perfect, y).item() == pytest.approx(0.0, abs=1e-6)
+    soft = torch.randn(300, 5, requires_grad=True)
+    lovasz_softmax(soft, y).backward()
+    assert torch.isfinite(soft.grad).all() and soft.grad[~v].abs().sum() == 0  # ignored points get no gradient

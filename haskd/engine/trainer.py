@@ -25,7 +25,7 @@ from ..models import build_from_config
 from . import distributed as dist_utils
 from .checkpoint import init_weights, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .tasks import SegmentationTask, move_to
+from .tasks import SegmentationTask, WithLovasz, move_to
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,11 @@ def build_task(cfg: Config, model, device, datasets):
     if cfg.distill.teacher_ckpt or cfg.distill.experts:
         from ..distill import DistillTask
 
-        return DistillTask.from_config(model, cfg, device, datasets)
-    return SegmentationTask(model)
+        task = DistillTask.from_config(model, cfg, device, datasets)
+    else:
+        task = SegmentationTask(model)
+    # Pointcept's PTv3 recipes add a Lovasz term to cross-entropy (students only: the teacher keeps its own losses)
+    return WithLovasz(task, cfg.train.lovasz_weight) if cfg.train.lovasz_weight > 0 else task
 
 
 def build_optimizer(cfg: Config, params, model=None):
