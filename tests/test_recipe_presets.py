@@ -130,6 +130,16 @@ def test_mix3d_trains_with_cached_distillation(tiny_rooms, tmp_path):
     cfg = load_config("scannet20_spunet_haskd", [*base, f"distill.teacher_ckpt={tmp_path / 'teacher' / 'last.pt'}",
                                                  "distill.teacher_expert=false"])
     assert train_recipe(cfg)["mix_prob"] == 1.0 and train_recipe(teacher)["mix_prob"] == 0.0  # teacher: own images
+    # the teacher votes too, each fragment with its scene's frames
+    from haskd.engine.checkpoint import load_model
+    from haskd.models.teacher import attach_frames
+
+    tmodel, tcfg = load_model(tmp_path / "teacher" / "last.pt", return_config=True)
+    val = SceneDataset(tiny_rooms, "val", 20, 0.1, use_normal=True)
+    attach_frames(val, tcfg)
+    val.scenes = [_small_scene(val.scenes[0], 800)]
+    tv = evaluate(tmodel, val, extra=val.extra, voting=VOTING_AUGS["scannet"][:2])
+    assert tv["min_votes"] >= 2 and 0 <= tv["miou"] <= 1
     ds = build_datasets(cfg, ("train",))["train"]
     b = collate([ds[0], ds[1]])
     assert b["offset"].shape == (1,) and b["point_offset"].shape == (2,)  # two scenes overlaid into one
