@@ -20,7 +20,7 @@ from haskd.pipeline import run_pipeline
 RECIPES = [("scannet20", "spunet"), ("scannet20", "ptv3"), ("s3dis", "spunet"), ("s3dis", "ptv3")]
 # Toy size: tiny networks, 10 cm voxels, one pass; every other key is the preset's.
 TOY = ["model.preset=tiny", "data.voxel_size=0.1", "data.batch_size=2", "data.repeat=1", "data.max_voxels=4000",
-       "train.epochs=1", "train.eval_every=0", "train.device=cpu", "data.use_normal=true"]
+       "train.epochs=1", "train.eval_every=0", "train.device=cpu"]
 TOY_HASKD = [*TOY, "train.snapshots=1", "teacher.image_size=[30,40]", "teacher.image_widths=[8,16]",
              "teacher.image_channels=8", "teacher.num_frames=2", "teacher.virtual_views=2"]
 
@@ -83,7 +83,8 @@ def test_student_preset_trains_and_evaluates_with_voting(ds, net, tiny_rooms, s3
     assert 0 <= metrics["miou"] <= 1 and len(metrics["per_class_iou"]) == cfg.data.num_classes
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("train/lovasz" in rec) == (net == "ptv3")  # Pointcept's PTv3 criteria: CE + Lovasz
-    val = SceneDataset(cfg.data.root, "val", cfg.data.num_classes, cfg.data.voxel_size, use_normal=True)
+    val = SceneDataset(cfg.data.root, "val", cfg.data.num_classes, cfg.data.voxel_size,
+                       use_normal=cfg.data.use_normal)  # ScanNet presets: colour + normal; S3DIS: colour only
     val.scenes = [_small_scene(val.scenes[0])]
     augs = voting_augs(cfg.data.vote_augs, cfg.data.dataset)
     v = evaluate(model, val, dataset_name=cfg.data.dataset, voting=augs)
