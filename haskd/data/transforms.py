@@ -2,6 +2,11 @@
 
 All functions are vectorised numpy. A sample dict holds per-point arrays (``coord``, ``color``, ``normal``,
 ``segment``) until :func:`voxelize` turns it into per-voxel arrays plus ``inverse`` (P,) point -> voxel row.
+
+Two training recipes (``data.augment_recipe``): ``cpu``, :func:`augment` then :func:`voxelize` (mean of each
+voxel's points) and :func:`crop`; ``pointcept``, :func:`pointcept_train_voxels`: Pointcept's augmentations, one
+random point per voxel (:func:`sample_voxels`), crop by count, shuffle, and Mix3D in :func:`collate`.
+:func:`grid_fragments` is the 'test' mode grid sampling of fragment voting (:mod:`haskd.engine.voting`).
 """
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import torch
 
 def augment(coord, color, normal, rng: np.random.Generator, rotate=True, flip=True, scale=(0.9, 1.1),
             jitter=0.005, color_jitter=0.05):
-    """Random z-rotation, x/y flips, isotropic scale, coordinate jitter and colour brightness/contrast jitter."""
+    """The CPU-sized recipe: random z-rotation, x/y flips, isotropic scale, coordinate jitter and colour
+    brightness/contrast jitter."""
     R = np.eye(3)
     if rotate:
         a = rng.uniform(0, 2 * np.pi)
