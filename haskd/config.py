@@ -34,6 +34,16 @@ class DataConfig:
     batch_size: int = 2
     workers: int = 0
     repeat: int = 1                      # passes over the training scenes per epoch
+    augment_recipe: str = "cpu"          # cpu: light aug (rotate, flip, scale, jitter, colour) | pointcept: Pointcept's
+                                         # recipe (dropout, tilt, elastic, chromatic, ...; haskd/data/transforms.py)
+    grid_sample: str = "mean"            # mean: a voxel is the mean of its points | random: one random point per voxel
+                                         # (Pointcept's GridSample 'train' mode; pointcept recipe only)
+    elastic: bool = True                 # elastic distortion in the pointcept recipe (Pointcept's PTv3 S3DIS: off)
+    crop_rate: float = 0.0               # > 0: sphere crop to this fraction first, then to max_voxels (PTv3 S3DIS: 0.6)
+    shuffle: bool = False                # random voxel order (Pointcept's ShufflePoint)
+    mix_prob: float = 0.0                # Mix3D: probability that a training batch is overlaid in pairs of scenes
+    vote_augs: str = ""                  # test-time augmentations of `haskd eval --voting`: scannet (13) | s3dis (10)
+                                         # | "" (by data.dataset)
 
 
 @dataclass
@@ -51,9 +61,12 @@ class OptimConfig:
     lr: float = 0.05
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    scheduler: str = "onecycle"          # onecycle | cosine | cyclic_cosine
+    scheduler: str = "onecycle"          # onecycle | poly | cosine | cyclic_cosine
     cycles: int = 1                      # for cyclic_cosine
     clip_grad: float = 1.0               # 0 disables
+    final_div: float = 1e3               # onecycle: final lr = lr / 10 / final_div (Pointcept SpUNet: 1e4)
+    cycle_momentum: bool = False         # onecycle: cycle momentum (SGD) / beta1 (AdamW) 0.85..0.95 against the lr
+    block_lr_scale: float = 1.0          # lr factor for attention-block parameters (Pointcept PTv3: 0.1)
     amp: bool = True                     # mixed precision (torch.autocast): on CUDA; on CPU only with bfloat16
     amp_dtype: str = "float16"           # float16 (CUDA, with a GradScaler) | bfloat16 (CUDA or CPU, no scaler)
 
@@ -69,6 +82,7 @@ class TrainConfig:
     snapshot_schedule: str = "second_half"  # second_half | cycles
     log_every: int = 10
     init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
+    lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
 
 
 @dataclass
@@ -171,10 +185,12 @@ def _choices() -> dict:
     from .ihd import KD_TARGETS, TRUST_MODES
 
     return {"distill.trust": TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
-            "distill.asd_unlabeled": UNLABELED_MODES}
+            "distill.asd_unlabeled": UNLABELED_MODES, "data.augment_recipe": ("cpu", "pointcept"),
+            "data.grid_sample": ("mean", "random"), "data.vote_augs": ("", "scannet", "s3dis")}
 
 
-_CHOICE_KEYS = ("distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled")
+_CHOICE_KEYS = ("distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled",
+                "data.augment_recipe", "data.grid_sample", "data.vote_augs")
 
 
 def _set(cfg: Config, key: str, value, source: str):
@@ -281,7 +297,7 @@ def save_config(cfg: Config, path):
 
 ROLES = ("student", "teacher")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("onecycle", "cosine", "cyclic_cosine")
+SCHEDULERS = ("onecycle", "poly", "cosine", "cyclic_cosine")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "spconv")
 FRAME_POLICIES = ("iof", "uniform", "random")
@@ -318,6 +334,10 @@ def check_config(cfg: Config) -> Config:
     for key in ("max_voxels", "workers"):
         if getattr(d, key) < 0:
             bad(f"data.{key}", "must be >= 0", getattr(d, key))
+    for key in ("crop_rate", "mix_prob"):
+        value = getattr(d, key)
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            bad(f"data.{key}", "must be between 0 and 1", value)
     one_of("model.backend", m.backend, BACKENDS)
     if not isinstance(m.kwargs, dict) or not all(isinstance(k, str) for k in m.kwargs):
         bad("model.kwargs", "must be a mapping of argument names to values", m.kwargs)
@@ -329,6 +349,9 @@ def check_config(cfg: Config) -> Config:
     one_of("optim.scheduler", o.scheduler, SCHEDULERS)
     for key in ("lr", "weight_decay", "momentum", "clip_grad"):
         positive(f"optim.{key}", getattr(o, key), strict=False)
+    positive("optim.final_div", o.final_div)
+    positive("optim.block_lr_scale", o.block_lr_scale, strict=False)
+    positive("train.lovasz_weight", t.lovasz_weight, strict=False)
     if o.momentum >= 1:
         bad("optim.momentum", "must be below 1", o.momentum)
     if o.cycles < 1:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputError
 from .scene import list_scenes, load_scene
-from .transforms import augment, crop, make_features, voxel_mean, voxelize
+from .transforms import augment, crop, make_features, pointcept_train_voxels, voxel_mean, voxelize
 
 
 class SceneDataset(torch.utils.data.Dataset):
@@ -20,7 +20,7 @@ class SceneDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, num_classes, voxel_size=0.05, train=False, use_normal=False, max_voxels=0,
-                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None):
+                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None, recipe=None):
         self.dirs = [Path(p) for p in scenes] if scenes is not None else list_scenes(root, split)
         self.scenes = [load_scene(p, num_classes=num_classes, need_labels=need_labels) for p in self.dirs]
         if use_normal:  # zeros in place of missing normals would give a silently different network input
@@ -39,6 +39,9 @@ class SceneDataset(torch.utils.data.Dataset):
         self.frame_data = None  # per-scene frame tensors, set by haskd.models.teacher.attach_frames
         self.frame_k = 0        # > 0: training samples draw this many frames at random from the scene's pool
         self.extra = None
+        # Pointcept's recipe (data.augment_recipe=pointcept): keyword arguments of pointcept_train_voxels, plus
+        # mix_prob (Mix3D, drawn per sample, applied by collate). None: haskd's CPU-sized augmentation.
+        self.recipe = dict(recipe) if recipe and train else None
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -50,13 +53,20 @@ class SceneDataset(torch.utils.data.Dataset):
         scene = self.scenes[idx % len(self.scenes)]
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         coord, color, normal = scene.coord, scene.color.astype(np.float32), scene.normal
-        if self.augment:
-            coord, color, normal = augment(coord, color, normal, rng)
-        vox = voxelize(coord, color, scene.segment, normal, self.voxel_size, self.num_classes)
-        # Voxel centres in the scene's own (unaugmented) frame: the teacher projects these into its images.
-        vox["world"] = voxel_mean(scene.coord, vox["inverse"], vox["grid_coord"].shape[0])
-        if self.train:
-            vox = crop(vox, self.max_voxels, rng)
+        mix = False
+        if self.recipe is not None:
+            r = dict(self.recipe)
+            mix = rng.random() < r.pop("mix_prob", 0.0)
+            vox = pointcept_train_voxels(coord, color, scene.segment, normal, rng, self.voxel_size, self.num_classes,
+                                         max_points=self.max_voxels, augment=self.augment, **r)
+        else:
+            if self.augment:
+                coord, color, normal = augment(coord, color, normal, rng)
+            vox = voxelize(coord, color, scene.segment, normal, self.voxel_size, self.num_classes)
+            # Voxel centres in the scene's own (unaugmented) frame: the teacher projects these into its images.
+            vox["world"] = voxel_mean(scene.coord, vox["inverse"], vox["grid_coord"].shape[0])
+            if self.train:
+                vox = crop(vox, self.max_voxels, rng)
         sample = {
             "scene": scene.name,
             "coord": vox["coord"],
@@ -68,6 +78,8 @@ class SceneDataset(torch.utils.data.Dataset):
         }
         if "segment" in vox:
             sample["segment"] = vox["segment"]
+        if mix:
+            sample["mix"] = True
         if self.frame_data is not None:
             fr = self.frame_data[idx % len(self.scenes)]
             if fr is not None and self.train and 0 < self.frame_k < fr["color"].shape[0]:

@@ -50,14 +50,18 @@ def predict_points(model, scene, voxel_size, num_classes, device="cpu", use_norm
 
 
 def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, extra=None,
-             progress=False) -> dict:
+             progress=False, voting=None) -> dict:
     """mIoU / mAcc / allAcc / per-class IoU on every original point of every scene of ``dataset``.
 
-    Under DDP each rank evaluates a shard and the confusion matrices are summed.
+    ``voting``: a list of test-time augmentations (:data:`haskd.engine.voting.VOTING_AUGS`) for Pointcept's
+    fragment voting instead of the single pass; the result then also holds ``min_votes``, the fewest forwards that
+    saw any point (at least one per augmentation). Under DDP each rank evaluates a shard and the confusion
+    matrices are summed.
     """
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes)
+    min_votes = 1 << 62
     idx = list(range(rank(), len(dataset.scenes), world_size()))
     it = idx
     if progress:
@@ -68,9 +72,20 @@ def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, 
         scene = dataset.scenes[i]
         if scene.segment is None:
             continue
-        probs = predict_points(model, scene, dataset.voxel_size, dataset.num_classes, device,
-                               dataset.use_normal, tta, extra=(lambda s, i=i: extra(s, i)) if extra else None)
+        hook = (lambda s, i=i: extra(s, i)) if extra else None
+        if voting:
+            from .voting import vote_points
+
+            probs, votes = vote_points(model, scene, dataset.voxel_size, dataset.num_classes, voting, device,
+                                       dataset.use_normal, extra=hook)
+            min_votes = min(min_votes, int(votes.min()))
+        else:
+            probs = predict_points(model, scene, dataset.voxel_size, dataset.num_classes, device,
+                                   dataset.use_normal, tta, extra=hook)
         cm.update(probs.argmax(1), torch.from_numpy(scene.segment))
     cm.all_reduce()
     model.train(was_training)
-    return cm.compute(class_names(dataset_name)[: dataset.num_classes])
+    out = cm.compute(class_names(dataset_name)[: dataset.num_classes])
+    if voting:
+        out.update(min_votes=min_votes if min_votes < 1 << 62 else 0, augmentations=len(voting))
+    return out

@@ -25,7 +25,7 @@ from ..models import build_from_config
 from . import distributed as dist_utils
 from .checkpoint import init_weights, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .tasks import SegmentationTask, move_to
+from .tasks import SegmentationTask, WithLovasz, move_to
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def build_datasets(cfg: Config, splits=("train", "val")):
         split = d.train_split if which == "train" else d.val_split
         out[which] = SceneDataset(d.root, split, d.num_classes, d.voxel_size, train=(which == "train"),
                                   use_normal=d.use_normal, max_voxels=d.max_voxels, augment=d.augment,
-                                  seed=cfg.train.seed, repeat=d.repeat)
+                                  seed=cfg.train.seed, repeat=d.repeat, recipe=train_recipe(cfg))
     if cfg.role == "teacher":
         from ..models.teacher import attach_frames
 
@@ -78,6 +78,19 @@ def check_dataset_kind(root, dataset: str) -> None:
                          f"data.num_classes=...")
 
 
+def train_recipe(cfg: Config):
+    """Keyword arguments of Pointcept's training recipe for :class:`SceneDataset` (None: the CPU-sized one).
+
+    Mix3D is for point-only networks: the teacher lifts each scene's own images (and so does an online teacher
+    inside distillation), so it stays off for them."""
+    d = cfg.data
+    if d.augment_recipe != "pointcept":
+        return None
+    online_teacher = bool(cfg.distill.teacher_ckpt) and not cfg.distill.cache
+    return dict(grid_sample_mode=d.grid_sample, crop_rate=d.crop_rate, elastic=d.elastic, shuffle=d.shuffle,
+                mix_prob=0.0 if cfg.role == "teacher" or online_teacher else d.mix_prob)
+
+
 def build_task(cfg: Config, model, device, datasets):
     if cfg.role == "teacher":
         from ..models.teacher import TeacherTask
@@ -86,12 +99,24 @@ def build_task(cfg: Config, model, device, datasets):
     if cfg.distill.teacher_ckpt or cfg.distill.experts:
         from ..distill import DistillTask
 
-        return DistillTask.from_config(model, cfg, device, datasets)
-    return SegmentationTask(model)
+        task = DistillTask.from_config(model, cfg, device, datasets)
+    else:
+        task = SegmentationTask(model)
+    # Pointcept's PTv3 recipes add a Lovasz term to cross-entropy (students only: the teacher keeps its own losses)
+    return WithLovasz(task, cfg.train.lovasz_weight) if cfg.train.lovasz_weight > 0 else task
 
 
-def build_optimizer(cfg: Config, params):
+def build_optimizer(cfg: Config, params, model=None):
+    """SGD (Nesterov) or AdamW. With ``optim.block_lr_scale`` != 1 and a ``model``, the parameters of its
+    attention blocks (modules named ``Block``, as Pointcept's ``param_dicts`` keyword "block") form a second group
+    at ``lr * block_lr_scale``."""
     o = cfg.optim
+    if model is not None and o.block_lr_scale != 1.0:
+        ids = {id(p) for m in model.modules() if type(m).__name__ == "Block" for p in m.parameters()}
+        block = [p for p in params if id(p) in ids]
+        if block:
+            params = [{"params": [p for p in params if id(p) not in ids]},
+                      {"params": block, "lr": o.lr * o.block_lr_scale}]
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
     if o.optimizer == "adamw":
@@ -103,9 +128,12 @@ def build_scheduler(cfg: Config, opt, total_steps: int):
     o = cfg.optim
     total_steps = max(1, total_steps)
     if o.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=total_steps, pct_start=0.05,
-                                                   anneal_strategy="cos", div_factor=10.0, final_div_factor=1e3,
-                                                   cycle_momentum=False)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total_steps, pct_start=0.05, anneal_strategy="cos",
+                                                   div_factor=10.0, final_div_factor=o.final_div,
+                                                   cycle_momentum=o.cycle_momentum)
+    if o.scheduler == "poly":  # Pointcept's PolyLR: lr * (1 - step / (total + 1)) ** 0.9
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / (total_steps + 1)) ** 0.9)
     if o.scheduler in ("cosine", "cyclic_cosine"):
         cycles = max(1, o.cycles) if o.scheduler == "cyclic_cosine" else 1
         per = total_steps / cycles
@@ -115,7 +143,7 @@ def build_scheduler(cfg: Config, opt, total_steps: int):
             return 0.5 * (1 + math.cos(math.pi * t)) * (1 - 1e-3) + 1e-3
 
         return torch.optim.lr_scheduler.LambdaLR(opt, f)
-    raise HaskdError(f"optim.scheduler must be onecycle, cosine or cyclic_cosine, got '{o.scheduler}'")
+    raise HaskdError(f"optim.scheduler must be onecycle, poly, cosine or cyclic_cosine, got '{o.scheduler}'")
 
 
 def _rng_state() -> dict:
@@ -295,7 +323,7 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
         wrapped = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     params = [p for p in task.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
+    opt = build_optimizer(cfg, params, model)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist_utils.world_size(),
                                                   rank=dist_utils.rank(), shuffle=True, seed=cfg.train.seed,
                                                   drop_last=False)
