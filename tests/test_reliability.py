@@ -564,3 +564,14 @@ def test_pca_normals_of_a_plane_face_the_room():
     floor = np.c_[rng.random((300, 2)) * 4, np.zeros(300)]
     n = pca_normals(floor, viewpoint=(2, 2, 1.5))
     assert np.allclose(n, [0, 0, 1], atol=1e-6)
+
+
+def test_temp_manifest_of_a_killed_prepare_is_swept(tmp_path):
+    from haskd.prepare.manifest import Manifest
+
+    stale = tmp_path / ".manifest.999999.ab12cd.json"  # a SIGKILL while the manifest was being replaced
+    stale.write_text("{")
+    mine = tmp_path / f".manifest.{os.getpid()}.ef34gh.json"  # a live writer's: kept
+    mine.write_text("{")
+    Manifest(tmp_path, "scannet")
+    assert not stale.exists() and mine.exists()

@@ -75,6 +75,7 @@ class Manifest:
         self.path = self.root / MANIFEST_NAME
         self.dataset = dataset
         self.scenes: dict = {}
+        self._sweep()
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
@@ -87,6 +88,17 @@ class Manifest:
                                  f"not '{dataset}'; choose another --out")
             if data.get("version") == MANIFEST_VERSION:
                 self.scenes = dict(data.get("scenes", {}))
+
+    def _sweep(self):
+        """Remove temp manifests (``.manifest.<pid>.<random>.json``) of runs that were killed while saving."""
+        from ..io import _alive
+
+        if not self.root.is_dir():
+            return
+        for p in self.root.glob(".manifest.*.json"):
+            pid = p.name.split(".")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                p.unlink(missing_ok=True)
 
     def scene_dir(self, name: str, split: str) -> Path:
         return self.root / split / name
@@ -119,7 +131,7 @@ class Manifest:
         self.root.mkdir(parents=True, exist_ok=True)
         data = {"version": MANIFEST_VERSION, "dataset": self.dataset,
                 "scenes": {k: self.scenes[k] for k in sorted(self.scenes)}}
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=self.root)
+        fd, tmp = tempfile.mkstemp(prefix=f".manifest.{os.getpid()}.", suffix=".json", dir=self.root)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
