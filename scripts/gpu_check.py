@@ -127,26 +127,16 @@ def part_tests(args, out: Path) -> dict:
 
 
 def _throughput_one(cfg, device, steps, warmup) -> dict:
-    import statistics
-
     import torch
 
-    from haskd.benchmark import PeakMemory, _step_fn, _sync
+    from haskd.benchmark import PeakMemory, _step_fn, time_runs
 
     step, setup_s, voxels = _step_fn(cfg, device, n_batches=2)
     with PeakMemory(device) as mem:
-        for _ in range(warmup):
-            step()
-        ts = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-    med = statistics.median(ts)
+        t = time_runs(step, runs=steps, warmup=warmup, device=device)
+    med = t["median"]
     bs = cfg.data.batch_size
-    return {"step_s": med, "min_s": min(ts), "max_s": max(ts), "steps": len(ts), "voxels_per_batch": voxels,
+    return {"step_s": med, "min_s": t["min"], "max_s": t["max"], "steps": t["runs"], "voxels_per_batch": voxels,
             "samples_per_s": bs / med, "voxels_per_s": voxels / med, "peak_mb": mem.mb, "setup_s": setup_s,
             "torch_threads": torch.get_num_threads()}
 
