@@ -221,7 +221,8 @@ def train(cfg: Config, out_dir, resume: bool = False, progress: bool = True, ret
 
         chosen = {**train_set.chosen_frames, **(val_set.chosen_frames if val_set is not None else {})}
         (out / "frames.json").write_text(_json.dumps(chosen, indent=1))
-    model = build_from_config(cfg)
+    resuming = resume and (out / "last.pt").is_file()
+    model = build_from_config(cfg, pretrained=not resuming)   # a resumed run takes every weight from last.pt
     init = warm_start_path(cfg)
     if init and not (resume and (out / "last.pt").is_file()):
         init_weights(model, init)
