@@ -65,7 +65,7 @@ class _FeaturesOnly(nn.Module):
     def forward(self, x):
         a = self.s1(x)
         b = self.s2(a)
-        return [a, b, self.s3(b)]
+        return [a, b, self.s3(b).permute(0, 2, 3, 1)]    # the coarsest level channels-last, as Swin's
 
 
 class _FakeTimm:

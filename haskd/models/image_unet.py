@@ -215,7 +215,11 @@ class TimmUNet(nn.Module):
                  "random init" if not pretrained else pretrained, self.reductions, self.channels)
 
     def forward(self, x):
-        feat = self.head(_decode(self.dec, self.encoder(x)))
+        levels = self.encoder(x)
+        # some timm encoders (Swin, ...) give channels-last maps: bring them to (V, C, h, w)
+        levels = [f if f.shape[1] == c or f.shape[-1] != c else f.permute(0, 3, 1, 2)
+                  for f, c in zip(levels, self.channels)]
+        feat = self.head(_decode(self.dec, levels))
         out = {"feat": feat}
         if self.classifier is not None:
             out["logits"] = self.classifier(feat)
