@@ -52,7 +52,7 @@ def load_model(path, device="cpu", return_config=False):
 
     ckpt = load_checkpoint(path)
     cfg = from_dict(ckpt["config"], source=str(path))
-    model = build_from_config(cfg)
+    model = build_from_config(cfg, pretrained=False)   # the checkpoint's own weights follow
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise InputError(path, f"weights do not match the config's model (missing {list(missing)[:3]}, "

@@ -64,8 +64,9 @@ def import_user_module(spec: str):
             raise HaskdError(f"model.module '{spec}' cannot be imported ({e})") from None
 
 
-def build_from_config(cfg):
-    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'``."""
+def build_from_config(cfg, pretrained: bool = True):
+    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'`` (``pretrained``: load the teacher's
+    2D starting weights; off when a checkpoint's weights are loaded next)."""
     from ..data.dataset import in_channels
 
     import_user_module(cfg.model.module)
@@ -74,6 +75,6 @@ def build_from_config(cfg):
     if cfg.role == "teacher":
         from .teacher import MultiModalTeacher
 
-        return MultiModalTeacher.from_config(cfg, cin)
+        return MultiModalTeacher.from_config(cfg, cin, pretrained=pretrained)
     m = cfg.model
     return build_model(m.name, cin, cfg.data.num_classes, preset=m.preset, backend=m.backend, **m.kwargs)
