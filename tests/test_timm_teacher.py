@@ -118,6 +118,7 @@ def test_missing_timm_is_one_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------- a real timm model (skips where timm cannot import)
+@pytest.mark.timm
 def test_real_timm_resnet_feeds_the_decoder_and_loads_a_local_file(tmp_path):
     timm = _timm_or_skip()
     torch.manual_seed(0)
@@ -135,6 +136,7 @@ def test_real_timm_resnet_feeds_the_decoder_and_loads_a_local_file(tmp_path):
     torch.testing.assert_close(loaded.encoder.conv1.weight, src.conv1.weight)
 
 
+@pytest.mark.timm
 def test_real_timm_teacher_trains_a_step_and_rebuilds_without_the_file(tiny_rooms, tmp_path):
     timm = _timm_or_skip()
     from haskd.data.transforms import collate
