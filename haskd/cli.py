@@ -103,6 +103,8 @@ def cmd_train(args):
     if metrics:
         print(f"val mIoU {100 * metrics['miou']:.2f}%  mAcc {100 * metrics['macc']:.2f}%  "
               f"allAcc {100 * metrics['allacc']:.2f}%  -> {out}")
+    else:
+        print(f"trained without validation -> {out}")
     return 0
 
 

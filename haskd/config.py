@@ -93,6 +93,10 @@ class TeacherConfig:
     image_widths: list = field(default_factory=lambda: [32, 64, 128])
     image_stem_stride: int = 2           # full-resolution stem, then H/2 (see haskd/models/image_unet.py)
     image_weights: str = ""              # optional local state_dict for the 2D branch
+    image_encoder: str = ""              # "" = the built-in ImageUNet; else a timm model name (features_only encoder
+                                         # under the same decoder; needs timm, imported only then)
+    image_pretrained: str = ""           # timm encoder weights: "" random init | "hub" (network) | a local file
+    image_out_indices: list = field(default_factory=list)   # timm feature levels fed to the decoder ([] = all)
     num_frames: int = 5                  # K frames per scene picked by the frame filter
     frame_policy: str = "iof"            # iof | uniform | random
     frame_stride: int = 1
@@ -261,10 +265,29 @@ def _deep_update(a: dict, b: dict):
             a[k] = v
 
 
+def _check_teacher(cfg: Config, source: str):
+    """Rules across the teacher's 2D-branch keys, checked when a config is read (file paths are checked when the
+    weights are loaded: a checkpoint's config is also read where its training files are gone)."""
+    t = cfg.teacher
+    if t.image_pretrained and not t.image_encoder:
+        raise HaskdError(f"{source}: teacher.image_pretrained needs teacher.image_encoder (a timm model name); the "
+                         "built-in 2D UNet takes its weights from teacher.image_weights")
+    if t.image_encoder and t.image_weights:
+        raise HaskdError(f"{source}: teacher.image_weights is for the built-in 2D UNet; with teacher.image_encoder use "
+                         "teacher.image_pretrained (hub or a local timm weights file)")
+    if not isinstance(t.image_out_indices, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in t.image_out_indices):
+        raise HaskdError(f"{source}: teacher.image_out_indices must be a list of encoder level numbers (0, 1, ...), "
+                         f"got {t.image_out_indices!r}")
+    if t.image_out_indices and not t.image_encoder:
+        raise HaskdError(f"{source}: teacher.image_out_indices needs teacher.image_encoder")
+
+
 def from_dict(d: dict, source: str = "config") -> Config:
     cfg = Config()
     for k, v in _flatten(copy.deepcopy(d)).items():
         _set(cfg, k, v, source)
+    _check_teacher(cfg, source)
     return cfg
 
 
@@ -286,6 +309,7 @@ def apply_overrides(cfg: Config, overrides) -> Config:
         except yaml.YAMLError:
             value = v
         _set(cfg, k.strip(), value, "command line")
+    _check_teacher(cfg, "command line")
     return cfg
 
 

@@ -5,7 +5,8 @@ Runs on a CUDA machine that has PyTorch and haskd's dependencies and no network 
 child process with its own time limit, so that one slow or broken part cannot eat the others' time:
 
 - ``tests``: the CUDA tests (``pytest -m cuda``: every test that skips without CUDA), CPU-vs-CUDA agreement of the
-  sparse conv, a SpUNet step, PTv3 and a cached distillation step.
+  sparse conv, a SpUNet step, PTv3 and a cached distillation step; and the tests that need timm (``-m timm``: the
+  teacher's pretrained 2D encoder), which a CUDA machine usually has and a CPU setup does not.
 - ``throughput``: training step time, samples/s, points/s and peak memory of SpUNet small/base and PTv3 small at
   2 cm on ScanNet-sized rooms (real rooms tiled to about 150k points), batch 8, float32 and AMP; spconv beside the
   pure-PyTorch backend when spconv imports.
@@ -105,7 +106,7 @@ def part_tests(args, out: Path) -> dict:
     env = dict(os.environ)
     if args.device == "cpu":
         env["HASKD_CUDA_TESTS_ON"] = "cpu"  # --allow-cpu: the tests against themselves
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda or timm", "-p", "no:cacheprovider", f"--junitxml={xml}",
            "-o", "addopts="]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     (out / "cuda_tests.log").write_text(r.stdout + r.stderr)
@@ -127,26 +128,16 @@ def part_tests(args, out: Path) -> dict:
 
 
 def _throughput_one(cfg, device, steps, warmup) -> dict:
-    import statistics
-
     import torch
 
-    from haskd.benchmark import PeakMemory, _step_fn, _sync
+    from haskd.benchmark import PeakMemory, _step_fn, time_runs
 
     step, setup_s, voxels = _step_fn(cfg, device, n_batches=2)
     with PeakMemory(device) as mem:
-        for _ in range(warmup):
-            step()
-        ts = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-    med = statistics.median(ts)
+        t = time_runs(step, runs=steps, warmup=warmup, device=device)
+    med = t["median"]
     bs = cfg.data.batch_size
-    return {"step_s": med, "min_s": min(ts), "max_s": max(ts), "steps": len(ts), "voxels_per_batch": voxels,
+    return {"step_s": med, "min_s": t["min"], "max_s": t["max"], "steps": t["runs"], "voxels_per_batch": voxels,
             "samples_per_s": bs / med, "voxels_per_s": voxels / med, "peak_mb": mem.mb, "setup_s": setup_s,
             "torch_threads": torch.get_num_threads()}
 

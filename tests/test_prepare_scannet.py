@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from haskd.classes import nyu40_to_scannet20
+from haskd.classes import SCANNET200_CATEGORY_IDS, nyu40_to_scannet20
 from haskd.data.frames import open_frames
 from haskd.data.scene import load_scene
-from haskd.errors import InputError
+from haskd.errors import HaskdError, InputError
 from haskd.prepare import scannet
 from haskd.prepare.manifest import MANIFEST_NAME, folder_checksums
 from haskd.prepare.sens import SensHeader, SensReader, write_sens
@@ -94,7 +94,9 @@ def _sens_header(src: Path):
 
 def _tsv(path, nyu_ids):
     lines = ["id\traw_category\tcategory\tcount\tnyu40id"]
-    lines += [f"{300 + int(n)}\tcat{int(n)}\tcat{int(n)}\t1\t{int(n)}" for n in nyu_ids]
+    # even NYU40 ids get a ScanNet-200 category (the n-th), odd ones a category outside the 200
+    ids = [SCANNET200_CATEGORY_IDS[int(n)] if n % 2 == 0 else 2000 + int(n) for n in nyu_ids]
+    lines += [f"{i}\tcat{int(n)}\tcat{int(n)}\t1\t{int(n)}" for i, n in zip(ids, nyu_ids)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -213,11 +215,16 @@ def test_prepare_reproduces_source_exactly(raw, tmp_path, shared_data):
         np.testing.assert_array_equal(s.segment, nyu40_to_scannet20(e["nyu"]))
         np.testing.assert_array_equal(s.instance, e["ins"] - 1)       # objectId, -1 = no object
         seg200 = np.load(out / split / name / "segment200.npy")
-        want = np.full(e["ins"].shape, -1)
+        category = np.load(out / split / name / "segment_category.npy")
+        want, want200 = np.full(e["ins"].shape, -1), np.full(e["ins"].shape, -1)
         for k in np.unique(e["ins"][e["ins"] > 0]):
             m = e["ins"] == k
-            want[m] = tsv[f"cat{np.bincount(e['nyu'][m]).argmax()}"]
-        np.testing.assert_array_equal(seg200, want)
+            n = np.bincount(e['nyu'][m]).argmax()
+            want[m] = tsv[f"cat{n}"]
+            want200[m] = n if n % 2 == 0 else -1      # Pointcept's meaning: index among the 200, else ignore
+        np.testing.assert_array_equal(category, want)
+        np.testing.assert_array_equal(seg200, want200)
+        assert (seg200 >= 0).any() and (seg200 == -1).any()
 
     # frames: every 2nd of 5 -> 0, 2, 4; frame 2 has a -inf pose -> skipped, never written
     fs = open_frames(out / "train" / "scene0000_00" / "frames", strict=True)
@@ -422,3 +429,20 @@ def test_sigkill_halfway_then_rerun_equals_clean_run(raw, tmp_path):
     if killed:
         assert summary.skipped and not summary.failed
     assert _tree(out) == _tree(clean)
+
+
+def test_split_lists_follow_pointcept(raw, tmp_path):
+    """--split-lists: train list -> train/, val list -> val/, any other scene -> test/; the three folders exist even
+    when empty (here val/: its only listed scene is not in the download)."""
+    root, _ = raw
+    lists = tmp_path / "meta"
+    lists.mkdir()
+    (lists / "scannetv2_train.txt").write_text("scene0000_00\n")
+    (lists / "scannetv2_val.txt").write_text("scene0568_00\n")
+    out = tmp_path / "out"
+    assert scannet.run(_args(root, out, "--frames-every", "0", "--split-lists", str(lists))) == 0
+    assert [p.name for p in (out / "train").iterdir()] == ["scene0000_00"]
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["scene0000_01", "scene0000_02"]
+    assert (out / "val").is_dir() and not list((out / "val").iterdir())
+    with pytest.raises(HaskdError, match="cannot be combined"):
+        scannet.run(_args(root, out, "--split-lists", str(lists), "--split-file", f"val={lists / 'x.txt'}"))

@@ -90,6 +90,22 @@ class SceneDataset(torch.utils.data.Dataset):
         return sample
 
 
+# data.val_split values that turn validation off.
+NO_SPLIT = ("", "none")
+
+
+def split_state(root, split: str) -> str:
+    """What ``<root>/<split>`` holds: ``"off"`` (``split`` is "" or "none"), ``"missing"`` (no such folder),
+    ``"empty"`` (a folder without scene folders: Pointcept's preprocessing writes an empty ``val/`` when every scene
+    is in the train list) or ``"ok"``."""
+    if str(split).strip().lower() in NO_SPLIT:
+        return "off"
+    d = Path(root) / split
+    if not d.is_dir():
+        return "missing"
+    return "ok" if any(p.is_dir() and not p.name.startswith(".") for p in d.iterdir()) else "empty"
+
+
 def subset_frames(frames: dict, rows) -> dict:
     """The frames at ``rows`` of a per-scene frame dict (see :func:`haskd.models.teacher.load_frames`)."""
     rows = np.asarray(rows)

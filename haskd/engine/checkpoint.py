@@ -66,7 +66,7 @@ def load_model(path, device="cpu", return_config=False, module: str = ""):
     if cfg.model.name not in REGISTRY:
         raise InputError(path, f"unknown model '{cfg.model.name}' (known: {', '.join(sorted(REGISTRY))})")
     try:
-        model = build_from_config(cfg, import_module=False)
+        model = build_from_config(cfg, pretrained=False, import_module=False)  # its own weights follow
     except InputError:
         raise
     except Exception as e:  # a config whose model kwargs the network rejects

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.dataset import SceneDataset
+from ..data.dataset import SceneDataset, split_state
 from ..data.transforms import collate
-from ..errors import HaskdError
+from ..errors import HaskdError, InputError
 from ..models import build_from_config
 from . import distributed as dist_utils
 from .checkpoint import init_weights, load_checkpoint, save_checkpoint
@@ -36,7 +36,9 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_datasets(cfg: Config, splits=("train", "val")):
+def build_datasets(cfg: Config, splits=("train", "val"), optional_val: bool = False):
+    """{which: SceneDataset}. With ``optional_val`` a validation split that is turned off (``data.val_split=none``)
+    or empty (Pointcept's empty ``val/``) gives ``None`` and a one-line notice instead of an error."""
     d = cfg.data
     if not d.root:
         raise HaskdError("no data root: pass --data ROOT (a folder holding <split>/<scene>/ scene folders)")
@@ -44,6 +46,19 @@ def build_datasets(cfg: Config, splits=("train", "val")):
     out = {}
     for which in splits:
         split = d.train_split if which == "train" else d.val_split
+        if which == "val" and optional_val:
+            state = split_state(d.root, split)
+            if state in ("off", "empty"):
+                if dist_utils.is_main():
+                    why = ("data.val_split=none" if state == "off" else
+                           f"{Path(d.root) / split} holds no scene folder")
+                    log.warning("no validation: %s; training runs without evaluation and writes no best.pt "
+                                "(data.val_split=SPLIT evaluates on another split)", why)
+                out[which] = None
+                continue
+            if state == "missing":
+                raise InputError(Path(d.root) / split, f"split folder '{split}' not found under data root "
+                                                       "(data.val_split=none trains without validation)")
         out[which] = SceneDataset(d.root, split, d.num_classes, d.voxel_size, train=(which == "train"),
                                   use_normal=d.use_normal, max_voxels=d.max_voxels, augment=d.augment,
                                   seed=cfg.train.seed, repeat=d.repeat, recipe=train_recipe(cfg))
@@ -53,6 +68,8 @@ def build_datasets(cfg: Config, splits=("train", "val")):
         if cfg.teacher.train_frames not in ("selected", "random"):
             raise HaskdError(f"teacher.train_frames must be 'selected' or 'random', got {cfg.teacher.train_frames!r}")
         for which, ds in out.items():
+            if ds is None:
+                continue
             attach_frames(ds, cfg, pool=which == "train" and cfg.teacher.train_frames == "random")
     return out
 
@@ -248,9 +265,9 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
     seed_everything(cfg.train.seed + dist_utils.rank())
     # Read (and validate) all input, and build the network, before anything is written: bad input or a bad model
     # setting leaves no folder and no file.
-    datasets = build_datasets(cfg)
+    datasets = build_datasets(cfg, optional_val=True)
     train_set, val_set = datasets["train"], datasets["val"]
-    model = build_checked(cfg)
+    model = build_checked(cfg, pretrained=not resuming)  # a resumed run takes every weight from last.pt
     lock = None
     if main:
         make_dir(out)
@@ -263,7 +280,7 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
                 log.info("removed %s (left by an interrupted save)", p)
             write_text(out / "config.yaml", _yaml(cfg))
             if cfg.role == "teacher":
-                chosen = {**train_set.chosen_frames, **val_set.chosen_frames}
+                chosen = {**train_set.chosen_frames, **(val_set.chosen_frames if val_set is not None else {})}
                 write_text(out / "frames.json", json.dumps(chosen, indent=1))
             if resuming:
                 _trim_metrics(out / "metrics.jsonl", int(ck["epoch"]))
@@ -273,10 +290,10 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
             lock.release()
 
 
-def build_checked(cfg: Config):
+def build_checked(cfg: Config, pretrained: bool = True):
     """The network of ``cfg``; a constructor that rejects the config's ``model.kwargs`` (or preset) is one line."""
     try:
-        return build_from_config(cfg)
+        return build_from_config(cfg, pretrained=pretrained)
     except HaskdError:
         raise
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
@@ -402,7 +419,8 @@ def _train_loop(cfg, out, model, datasets, device, main, ck, progress, return_mo
         rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
                "epoch_time_s": time.perf_counter() - t0, **{f"train/{k}": v / max(n, 1) for k, v in sums.items()}}
         last_epoch = epoch + 1 == cfg.train.epochs
-        if (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch:
+        due = (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch
+        if due and val_set is not None:
             metrics = evaluate(model, val_set, device, cfg.data.dataset, extra=getattr(val_set, "extra", None))
             rec.update({"val/miou": metrics["miou"], "val/macc": metrics["macc"], "val/allacc": metrics["allacc"]})
             history.append({"epoch": epoch + 1, "miou": metrics["miou"]})

@@ -64,9 +64,10 @@ def import_user_module(spec: str):
             raise HaskdError(f"model.module '{spec}' cannot be imported ({e})") from None
 
 
-def build_from_config(cfg, import_module: bool = True):
-    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'``. ``import_module=False``: do not
-    import ``cfg.model.module`` (a config read from a checkpoint; see :func:`haskd.engine.checkpoint.load_model`)."""
+def build_from_config(cfg, pretrained: bool = True, import_module: bool = True):
+    """Student network, or the multi-modal teacher when ``cfg.role == 'teacher'`` (``pretrained``: load the teacher's
+    2D starting weights; off when a checkpoint's weights are loaded next). ``import_module=False``: do not import
+    ``cfg.model.module`` (a config read from a checkpoint; see :func:`haskd.engine.checkpoint.load_model`)."""
     from ..data.dataset import in_channels
 
     if import_module:
@@ -76,6 +77,6 @@ def build_from_config(cfg, import_module: bool = True):
     if cfg.role == "teacher":
         from .teacher import MultiModalTeacher
 
-        return MultiModalTeacher.from_config(cfg, cin)
+        return MultiModalTeacher.from_config(cfg, cin, pretrained=pretrained)
     m = cfg.model
     return build_model(m.name, cin, cfg.data.num_classes, preset=m.preset, backend=m.backend, **m.kwargs)

@@ -4,6 +4,10 @@ Encoder: a 3x3 stem at full resolution, then one stage per width, each a stride-
 ``blocks - 1`` residual blocks (H, H/2, H/4, H/8 for 4 widths). Decoder: bilinear upsampling, concatenation with the
 encoder skip, a residual block, back to full resolution. A 1x1 head gives ``out_channels`` features per pixel and an
 optional 1x1 classifier gives 2D logits (for the optional 2D CE loss at projected labeled pixels).
+
+:class:`TimmUNet` puts a pretrained timm encoder (``features_only``: one feature map per stride) under the same
+decoder, as the published 2D-3D methods (BPNet, MVPNet) start from an ImageNet-pretrained 2D backbone. timm is
+imported only when such an encoder is asked for.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import HaskdError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +86,7 @@ class ImageUNet(nn.Module):
             layers = [BasicBlock(cin, w, stride=1 if i == 0 else 2, norm=norm)]
             layers += [BasicBlock(w, w, norm=norm) for _ in range(blocks - 1)]
             self.enc.append(nn.Sequential(*layers))
-        self.dec = nn.ModuleList()
-        for i in range(len(widths) - 1, 0, -1):
-            self.dec.append(BasicBlock(widths[i] + widths[i - 1], widths[i - 1], norm=norm))
+        self.dec = _decoder(widths, norm)
         self.head = nn.Conv2d(widths[0], out_channels, 1)
         self.classifier = nn.Conv2d(out_channels, num_classes, 1) if num_classes else None
 
@@ -94,12 +96,7 @@ class ImageUNet(nn.Module):
         for stage in self.enc:
             y = stage(y)
             skips.append(y)
-        y = skips.pop()
-        for block in self.dec:
-            s = skips.pop()
-            y = F.interpolate(y, size=s.shape[-2:], mode="bilinear", align_corners=False)
-            y = block(torch.cat([y, s], dim=1))
-        feat = self.head(y)
+        feat = self.head(_decode(self.dec, skips))
         out = {"feat": feat}
         if self.classifier is not None:
             out["logits"] = self.classifier(feat)
@@ -142,3 +139,88 @@ class ImageUNet(nn.Module):
                  path, len(usable), len(own), len(missing), missing[:3], len(unexpected), unexpected[:3],
                  len(mismatched))
         return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _decoder(widths, norm: str) -> nn.ModuleList:
+    """UNet decoder blocks from the coarsest level up: block k fuses level ``L-1-k`` (upsampled) with its skip."""
+    return nn.ModuleList(BasicBlock(widths[i] + widths[i - 1], widths[i - 1], norm=norm)
+                         for i in range(len(widths) - 1, 0, -1))
+
+
+def _decode(blocks: nn.ModuleList, skips: list) -> torch.Tensor:
+    """Run :func:`_decoder` blocks over encoder maps ``skips`` (finest first); returns the finest-level map."""
+    skips = list(skips)
+    y = skips.pop()
+    for block in blocks:
+        s = skips.pop()
+        y = F.interpolate(y, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        y = block(torch.cat([y, s], dim=1))
+    return y
+
+
+def import_timm():
+    """timm, imported on first use; a missing or broken install (e.g. a torchvision that does not match torch) is one
+    :class:`HaskdError` line."""
+    try:
+        import timm
+    except Exception as e:   # ImportError, or RuntimeError from a torchvision built for another torch
+        raise HaskdError(f"teacher.image_encoder needs timm (and its torchvision) importable beside this torch: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return timm
+
+
+class TimmUNet(nn.Module):
+    """A timm encoder (``features_only``) + the UNet decoder of :class:`ImageUNet`.
+
+    Args:
+        encoder: timm model name (``resnet18``, ``convnext_tiny``, ...).
+        out_channels, num_classes, norm: as :class:`ImageUNet` (the decoder and heads are new, trained from scratch).
+        pretrained: ``""`` random init; ``"hub"`` timm's default pretrained weights (downloaded: needs a network, or
+            timm's cache); otherwise a local weights file of the *full* timm model (``.pth``/``.bin``/``.safetensors``,
+            as timm saves them), loaded by timm with its own key filtering.
+        out_indices: which encoder levels feed the decoder (default: all that timm gives, finest first).
+    Forward: ``x`` (V, 3, H, W) ImageNet-normalised RGB -> ``feat`` (V, out_channels, H/s, W/s) at the finest
+    stride ``s`` of the chosen levels (2 for a ResNet's stem level), ``logits`` when ``num_classes`` is set.
+    """
+
+    def __init__(self, encoder: str, out_channels: int = 64, num_classes=None, pretrained: str = "",
+                 out_indices=None, norm: str = "batch"):
+        super().__init__()
+        timm = import_timm()
+        kw = {"features_only": True}
+        if out_indices:
+            kw["out_indices"] = tuple(int(i) for i in out_indices)
+        if pretrained and pretrained != "hub":
+            path = Path(pretrained)
+            if not path.is_file():
+                raise InputError(path, "pretrained 2D encoder weights not found (teacher.image_pretrained)")
+            kw.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        else:
+            kw["pretrained"] = pretrained == "hub"
+        try:
+            self.encoder = timm.create_model(encoder, **kw)
+        except Exception as e:   # unknown name, no network for the hub, a file that does not fit the model
+            where = f" from {pretrained}" if pretrained else ""
+            raise HaskdError(f"teacher.image_encoder={encoder!r}{where}: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:300]}") from None
+        info = self.encoder.feature_info
+        self.channels = [int(c) for c in info.channels()]
+        self.reductions = [int(r) for r in info.reduction()]
+        self.out_channels = out_channels
+        self.num_classes = num_classes
+        self.dec = _decoder(self.channels, norm)
+        self.head = nn.Conv2d(self.channels[0], out_channels, 1)
+        self.classifier = nn.Conv2d(out_channels, num_classes, 1) if num_classes else None
+        log.info("2D encoder %s (%s): levels at strides %s, channels %s", encoder,
+                 "random init" if not pretrained else pretrained, self.reductions, self.channels)
+
+    def forward(self, x):
+        levels = self.encoder(x)
+        # some timm encoders (Swin, ...) give channels-last maps: bring them to (V, C, h, w)
+        levels = [f if f.shape[1] == c or f.shape[-1] != c else f.permute(0, 3, 1, 2)
+                  for f, c in zip(levels, self.channels)]
+        feat = self.head(_decode(self.dec, levels))
+        out = {"feat": feat}
+        if self.classifier is not None:
+            out["logits"] = self.classifier(feat)
+        return out

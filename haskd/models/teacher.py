@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..data.frames import open_frames, scale_intrinsic
 from ..errors import HaskdError, InputError
 from ..lifting import lift
-from .image_unet import ImageUNet
+from .image_unet import ImageUNet, TimmUNet
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class MultiModalTeacher(nn.Module):
     ``batch["world"]`` (voxel centres in the scene frame). Returns ``logits`` (N,C) fused, ``feat`` (N,D) fused
     features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
 
-    def __init__(self, backbone: nn.Module, image_net: ImageUNet, num_classes: int, hidden: int = 128,
+    def __init__(self, backbone: nn.Module, image_net: nn.Module, num_classes: int, hidden: int = 128,
                  depth_tau: float = 0.1, fusion: str = "concat"):
         super().__init__()
         if fusion not in ("concat", "residual"):
@@ -50,15 +50,23 @@ class MultiModalTeacher(nn.Module):
         self.depth_tau = depth_tau
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int):
+    def from_config(cls, cfg, in_channels: int, pretrained: bool = True):
+        """``pretrained``: load the 2D branch's starting weights (``teacher.image_weights`` /
+        ``teacher.image_pretrained``); off when a checkpoint's own weights follow (no file, no network needed)."""
         from . import build_model
 
         m, t = cfg.model, cfg.teacher
         backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
                                **m.kwargs)
+        num_2d = cfg.data.num_classes if t.loss_2d > 0 else None
+        if t.image_encoder:
+            image_net = TimmUNet(t.image_encoder, t.image_channels, num_classes=num_2d,
+                                 pretrained=t.image_pretrained if pretrained else "",
+                                 out_indices=t.image_out_indices or None)
+            return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion)
         image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
-                              num_classes=cfg.data.num_classes if t.loss_2d > 0 else None)
-        if t.image_weights:
+                              num_classes=num_2d)
+        if t.image_weights and pretrained:
             image_net.load_pretrained(t.image_weights)
         return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion)
 

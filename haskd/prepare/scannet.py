@@ -14,11 +14,16 @@ Output (``--out ROOT``), one folder per scene (:mod:`haskd.data.scene`)::
 
     <split>/<scene>/coord.npy (N,3) float32, color.npy (N,3) uint8, normal.npy (N,3) float32 (area-weighted vertex
                    normals of the mesh), segment20.npy (N,) int16 ScanNet-20 ids / -1, instance.npy (N,) int32
-                   (aggregation objectId, -1 = none), segment200.npy (N,) int16 (with --labels-tsv: the tsv ``id`` of
-                   the vertex's object category, -1 = none), frames/ (every s-th frame with a finite pose)
+                   (aggregation objectId, -1 = none), and with --labels-tsv: segment200.npy (N,) int16 (ScanNet-200
+                   index 0..199 of the vertex's object category, -1 = another category or none: Pointcept's meaning,
+                   :func:`haskd.classes.category_to_scannet200`) and segment_category.npy (N,) int16 (the raw tsv
+                   ``id`` of that category, -1 = none), frames/ (every s-th frame with a finite pose)
 
 Splits: scenes under ``scans/`` go to ``train``, under ``scans_test/`` to ``test``; ``--split-file val=FILE`` (one
 scene name per line, repeatable) moves the listed scenes to that split (e.g. the official ``scannetv2_val.txt``).
+``--split-lists DIR`` applies the official lists the way Pointcept's preprocessing does: a scene named in
+``DIR/scannetv2_train.txt`` goes to ``train``, in ``DIR/scannetv2_val.txt`` to ``val``, any other scene to ``test``,
+and the three split folders are created even when empty.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..classes import nyu40_to_scannet20
+from ..classes import category_to_scannet200, nyu40_to_scannet20
 from ..data.frames import scale_intrinsic, write_intrinsics
 from ..data.scene import write_scene
 from ..errors import HaskdError, InputError
@@ -44,6 +49,9 @@ from .manifest import Job, Manifest, run_jobs
 log = logging.getLogger(__name__)
 
 RAW_SPLITS = (("scans", "train"), ("scans_test", "test"))
+# The official split lists, as named in the ScanNet repository and in Pointcept's meta_data folder.
+SPLIT_LISTS = (("train", "scannetv2_train.txt"), ("val", "scannetv2_val.txt"))
+POINTCEPT_SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------- PLY meshes and labels
@@ -326,7 +334,9 @@ def prepare_scene(name: str, params: dict, out_dir: str) -> dict:
                 if lab and lab not in tsv:
                     raise InputError(files["agg"], f"unknown class name '{lab}' (not in {params['tsv_path']})")
                 ids[k] = tsv.get(lab, -1)
-            extra["segment200.npy"] = ids[instance].astype(np.int16)
+            category = ids[instance]
+            extra["segment200.npy"] = category_to_scannet200(category).astype(np.int16)
+            extra["segment_category.npy"] = category.astype(np.int16)
     align = None
     if params["axis_align"]:
         align = read_axis_alignment(files["meta"])
@@ -369,8 +379,28 @@ def _read_split_files(specs) -> dict:
     return out
 
 
-def find_scenes(raw, split_map: Optional[dict] = None) -> list:
-    """[(name, split, scene_dir, labeled)] for every ``scans*/scene*`` folder under ``raw``, sorted by name."""
+def read_split_lists(folder) -> dict:
+    """{scene: split} from the official lists in ``folder`` (``scannetv2_train.txt``, ``scannetv2_val.txt``); a scene
+    named in both is an error (Pointcept would silently put it in train)."""
+    folder = Path(folder)
+    out = {}
+    for split, fname in SPLIT_LISTS:
+        p = folder / fname
+        if not p.is_file():
+            raise InputError(p, "missing file (--split-lists needs the official scannetv2_train.txt and "
+                                "scannetv2_val.txt)")
+        for name in p.read_text().split():
+            if out.get(name, split) != split:
+                raise InputError(p, f"scene {name} is also in the {out[name]} list")
+            out[name] = split
+    return out
+
+
+def find_scenes(raw, split_map: Optional[dict] = None, unlisted: Optional[str] = None) -> list:
+    """[(name, split, scene_dir, labeled)] for every ``scans*/scene*`` folder under ``raw``, sorted by name.
+
+    ``split_map`` {scene: split} overrides the folder's split; with ``unlisted`` every scene missing from it goes to
+    that split instead (Pointcept's rule: what neither official list names is a test scene)."""
     raw = Path(raw)
     if not raw.is_dir():
         raise InputError(raw, "raw ScanNet folder not found")
@@ -380,19 +410,29 @@ def find_scenes(raw, split_map: Optional[dict] = None) -> list:
         if d.is_dir():
             for s in sorted(d.iterdir()):
                 if s.is_dir() and s.name.startswith("scene"):
-                    found.append((s.name, (split_map or {}).get(s.name, split), s, sub == "scans"))
+                    fallback = unlisted or split
+                    found.append((s.name, (split_map or {}).get(s.name, fallback), s, sub == "scans"))
     if not found:
         raise InputError(raw, "no scene folders under scans/ or scans_test/ (expected the official layout)")
     return sorted(found, key=lambda t: t[0])
 
 
 def prepare_scannet(raw, out, frames_every: int = 20, image_size=(320, 240), workers: int = 1,
-                    labels_tsv=None, axis_align: bool = False, split_files=None):
-    """Prepare every scene under ``raw`` into ``out``; returns a :class:`haskd.prepare.manifest.Summary`."""
+                    labels_tsv=None, axis_align: bool = False, split_files=None, split_lists=None):
+    """Prepare every scene under ``raw`` into ``out``; returns a :class:`haskd.prepare.manifest.Summary`.
+
+    ``split_lists``: a folder with the official ``scannetv2_{train,val}.txt`` (see the module doc)."""
     tsv = read_labels_tsv(labels_tsv) if labels_tsv else None
-    scenes = find_scenes(raw, _read_split_files(split_files))
+    if split_lists:
+        if split_files:
+            raise HaskdError("--split-lists and --split-file cannot be combined")
+        scenes = find_scenes(raw, read_split_lists(split_lists), unlisted="test")
+        for split in POINTCEPT_SPLITS:   # Pointcept's layout: every split folder exists, empty or not
+            (Path(out) / split).mkdir(parents=True, exist_ok=True)
+    else:
+        scenes = find_scenes(raw, _read_split_files(split_files))
     options = {"frames_every": int(frames_every), "image_size": list(image_size) if image_size else None,
-               "axis_align": bool(axis_align),
+               "axis_align": bool(axis_align), "segment200": "scannet200_index",
                "tsv": hashlib.sha256(Path(labels_tsv).read_bytes()).hexdigest() if labels_tsv else None}
     jobs = []
     for name, split, d, labeled in scenes:
@@ -432,17 +472,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "the original JPEG bytes)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="parallel processes")
     parser.add_argument("--labels-tsv", type=Path, default=None,
-                        help="scannetv2-labels.combined.tsv: also write segment200.npy (category ids)")
+                        help="scannetv2-labels.combined.tsv: also write segment200.npy (ScanNet-200 index 0..199, "
+                             "-1 ignore, as Pointcept) and segment_category.npy (raw category ids)")
     parser.add_argument("--axis-align", action="store_true",
                         help="apply each scene's axisAlignment (<scene>.txt) to points, normals and poses")
     parser.add_argument("--split-file", action="append", default=[], metavar="SPLIT=FILE",
                         help="scenes listed in FILE go to SPLIT (repeatable), e.g. val=scannetv2_val.txt")
+    parser.add_argument("--split-lists", type=Path, default=None, metavar="DIR",
+                        help="folder with the official scannetv2_train.txt / scannetv2_val.txt: listed scenes go to "
+                             "train / val, all others to test, as Pointcept's preprocessing does")
     return parser
 
 
 def run(args) -> int:
     summary = prepare_scannet(args.raw, args.out, frames_every=args.frames_every, image_size=args.image_size,
                               workers=args.workers, labels_tsv=args.labels_tsv, axis_align=args.axis_align,
-                              split_files=args.split_file)
+                              split_files=args.split_file, split_lists=args.split_lists)
     summary.report()
     return summary.exit_code
