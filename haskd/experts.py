@@ -83,3 +83,28 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
                        teacher_iou=iou_array(table.get("teacher_iou")))
     table["path"] = str(out)
     return table
+
+
+def snapshot_classes(table: dict, teacher_expert: bool = False) -> np.ndarray:
+    """(C,) bool: the classes whose ASD target is a snapshot that earned it on val -- a finite snapshot IoU, and,
+    with ``teacher_expert`` and the teacher's row in the table, a snapshot strictly better than the teacher
+    (:func:`haskd.asd.teacher_classes`). When none is True, ASD has nothing of its own to distil: the final student
+    would be stage 1 trained again (the pipeline then keeps stage 1, see :func:`asd_pointless`)."""
+    from .asd import teacher_classes
+
+    iou = iou_array(table["iou"])
+    scored = np.isfinite(iou).any(0)
+    if teacher_expert and table.get("teacher_iou") is not None:
+        scored &= ~teacher_classes(iou, iou_array(table["teacher_iou"]))
+    return scored
+
+
+def asd_pointless(table_path, teacher_expert: bool = False):
+    """None when some class has a snapshot expert (:func:`snapshot_classes`), else the one-line reason why not."""
+    table = json.loads(Path(table_path).read_text())
+    if snapshot_classes(table, teacher_expert).any():
+        return None
+    if teacher_expert and table.get("teacher_iou") is not None and np.isfinite(iou_array(table["iou"])).any():
+        return (f"{table_path}: the teacher is the expert of every class (distill.teacher_expert), no snapshot "
+                "supervises any")
+    return f"{table_path}: no snapshot scores any class on {table.get('split', 'val')} (every class absent)"

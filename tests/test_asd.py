@@ -238,3 +238,31 @@ def test_asd_class_balance_hand_value():
     assert v.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
     m = ASDLoss(table, tau=2.0, class_balance=True)(s, e, y)["asd"]
     assert m.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
+
+
+def _table(iou, teacher=None):
+    t = {"iou": iou, "split": "val"}
+    if teacher is not None:
+        t["teacher_iou"] = teacher
+    return t
+
+
+def test_snapshot_classes_and_asd_pointless(tmp_path):
+    import json
+
+    from haskd.experts import asd_pointless, snapshot_classes
+
+    iou = [[0.5, None, 0.2], [0.6, None, 0.1]]
+    # no teacher in the pool: every class some snapshot scores has an expert of its own
+    assert snapshot_classes(_table(iou)).tolist() == [True, False, True]
+    # teacher at least as good on class 0 (tie -> teacher) and better on 2: nothing left to the snapshots
+    assert snapshot_classes(_table(iou, [0.6, 0.9, 0.3]), teacher_expert=True).tolist() == [False, False, False]
+    # a snapshot strictly better on class 0 keeps it; the teacher row is ignored without teacher_expert
+    assert snapshot_classes(_table(iou, [0.59, 0.9, 0.3]), teacher_expert=True).tolist() == [True, False, False]
+    assert snapshot_classes(_table(iou, [0.9, 0.9, 0.9])).tolist() == [True, False, True]
+    p = tmp_path / "experts.json"
+    p.write_text(json.dumps(_table(iou, [0.6, 0.9, 0.3])))
+    assert "teacher is the expert of every class" in asd_pointless(p, teacher_expert=True)
+    assert asd_pointless(p, teacher_expert=False) is None
+    p.write_text(json.dumps(_table([[None, None], [None, None]])))
+    assert "every class absent" in asd_pointless(p)

@@ -544,3 +544,42 @@ def test_pipeline_logs_stage_lines(pipeline_run, tiny_rooms, caplog):
                                               ("5", "student")]
     assert all(tail == "estimate after the first stage" for _, _, tail in stages)  # every stage was skipped
     assert any(m.startswith("5/5 stages done in") for m in caplog.messages)
+
+
+def test_no_snapshot_expert_keeps_stage1(pipeline_run, tiny_rooms, tmp_path, caplog):
+    """An expert table that gives every class to the teacher: the final student is stage 1, not a second copy."""
+    import logging
+    import shutil
+
+    src, _ = pipeline_run
+    out = tmp_path / "pipe"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("student", "summary.json", "report*"))
+    exp = out / "stage1" / "experts.json"
+    table = json.loads(exp.read_text())
+    table["teacher_iou"] = [1.0] * len(table["teacher_iou"])  # hand-made: the teacher beats every snapshot
+    exp.write_text(json.dumps(table))
+    caplog.set_level(logging.INFO)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.teacher_expert=true"])
+    summary = run_pipeline(cfg, out, progress=False, report=False)
+    assert not (out / "student").exists()
+    assert summary["student"]["ckpt"] == str(out / "stage1" / "last.pt")
+    stage1 = json.loads((out / "stage1" / "val_metrics.json").read_text())
+    assert summary["student"]["metrics"]["miou"] == stage1["miou"]
+    assert "teacher is the expert of every class" in json.loads((out / "summary.json").read_text())[
+        "student_is_stage1"]
+    lines = [r.getMessage() for r in caplog.records if "not trained" in r.getMessage()]
+    assert len(lines) == 1 and "final student is stage 1" in lines[0]
+
+
+def test_ablation_markdown_names_rows_that_are_another_row():
+    from haskd.pipeline import ablation_markdown
+
+    row = lambda m: {"miou": [m], "mean": m, "std": 0.0, "per_class_iou": [{}]}
+    table = {"seeds": [0], "split": "val", "rows": {"baseline": row(50.0), "+IHD (IOF)": row(55.0),
+                                                    "HAS-KD": row(55.0)}, "teacher": {}}
+    plain = ablation_markdown(table)
+    assert "not a model of its own" not in plain
+    table["same_as"] = {"HAS-KD": {"0": {"row": "+IHD (IOF)", "why": "x: the teacher is the expert of every class"}}}
+    md = ablation_markdown(table)
+    assert md.startswith(plain) and "HAS-KD is not a model of its own on seed(s) 0" in md
+    assert "its row is the +IHD (IOF) row" in md
