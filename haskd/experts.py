@@ -108,3 +108,25 @@ def asd_pointless(table_path, teacher_expert: bool = False):
         return (f"{table_path}: the teacher is the expert of every class (distill.teacher_expert), no snapshot "
                 "supervises any")
     return f"{table_path}: no snapshot scores any class on {table.get('split', 'val')} (every class absent)"
+
+
+def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
+    ``split`` (:class:`haskd.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
+    ``data_root`` defaults to the first snapshot's. The result also lists the ``members``."""
+    from .asd import SnapshotEnsemble
+
+    models, cfg = [], None
+    for p in snapshots:
+        m, cfg = load_model(p, device=device, return_config=True)
+        if cfg.role == "teacher":
+            raise HaskdError(f"{p}: a teacher checkpoint; the ensemble is of point-only snapshots")
+        models.append(m)
+    if cfg is None:
+        raise HaskdError("no snapshots to ensemble")
+    ds = SceneDataset(data_root or cfg.data.root, split, cfg.data.num_classes, cfg.data.voxel_size,
+                      use_normal=cfg.data.use_normal)
+    with torch.inference_mode():
+        out = evaluate(SnapshotEnsemble(models).to(device), ds, device, cfg.data.dataset, progress=progress)
+    out["members"] = [str(Path(p).resolve()) for p in snapshots]
+    return out

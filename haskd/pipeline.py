@@ -184,8 +184,23 @@ ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only",
 TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3D branch (points only)")
 
 
-def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -> dict:
+ENSEMBLE_ROW = "M-snapshot ensemble"
+DOUBLE_ROW = "baseline (2E)"
+
+
+def equal_time_row(epochs: int) -> str:
+    return f"baseline ({int(epochs)} epochs)"
+
+
+def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
+                 double_baseline=False, equal_time_epochs=None) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
+
+    Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
+    stage-1 snapshots, :func:`ensemble_metrics`; the final model it is measured against is "+IHD (IOF)"),
+    ``double_baseline`` "baseline (2E)" (the baseline's config trained ``2 * train.epochs``) and
+    ``equal_time_epochs=N`` "baseline (N epochs)" (the same, ``N`` epochs: N chosen so that its wall time matches
+    the HAS-KD student's). A baseline of as many epochs as the baseline row is that row.
 
     Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
@@ -198,7 +213,13 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
 
     _check_splits(cfg, split)
     out = Path(out)
-    rows = ABLATION_ROWS + TEACHER_ROWS
+    longer = {}  # row -> epochs of the longer baselines asked for
+    if double_baseline:
+        longer[DOUBLE_ROW] = 2 * cfg.train.epochs
+    if equal_time_epochs:
+        longer[equal_time_row(equal_time_epochs)] = int(equal_time_epochs)
+    extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + tuple(longer)
+    rows = ABLATION_ROWS + extra_rows + TEACHER_ROWS
     results = {r: [] for r in rows}
     per_class = {r: [] for r in rows}
     same_as = {}  # row -> {seed: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
@@ -248,8 +269,24 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
         for r, (src, why) in kept.items():
             log.info("[seed %s] %s not trained, its row is %s: %s", seed, r, src, why)
             same_as.setdefault(r, {})[str(seed)] = {"row": src, "why": why}
+        long_dirs = {}
+        for r, n in longer.items():
+            if n == base_cfg.train.epochs:
+                long_dirs[r] = d / "baseline"
+                runs[r] = runs["baseline"]
+                continue
+            long_cfg = copy.deepcopy(base_cfg)
+            long_cfg.train.epochs = n
+            long_dirs[r] = d / f"baseline_e{n}"
+            runs[r] = run_stage(r, long_cfg, long_dirs[r], progress)
+        if ensemble:
+            runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
         if split is not None and split != c.data.val_split:
             runs = _runs_on_split(d, split, c.data.root, c.teacher.frame_policy, dev, skip=kept)
+            for r, run_dir in long_dirs.items():
+                runs[r] = split_metrics(run_dir, split, c.data.root, dev)
+            if ensemble:
+                runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", split, c.data.root, dev, progress)
         for r, (src, _) in kept.items():
             runs[r] = runs[src]
         for r in rows:
@@ -313,6 +350,30 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
         cfg.teacher.train_frames = "selected"
     ds = build_datasets(cfg, splits=("val",))["val"]
     metrics = evaluate(model, ds, device, cfg.data.dataset, extra=getattr(ds, "extra", None))
+    metrics["split"], metrics["data_root"] = split, where
+    path.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
+    the run's val split) of ``root`` (default: the run's data root), every point
+    (:func:`haskd.experts.evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
+    every snapshot and of the same snapshots and rooms."""
+    from .experts import evaluate_ensemble, find_snapshots
+
+    run_dir = Path(run_dir)
+    snaps = find_snapshots(run_dir)
+    cfg = load_checkpoint(snaps[-1])["config"]
+    split = split or cfg["data"]["val_split"]
+    where = str(Path(root or cfg["data"]["root"]).resolve())
+    path = run_dir / f"metrics_{split}_ensemble.json"
+    members = [str(p.resolve()) for p in snaps]
+    if path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in snaps):
+        cached = json.loads(path.read_text())
+        if cached.get("data_root") == where and cached.get("members") == members:
+            return cached
+    metrics = evaluate_ensemble(snaps, where, split, device, progress=progress)
     metrics["split"], metrics["data_root"] = split, where
     path.write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -266,3 +266,29 @@ def test_snapshot_classes_and_asd_pointless(tmp_path):
     assert asd_pointless(p, teacher_expert=False) is None
     p.write_text(json.dumps(_table([[None, None], [None, None]])))
     assert "every class absent" in asd_pointless(p)
+
+
+def test_snapshot_ensemble_is_the_mean_softmax():
+    import torch
+
+    from haskd.asd import SnapshotEnsemble
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, z):
+            super().__init__()
+            self.z = torch.tensor(z)
+
+        def forward(self, batch):
+            return {"logits": self.z}
+
+    a, b = [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 2.0, 0.0], [0.0, 3.0, -1.0]]
+    ens = SnapshotEnsemble([Fixed(a), Fixed(b)])
+    p = torch.softmax(ens({})["logits"], -1)
+    e2 = torch.e ** 2
+    row0 = torch.tensor([e2 / (e2 + 2) + 1 / (e2 + 2), 1 / (e2 + 2) + e2 / (e2 + 2), 2 / (e2 + 2)]) / 2
+    assert torch.allclose(p[0], row0, atol=1e-6)
+    e3, em = torch.e ** 3, torch.e ** -1
+    row1 = (torch.tensor([1 / 3, 1 / 3, 1 / 3]) + torch.tensor([1.0, e3, em]) / (1 + e3 + em)) / 2
+    assert torch.allclose(p[1], row1, atol=1e-6)
+    # a tie broken by the members: class 0 and 1 each win one member on row 0 with equal mass
+    assert p[0, 0] == pytest.approx(p[0, 1].item())

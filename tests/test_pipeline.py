@@ -583,3 +583,85 @@ def test_ablation_markdown_names_rows_that_are_another_row():
     md = ablation_markdown(table)
     assert md.startswith(plain) and "HAS-KD is not a model of its own on seed(s) 0" in md
     assert "its row is the +IHD (IOF) row" in md
+
+
+def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
+    """The M-snapshot ensemble scored on every val point: mean of the snapshots' per-point softmax, then the metric
+    code of every model; one snapshot alone is that snapshot's own metrics."""
+    from haskd.data.dataset import SceneDataset
+    from haskd.engine.checkpoint import load_model
+    from haskd.engine.evaluate import evaluate, predict_points
+    from haskd.engine.metrics import ConfusionMatrix
+    from haskd.experts import evaluate_ensemble, find_snapshots
+    from haskd.pipeline import ensemble_metrics
+
+    out, _ = pipeline_run
+    snaps = find_snapshots(out / "stage1")
+    got = ensemble_metrics(out / "stage1")
+    assert (out / "stage1" / "metrics_val_ensemble.json").is_file() and len(got["members"]) == len(snaps) == 2
+    models = [load_model(p, return_config=True) for p in snaps]
+    cfg = models[0][1]
+    ds = SceneDataset(cfg.data.root, "val", cfg.data.num_classes, cfg.data.voxel_size, use_normal=True)
+    cm = ConfusionMatrix(ds.num_classes)
+    for scene in ds.scenes:
+        p = sum(predict_points(m, scene, ds.voxel_size, ds.num_classes, use_normal=True) for m, _ in models) / 2
+        cm.update(p.argmax(1), torch.from_numpy(scene.segment))
+    ref = cm.compute(list(got["per_class_iou"]))
+    assert got["miou"] == pytest.approx(ref["miou"]) and got["allacc"] == pytest.approx(ref["allacc"])
+    one = evaluate_ensemble(snaps[-1:], split="val")
+    assert one["miou"] == pytest.approx(evaluate(models[-1][0], ds)["miou"])
+    assert ensemble_metrics(out / "stage1") == got  # cached
+
+
+def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
+    """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
+    each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""
+    import haskd.experts
+    import haskd.pipeline as pl
+
+    trained = {}
+
+    def fake_metrics(miou):
+        return {"miou": miou, "per_class_iou": {"wall": miou}}
+
+    def fake_stage(name, cfg, run_dir, progress=True):
+        trained[str(Path(run_dir).relative_to(tmp_path))] = cfg
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return fake_metrics(0.1 * len(trained))
+
+    monkeypatch.setattr(pl, "run_stage", fake_stage)
+    monkeypatch.setattr(pl, "eval_teacher_3d", lambda *a, **k: fake_metrics(0.9))
+    monkeypatch.setattr(pl, "reuse_teacher", lambda *a, **k: fake_metrics(0.8))
+    monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
+    monkeypatch.setattr(pl, "ensemble_metrics", lambda run_dir, *a, **k: {**fake_metrics(0.77), "run": str(run_dir)})
+    monkeypatch.setattr(haskd.experts, "asd_pointless", lambda *a, **k: None)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
+    plain = pl.run_ablation(cfg, tmp_path / "a", seeds=(0,), progress=False)
+    assert list(plain["rows"]) == list(pl.ABLATION_ROWS) and "same_as" not in plain
+    trained.clear()
+    table = pl.run_ablation(cfg, tmp_path / "b", seeds=(0,), progress=False, ensemble=True, double_baseline=True,
+                            equal_time_epochs=3)
+    assert list(table["rows"]) == [*pl.ABLATION_ROWS, "M-snapshot ensemble", "baseline (2E)", "baseline (3 epochs)"]
+    assert table["rows"]["M-snapshot ensemble"]["mean"] == pytest.approx(77.0)
+    assert trained["b/seed0/baseline_e4"].train.epochs == 4 and trained["b/seed0/baseline_e3"].train.epochs == 3
+    base = trained["b/seed0/baseline"]
+    for k in ("baseline_e4", "baseline_e3"):  # the baseline's recipe, only longer
+        c = trained[f"b/seed0/{k}"]
+        assert c.role == "student" and not c.distill.teacher_ckpt and c.train.snapshots == base.train.snapshots
+        assert c.optim == base.optim and c.model == base.model
+    md = (tmp_path / "b" / "ablation.md").read_text()
+    assert "| M-snapshot ensemble | 77.00" in md and "| baseline (3 epochs) |" in md
+    # a longer baseline of the baseline's own epochs is that row, not a second run
+    trained.clear()
+    again = pl.run_ablation(cfg, tmp_path / "c", seeds=(0,), progress=False, equal_time_epochs=2)
+    assert "c/seed0/baseline_e2" not in trained
+    assert again["rows"]["baseline (2 epochs)"]["miou"] == again["rows"]["baseline"]["miou"]
+    # an expert table with no snapshot class: HAS-KD is not trained, its row is +IHD (IOF), and the table says so
+    monkeypatch.setattr(haskd.experts, "asd_pointless",
+                        lambda path, *a: "no snapshot" if "stage1" in str(path) else None)
+    trained.clear()
+    kept = pl.run_ablation(cfg, tmp_path / "d", seeds=(0,), progress=False)
+    assert "d/seed0/student" not in trained and "d/seed0/asd_only" in trained
+    assert kept["rows"]["HAS-KD"]["miou"] == kept["rows"]["+IHD (IOF)"]["miou"]
+    assert kept["same_as"] == {"HAS-KD": {"0": {"row": "+IHD (IOF)", "why": "no snapshot"}}}
+    assert "HAS-KD is not a model of its own" in (tmp_path / "d" / "ablation.md").read_text()
