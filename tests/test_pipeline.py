@@ -665,3 +665,43 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert kept["rows"]["HAS-KD"]["miou"] == kept["rows"]["+IHD (IOF)"]["miou"]
     assert kept["same_as"] == {"HAS-KD": {"0": {"row": "+IHD (IOF)", "why": "no snapshot"}}}
     assert "HAS-KD is not a model of its own" in (tmp_path / "d" / "ablation.md").read_text()
+
+
+def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
+    """distill.trust=image / image_soft through the real task: the cache holds the teacher's image rules per point
+    (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the online ones."""
+    from haskd.cache import read_manifest
+    from haskd.data.transforms import collate
+    from haskd.distill import DistillTask
+    from haskd.engine.evaluate import scene_sample
+    from haskd.engine.trainer import build_datasets
+    from haskd.models import build_from_config
+
+    out, _ = pipeline_run
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}",
+                                          f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}"])
+    torch.manual_seed(0)
+    student = build_from_config(cfg).eval()
+    losses, rules = {}, {}
+    for trust in ("image", "image_soft"):
+        for cache in (True, False):
+            cfg.distill.cache, cfg.distill.trust = cache, trust
+            ds = build_datasets(cfg)
+            torch.manual_seed(1)
+            task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+            if cache:
+                assert read_manifest(task.cache_dirs["teacher"])["has_image_right"] is True
+            sample = scene_sample(ds["train"].scenes[0], cfg.data.voxel_size, cfg.data.num_classes,
+                                  cfg.data.use_normal)
+            if not cache:
+                sample["frames"] = ds["train"].frame_data[0]
+            batch = collate([sample])
+            with torch.no_grad():
+                losses[trust, cache], _ = task(batch)
+                t = task.teacher_targets(batch)
+                rules[trust, cache] = t["image_right" if trust == "image" else "gain"]
+        # per point vs per voxel labels (a voxel of mixed classes) and float16 storage: close, not equal
+        assert torch.allclose(rules[trust, True], rules[trust, False], atol=2e-2), trust
+        for k in ("ihd_logit", "ihd_feat"):
+            assert torch.allclose(losses[trust, True][k], losses[trust, False][k], rtol=2e-2, atol=2e-3), (trust, k)
+    assert rules["image_soft", True].sum() > 0  # the images add something somewhere: the soft rule is not all 0
