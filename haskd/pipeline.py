@@ -223,6 +223,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     results = {r: [] for r in rows}
     per_class = {r: [] for r in rows}
     same_as = {}  # row -> {seed: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
+    seconds = {}  # row -> training seconds per seed (with equal_time_epochs)
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -289,6 +290,11 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", split, c.data.root, dev, progress)
         for r, (src, _) in kept.items():
             runs[r] = runs[src]
+        if equal_time_epochs:  # the training times the equal-time row is set against
+            student_dir = d / ("stage1" if "HAS-KD" in kept else "student")
+            for r, run_dir in (("baseline", d / "baseline"), ("HAS-KD", student_dir),
+                               (equal_time_row(equal_time_epochs), long_dirs[equal_time_row(equal_time_epochs)])):
+                seconds.setdefault(r, []).append(train_seconds(run_dir))
         for r in rows:
             results[r].append(runs[r]["miou"])
             per_class[r].append(runs[r]["per_class_iou"])
@@ -296,6 +302,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     table = {"seeds": list(seeds), "split": split, "rows": {}, "teacher": {}}
     if same_as:
         table["same_as"] = same_as
+    if seconds:
+        table["train_seconds"] = seconds
     for r in rows:
         v = np.array(results[r]) * 100
         entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -353,6 +361,14 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
     metrics["split"], metrics["data_root"] = split, where
     path.write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def train_seconds(run_dir) -> float:
+    """Seconds a run spent in its training loops: the sum of ``epoch_time_s`` over its epochs in ``metrics.jsonl``
+    (validation, cache building and start-up excluded; a resumed epoch counts once, its last record)."""
+    from .commands.curves import read_curve
+
+    return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
 
 
 def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
@@ -474,6 +490,12 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
         got = table["rows"]["HAS-KD"]["mean"] - base
         frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
         lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
+    secs = table.get("train_seconds", {})
+    if "HAS-KD" in secs:
+        mean = lambda r: sum(secs[r]) / len(secs[r])
+        others = ", ".join(f"{r} {mean(r):.0f} s ({mean(r) / mean('HAS-KD'):.2f}x)" for r in secs if r != "HAS-KD")
+        lines.append(f"\nTraining time (sum of the epochs' training loops, mean over seeds; soft-label caches, "
+                     f"teacher and stage 1 not included): HAS-KD student {mean('HAS-KD'):.0f} s; {others}.")
     for r, by_seed in table.get("same_as", {}).items():
         src = sorted({x["row"] for x in by_seed.values()})
         why = next(iter(by_seed.values()))["why"]

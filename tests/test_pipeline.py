@@ -627,6 +627,9 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     def fake_stage(name, cfg, run_dir, progress=True):
         trained[str(Path(run_dir).relative_to(tmp_path))] = cfg
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e + 1, "epoch_time_s": 10.0 if cfg.distill.teacher_ckpt else 5.0}) + "\n"
+            for e in range(cfg.train.epochs)))
         return fake_metrics(0.1 * len(trained))
 
     monkeypatch.setattr(pl, "run_stage", fake_stage)
@@ -651,6 +654,10 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
         assert c.optim == base.optim and c.model == base.model
     md = (tmp_path / "b" / "ablation.md").read_text()
     assert "| M-snapshot ensemble | 77.00" in md and "| baseline (3 epochs) |" in md
+    # training times: 2 epochs x 10 s (HAS-KD student), 2 x 5 s (baseline), 3 x 5 s (equal time)
+    assert table["train_seconds"] == {"baseline": [10.0], "HAS-KD": [20.0], "baseline (3 epochs)": [15.0]}
+    assert "HAS-KD student 20 s; baseline 10 s (0.50x), baseline (3 epochs) 15 s (0.75x)" in md
+    assert "train_seconds" not in plain
     # a longer baseline of the baseline's own epochs is that row, not a second run
     trained.clear()
     again = pl.run_ablation(cfg, tmp_path / "c", seeds=(0,), progress=False, equal_time_epochs=2)
@@ -705,3 +712,16 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
         for k in ("ihd_logit", "ihd_feat"):
             assert torch.allclose(losses[trust, True][k], losses[trust, False][k], rtol=2e-2, atol=2e-3), (trust, k)
     assert rules["image_soft", True].sum() > 0  # the images add something somewhere: the soft rule is not all 0
+
+
+def test_ablate_row_flags_reach_the_seed_processes():
+    from haskd.cli import build_parser
+    from haskd.commands.pipeline import _extra_row_flags
+
+    p = build_parser()
+    assert _extra_row_flags(p.parse_args(["ablate"])) == []
+    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7"])
+    flags = _extra_row_flags(args)
+    assert flags == ["--ensemble", "--double-baseline", "--equal-time-epochs", "7"]
+    again = p.parse_args(["ablate", *flags])  # what a seed process parses
+    assert (again.ensemble, again.double_baseline, again.equal_time_epochs) == (True, True, 7)
