@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .asd import expert_heatmap_png, iou_array, select_experts
+from .asd import SnapshotEnsemble, expert_heatmap_png, iou_array, select_experts, teacher_classes
 from .classes import class_names
 from .data.dataset import SceneDataset
 from .engine.checkpoint import load_model
@@ -90,8 +90,6 @@ def snapshot_classes(table: dict, teacher_expert: bool = False) -> np.ndarray:
     with ``teacher_expert`` and the teacher's row in the table, a snapshot strictly better than the teacher
     (:func:`haskd.asd.teacher_classes`). When none is True, ASD has nothing of its own to distil: the final student
     would be stage 1 trained again (the pipeline then keeps stage 1, see :func:`asd_pointless`)."""
-    from .asd import teacher_classes
-
     iou = iou_array(table["iou"])
     scored = np.isfinite(iou).any(0)
     if teacher_expert and table.get("teacher_iou") is not None:
@@ -113,9 +111,7 @@ def asd_pointless(table_path, teacher_expert: bool = False):
 def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
     """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
     ``split`` (:class:`haskd.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
-    ``data_root`` defaults to the first snapshot's. The result also lists the ``members``."""
-    from .asd import SnapshotEnsemble
-
+    ``data_root`` defaults to the snapshots' own. The result also lists the ``members``."""
     models, cfg = [], None
     for p in snapshots:
         m, cfg = load_model(p, device=device, return_config=True)
