@@ -202,6 +202,26 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     return weighted_mean(kl, wts, mask)
 
 
+# ----------------------------------------------------------------------------------------------- ensemble
+class SnapshotEnsemble(nn.Module):
+    """The M snapshots as one model: ``forward(batch) -> {"logits": log(mean_m softmax(z_m))}`` (N, C).
+
+    A softmax of these logits is the mean of the members' probabilities, so :func:`haskd.engine.evaluate.evaluate`
+    scores the ensemble with the metric code of every single model. It is what ASD's snapshots give at M times the
+    inference cost (the yardstick for "diverse experts": an ensemble that is not above the final snapshot has
+    nothing class-wise to hand over)."""
+
+    def __init__(self, members):
+        super().__init__()
+        if not members:
+            raise HaskdError("an ensemble needs at least one snapshot")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, batch) -> dict:
+        p = torch.stack([torch.softmax(m(batch)["logits"].float(), -1) for m in self.members]).mean(0)
+        return {"logits": torch.log(p.clamp_min(1e-30))}
+
+
 # ----------------------------------------------------------------------------------------------- teacher route
 def teacher_classes(snapshot_iou, teacher_iou) -> np.ndarray:
     """(C,) bool: the classes whose logit target stays the teacher's when the teacher joins the expert pool

@@ -11,6 +11,8 @@ Layout (our choice)::
                                    feat        (P, D) float16        optional (teacher features)
                                    visible     (P,) bool             optional (teacher saw the point in images)
                                    gain        (P,) float16          optional (what the images add, ihd.image_gain)
+                                   image_right (P,) bool             optional (fused head right, 3D branch wrong,
+                                                                     ihd.image_right)
                                    hint<l>     (N_l, D_l) float16    optional (per-level hints: the teacher's 3D
                                    hint_rows<l> (P,) int32             branch's level-l voxel features, and the
                                                                      level-l voxel of every point; l = 0..L-1)
@@ -105,7 +107,7 @@ def _ensure_manifest(cache_dir, settings: dict) -> None:
 
 
 def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=None,
-                      topk: Optional[int] = None, gain=None, hints=None) -> Path:
+                      topk: Optional[int] = None, gain=None, hints=None, image_right=None) -> Path:
     """Store one scene's frozen outputs; returns the ``.npz`` path.
 
     logits: (..., P, C) per original point (torch or numpy; e.g. (P, C) teacher, (M, P, C) experts).
@@ -146,6 +148,11 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
         if g.shape[0] != p:
             raise ValueError(f"gain must be ({p},), got {tuple(g.shape)}")
         arrays["gain"] = g.numpy().astype(np.float16)
+    if image_right is not None:
+        r = _as_tensor(image_right).detach().cpu().reshape(-1)
+        if r.shape[0] != p:
+            raise ValueError(f"image_right must be ({p},), got {tuple(r.shape)}")
+        arrays["image_right"] = (r > 0).numpy()
     hint_dims = None
     if hints is not None:
         hint_dims = []
@@ -158,6 +165,8 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
             hint_dims.append(int(f.shape[1]))
     settings = {"topk": k, "num_classes": int(c), "lead_shape": [int(s) for s in lead], "feat_dim": feat_dim,
                 "has_visible": visible is not None, "has_gain": gain is not None}
+    if image_right is not None:  # only then: caches without it keep their manifest as it was
+        settings["has_image_right"] = True
     if hint_dims is not None:
         settings["hint_dims"] = hint_dims
     _ensure_manifest(cache_dir, settings)
@@ -171,7 +180,7 @@ def load_scene_cache(cache_dir, scene_name: str, expected_points: Optional[int] 
 
     Returns numpy arrays ``{"topk_logits": (..., P, k) float16, "topk_index": (..., P, k) int16,
     "num_classes": int, "feat": (P, D) float16 (if stored), "visible": (P,) bool (if stored),
-    "gain": (P,) float16 (if stored)}``.
+    "gain": (P,) float16 (if stored), "image_right": (P,) bool (if stored)}``.
     Raises :class:`InputError` when the file is missing, broken, or (``expected_points``) stale.
     """
     manifest = read_manifest(cache_dir)

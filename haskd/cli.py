@@ -18,7 +18,7 @@ from .errors import HaskdError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Command modules, each with register(subparsers); imported explicitly, in this order.
-COMMAND_MODULES = ("prepare", "frames", "experts", "pipeline", "benchmark")
+COMMAND_MODULES = ("prepare", "frames", "experts", "pipeline", "benchmark", "curves")
 
 
 def positive_int(text: str) -> int:

@@ -122,7 +122,7 @@ class DistillConfig:
     hint_weight: float = 0.0             # per-level feature hints from the teacher's 3D branch (ours)
     hint_cache: bool = False             # with distill.cache: the hints from a cache of the unaugmented scenes (ours)
     hint_cache_views: int = 1            # cached hints: mean over this many z-rotations of each scene (ours)
-    trust: str = "hard"                  # hard | soft | none
+    trust: str = "hard"                  # hard | soft | none | image | image_soft: only what the images know (ours)
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
     class_balance: bool = False          # IHD + ASD weights x N / (K n_c): each class of a batch weighs the same (ours)
@@ -186,9 +186,9 @@ def _choices() -> dict:
     """Keys with a closed set of values, checked when the config is read (not deep inside training). The values
     come from the loss modules that define them (imported here, lazily: this module stays torch-free)."""
     from .asd import UNLABELED_MODES
-    from .ihd import KD_TARGETS, TRUST_MODES
+    from .ihd import IHD_TRUST_MODES, KD_TARGETS, TRUST_MODES
 
-    return {"distill.trust": TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
+    return {"distill.trust": IHD_TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
             "distill.asd_unlabeled": UNLABELED_MODES, "data.augment_recipe": ("cpu", "pointcept"),
             "data.grid_sample": ("mean", "random"), "data.vote_augs": ("", "scannet", "s3dis")}
 

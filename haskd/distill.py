@@ -29,7 +29,7 @@ from .engine.checkpoint import load_model
 from .engine.evaluate import scene_sample
 from .engine.tasks import ce_loss, move_to
 from .errors import HaskdError
-from .ihd import HintLoss, IHDLoss, image_gain
+from .ihd import HintLoss, IHDLoss, image_gain, image_right
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=
         res["visible"] = out["visible"][inv].cpu() > 0.5
         res["feat"] = out["feat"].float()[inv].cpu()
     if "logits_3d" in out and scene.segment is not None:
-        res["gain"] = image_gain(res["logits"], out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment))
+        z3, seg = out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment)
+        res["gain"] = image_gain(res["logits"], z3, seg)
+        res["image_right"] = image_right(res["logits"], z3, seg) > 0
     return res
 
 
@@ -164,7 +166,7 @@ class DistillTask(nn.Module):
                 t = {"dense": (d.permute(1, 0, 2) if d.dim() == 3 else d).contiguous().half()}
             else:
                 t = {"probs": p.half(), "index": idx.short()}
-            for k in ("feat", "visible", "gain"):
+            for k in ("feat", "visible", "gain", "image_right"):
                 if k in c:
                     t[k] = torch.from_numpy(c[k])
             levels = sorted(int(k[4:]) for k in c if k.startswith("hint") and k[4:].isdigit())
@@ -209,6 +211,8 @@ class DistillTask(nn.Module):
             out["visible"] = (mean(cat["visible"]) > 0.5).float().to(dev)
         if "gain" in cat:
             out["gain"] = mean(cat["gain"]).to(dev)
+        if "image_right" in cat:  # per voxel: the share of its points where only the images made the teacher right
+            out["image_right"] = mean(cat["image_right"]).to(dev)
         return out
 
     @torch.no_grad()
@@ -217,7 +221,8 @@ class DistillTask(nn.Module):
             return self._cached("teacher", batch)
         out = self._teacher.module(batch)
         return {"logits": out["logits"].float(), "feat": out["feat"].float(), "visible": out["visible"],
-                "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"])}
+                "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"]),
+                "image_right": image_right(out["logits"], out["logits_3d"], batch["segment"])}
 
     @torch.no_grad()
     def expert_targets(self, batch):
@@ -389,9 +394,10 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
     def write(folder, i, scene):
         o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None)
         sl_cache.write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
-                                   visible=o.get("visible"), topk=topk, gain=o.get("gain"))
+                                   visible=o.get("visible"), topk=topk, gain=o.get("gain"),
+                                   image_right=o.get("image_right"))
 
-    return _build(cache_dir, dataset.scenes, sources, "teacher logits, features, visibility, image gain",
+    return _build(cache_dir, dataset.scenes, sources, "teacher logits, features, visibility, image gain, image right",
                   "teacher soft labels", write)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .asd import expert_heatmap_png, iou_array, select_experts
+from .asd import SnapshotEnsemble, expert_heatmap_png, iou_array, select_experts, teacher_classes
 from .classes import class_names
 from .data.dataset import SceneDataset
 from .engine.checkpoint import load_model
@@ -83,3 +83,46 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
                        teacher_iou=iou_array(table.get("teacher_iou")))
     table["path"] = str(out)
     return table
+
+
+def snapshot_classes(table: dict, teacher_expert: bool = False) -> np.ndarray:
+    """(C,) bool: the classes whose ASD target is a snapshot that earned it on val -- a finite snapshot IoU, and,
+    with ``teacher_expert`` and the teacher's row in the table, a snapshot strictly better than the teacher
+    (:func:`haskd.asd.teacher_classes`). When none is True, ASD has nothing of its own to distil: the final student
+    would be stage 1 trained again (the pipeline then keeps stage 1, see :func:`asd_pointless`)."""
+    iou = iou_array(table["iou"])
+    scored = np.isfinite(iou).any(0)
+    if teacher_expert and table.get("teacher_iou") is not None:
+        scored &= ~teacher_classes(iou, iou_array(table["teacher_iou"]))
+    return scored
+
+
+def asd_pointless(table_path, teacher_expert: bool = False):
+    """None when some class has a snapshot expert (:func:`snapshot_classes`), else the one-line reason why not."""
+    table = json.loads(Path(table_path).read_text())
+    if snapshot_classes(table, teacher_expert).any():
+        return None
+    if teacher_expert and table.get("teacher_iou") is not None and np.isfinite(iou_array(table["iou"])).any():
+        return (f"{table_path}: the teacher is the expert of every class (distill.teacher_expert), no snapshot "
+                "supervises any")
+    return f"{table_path}: no snapshot scores any class on {table.get('split', 'val')} (every class absent)"
+
+
+def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
+    ``split`` (:class:`haskd.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
+    ``data_root`` defaults to the snapshots' own. The result also lists the ``members``."""
+    models, cfg = [], None
+    for p in snapshots:
+        m, cfg = load_model(p, device=device, return_config=True)
+        if cfg.role == "teacher":
+            raise HaskdError(f"{p}: a teacher checkpoint; the ensemble is of point-only snapshots")
+        models.append(m)
+    if cfg is None:
+        raise HaskdError("no snapshots to ensemble")
+    ds = SceneDataset(data_root or cfg.data.root, split, cfg.data.num_classes, cfg.data.voxel_size,
+                      use_normal=cfg.data.use_normal)
+    with torch.inference_mode():
+        out = evaluate(SnapshotEnsemble(models).to(device), ds, device, cfg.data.dataset, progress=progress)
+    out["members"] = [str(Path(p).resolve()) for p in snapshots]
+    return out

@@ -6,7 +6,8 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
 * feature term ``w_i * || normalize(P(f_s,i)) - normalize(f_t,i) ||^2``, ``P`` a linear :class:`Projector`
   that lives in :class:`IHDLoss` (not in the student), so the saved inference model never carries it.
 * information weights ``w_i = visible_i * trust_i`` (optionally ``* gain_i``, see :func:`image_gain`); both terms
-  are normalised by ``sum(w)``.
+  are normalised by ``sum(w)``. The trust can also be what the images alone know (``trust="image"``: the fused
+  head right where the teacher's 3D-branch head is wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``).
 
 The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
 
@@ -24,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TRUST_MODES = ("hard", "soft", "none")
+# distill.trust only (ASD's experts have no 3D branch): distil where the images, not the points, made the teacher
+# right (:func:`image_right`, :func:`image_gain`)
+IMAGE_TRUST_MODES = ("image", "image_soft")
+IHD_TRUST_MODES = TRUST_MODES + IMAGE_TRUST_MODES
 TARGET_KINDS = ("logits", "probs")
 
 
@@ -103,7 +108,8 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
 
 
 def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visible: Optional[torch.Tensor] = None,
-                        trust: str = "hard", ignore_index: int = -1, target_kind: str = "logits") -> torch.Tensor:
+                        trust: str = "hard", ignore_index: int = -1, target_kind: str = "logits",
+                        image: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Information-oriented weights ``w = visible * trust``: ``(N, C), (N,), (N,) -> (N,) float32``.
 
     ``trust="hard"``: 1 where the teacher's argmax equals the label or the point is unlabeled
@@ -111,8 +117,12 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     (1 for unlabeled points), from ``softmax(logits)`` at temperature 1, or from the given probabilities when
     ``target_kind="probs"``. ``"none"``: 1. ``visible`` (bool or float, None = all visible) is the fraction
     of the point the teacher saw in images (0/1 per point, a fraction after averaging onto voxels).
+    ``"image"`` / ``"image_soft"`` (ours, distil only what the images know): the trust is ``image`` (N,), the
+    per-point rule computed from the teacher's fused and 3D-branch heads (:func:`image_right` for ``"image"``,
+    :func:`image_gain` for ``"image_soft"``; both 0 on unlabeled points), given by the caller because the 3D
+    branch's logits are not in ``teacher_logits``.
     """
-    _check_choice("trust", trust, TRUST_MODES)
+    _check_choice("trust", trust, IHD_TRUST_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)
     t = teacher_logits.detach().float()
     n = t.shape[0]
@@ -121,7 +131,13 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
         raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
     unlabeled = labels == ignore_index
     safe = torch.where(unlabeled, torch.zeros_like(labels), labels)
-    if trust == "none":
+    if trust in IMAGE_TRUST_MODES:
+        if image is None:
+            raise ValueError(f"trust={trust!r} needs the per-point image rule (the teacher's 3D-branch head)")
+        tr = image.detach().to(t.device).float().reshape(-1)
+        if tr.shape != (n,):
+            raise ValueError(f"image must be ({n},), got {tuple(tr.shape)}")
+    elif trust == "none":
         tr = torch.ones(n, device=t.device)
     elif trust == "hard":
         tr = ((t.argmax(-1) == labels) | unlabeled).float()
@@ -151,6 +167,20 @@ def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torc
     p_f = torch.softmax(fused_logits.detach().float(), -1).gather(1, safe)[:, 0]
     p_3 = torch.softmax(logits_3d.detach().float(), -1).gather(1, safe)[:, 0]
     return torch.where(lab, (p_f - p_3).clamp_min(0), torch.zeros_like(p_f))
+
+
+def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -1) -> torch.Tensor:
+    """Where the images made the teacher right: 1 where the fused head's argmax is the label AND the teacher's own
+    3D-branch head's argmax is not, else 0; 0 for unlabeled points. ``(N, C), (N, C), (N,) -> (N,)`` float32.
+
+    Ours (``distill.trust=image``): the 3D branch is a point-only network trained inside the teacher, so where it is
+    right the student can learn the point from its labels alone; where only the fused head is right, the images
+    told the teacher something the points do not, which is what distillation can add."""
+    labels = labels.to(fused_logits.device).long()
+    right = fused_logits.detach().argmax(-1) == labels
+    wrong_3d = logits_3d.detach().to(fused_logits.device).argmax(-1) != labels
+    return (right & wrong_3d & (labels != ignore_index)).float()
 
 
 def class_balance(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -226,7 +256,8 @@ class IHDLoss(nn.Module):
       student_out: ``{"logits": (N, C), "feat": (N, D_s)}`` (``feat`` needed only for the feature term).
       teacher: ``{"logits": (N, C)}`` or ``{"probs": (N, C)}`` (see :func:`kd_kl`), optional
       ``"feat": (N, D_t) or None``, optional ``"visible": (N,)`` (None/absent = all visible), ``"gain": (N,)``
-      (needed with ``image_gain``).
+      (needed with ``image_gain`` and ``trust="image_soft"``), ``"image_right": (N,)`` (needed with
+      ``trust="image"``).
       labels: (N,) int64, ``ignore_index`` = unlabeled.
     Returns ``{"ihd_logit": logit_weight * L_logit, "ihd_feat": feat_weight * L_feat}``; ``ihd_feat`` is absent
     when the teacher gives no features or ``feat_weight == 0``; ``ihd_logit`` is absent when ``logit_weight == 0``.
@@ -240,7 +271,7 @@ class IHDLoss(nn.Module):
         _check_choice("kd_target", kd_target, KD_TARGETS)
         self.kd_target = kd_target
         self.image_gain = bool(image_gain)
-        _check_choice("trust", trust, TRUST_MODES)
+        _check_choice("trust", trust, IHD_TRUST_MODES)
         self.tau = float(tau)
         self.logit_weight = float(logit_weight)
         self.feat_weight = float(feat_weight)
@@ -261,8 +292,14 @@ class IHDLoss(nn.Module):
             t, kind = teacher["probs"], "probs"
         else:
             raise ValueError("teacher dict needs 'logits' or 'probs'")
+        image = None
+        if self.trust in IMAGE_TRUST_MODES:  # the per-point rule, computed where the 3D-branch logits were
+            key = "image_right" if self.trust == "image" else "gain"
+            image = teacher.get(key)
+            if image is None:
+                raise ValueError(f"distill.trust={self.trust} needs the teacher's {key!r} (its 3D-branch head)")
         w = information_weights(t, labels, teacher.get("visible"), trust=self.trust,
-                                ignore_index=self.ignore_index, target_kind=kind)
+                                ignore_index=self.ignore_index, target_kind=kind, image=image)
         if self.image_gain:
             if teacher.get("gain") is None:
                 raise ValueError("distill.image_gain needs the teacher's 'gain' (its 3D-branch logits)")

@@ -98,8 +98,8 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     Before each stage one line gives the overall progress (``stage 2/5 baseline: elapsed 3m05s, about 7m10s
     left``, :class:`haskd.progress.StageClock`: each stage weighted by its epochs, teacher and student epochs priced
     apart); ``started`` (a ``time.time()``) counts earlier work (the demo's room generation) in the elapsed time."""
-    from .engine.distributed import is_main
-    from .experts import build_expert_table
+    from .engine.distributed import barrier, is_main
+    from .experts import asd_pointless, build_expert_table
     from .progress import StageClock
 
     _check_splits(cfg)
@@ -128,7 +128,7 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     if with_baseline:
         summary["baseline"] = _entry(out / "baseline", stage("baseline"))
     if v["asd"]:
-        stage("stage1")
+        stage1 = stage("stage1")
         exp = out / "stage1" / "experts.json"
         teacher = out / "teacher" if v["ihd"] else None
         clock.start("experts")
@@ -138,8 +138,16 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
                                if cfg.train.device in ("auto", "cpu") else cfg.train.device,
                                topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress, teacher=teacher)
         clock.done("experts", stale)
+        barrier()  # the other ranks read the table the main one wrote
         summary["experts"] = str(exp)
-        summary["student"] = _entry(out / "student", stage("student"))
+        reason = asd_pointless(exp, _teacher_routes(cfgs["student"]))
+        if reason:  # the "final student" would be stage 1 trained again under another name: keep stage 1
+            log.info("[student] not trained, the final student is stage 1: %s", reason)
+            summary["student"] = _entry(out / "stage1", stage1)
+            summary["student_is_stage1"] = reason
+            clock.done("student", False)
+        else:
+            summary["student"] = _entry(out / "student", stage("student"))
     else:
         summary["student"] = _entry(out / "stage1", stage("stage1"))
     if is_main():
@@ -150,6 +158,12 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
 
             write_report(out, summary, cfg)
     return summary
+
+
+def _teacher_routes(c: Config) -> bool:
+    """Whether the teacher takes the classes it is best at from the snapshots in ``c`` (``distill.teacher_expert``
+    with a teacher to distil from)."""
+    return bool(c.distill.teacher_expert and c.distill.teacher_ckpt)
 
 
 def _stale_table(path: Path, teacher=None) -> bool:
@@ -170,8 +184,23 @@ ABLATION_ROWS = ("baseline", "+IHD (uniform frames)", "+IHD (IOF)", "+ASD only",
 TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3D branch (points only)")
 
 
-def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -> dict:
+ENSEMBLE_ROW = "M-snapshot ensemble"
+DOUBLE_ROW = "baseline (2E)"
+
+
+def equal_time_row(epochs: int) -> str:
+    return f"baseline ({int(epochs)} epochs)"
+
+
+def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
+                 double_baseline=False, equal_time_epochs=None) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
+
+    Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
+    stage-1 snapshots, :func:`ensemble_metrics`; the final model it is measured against is "+IHD (IOF)"),
+    ``double_baseline`` "baseline (2E)" (the baseline's config trained ``2 * train.epochs``) and
+    ``equal_time_epochs=N`` "baseline (N epochs)" (the same, ``N`` epochs: N chosen so that its wall time matches
+    the HAS-KD student's). A baseline of as many epochs as the baseline row is that row.
 
     Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
@@ -180,13 +209,21 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
     """
     import numpy as np
 
-    from .experts import build_expert_table
+    from .experts import asd_pointless, build_expert_table
 
     _check_splits(cfg, split)
     out = Path(out)
-    rows = ABLATION_ROWS + TEACHER_ROWS
+    longer = {}  # row -> epochs of the longer baselines asked for
+    if double_baseline:
+        longer[DOUBLE_ROW] = 2 * cfg.train.epochs
+    if equal_time_epochs:
+        longer[equal_time_row(equal_time_epochs)] = int(equal_time_epochs)
+    extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + tuple(longer)
+    rows = ABLATION_ROWS + extra_rows + TEACHER_ROWS
     results = {r: [] for r in rows}
     per_class = {r: [] for r in rows}
+    same_as = {}  # row -> {seed: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
+    seconds = {}  # row -> training seconds per seed (with equal_time_epochs)
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -215,17 +252,58 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
             if _stale_table(run_dir / "experts.json", teacher):
                 build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
                                    progress=progress, teacher=teacher)
+        # an ASD run whose expert table gives no class to any snapshot would retrain its stage 1: that row is
+        # the stage-1 row itself, and the table says so
+        kept = {}
         asd_only = _plain_student(c)
         asd_only.distill.experts = str(d / "baseline" / "experts.json")
-        runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
-        runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
+        why = asd_pointless(asd_only.distill.experts, _teacher_routes(asd_only))
+        if why:
+            kept["+ASD only"] = ("baseline", why)
+        else:
+            runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
+        why = asd_pointless(iof["student"].distill.experts, _teacher_routes(iof["student"]))
+        if why:
+            kept["HAS-KD"] = ("+IHD (IOF)", why)
+        else:
+            runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
+        for r, (src, why) in kept.items():
+            log.info("[seed %s] %s not trained, its row is %s: %s", seed, r, src, why)
+            same_as.setdefault(r, {})[str(seed)] = {"row": src, "why": why}
+        long_dirs = {}
+        for r, n in longer.items():
+            if n == base_cfg.train.epochs:
+                long_dirs[r] = d / "baseline"
+                runs[r] = runs["baseline"]
+                continue
+            long_cfg = copy.deepcopy(base_cfg)
+            long_cfg.train.epochs = n
+            long_dirs[r] = d / f"baseline_e{n}"
+            runs[r] = run_stage(r, long_cfg, long_dirs[r], progress)
+        if ensemble:
+            runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
         if split is not None and split != c.data.val_split:
-            runs = _runs_on_split(d, split, c.data.root, c.teacher.frame_policy, dev)
+            runs = _runs_on_split(d, split, c.data.root, c.teacher.frame_policy, dev, skip=kept)
+            for r, run_dir in long_dirs.items():
+                runs[r] = split_metrics(run_dir, split, c.data.root, dev)
+            if ensemble:
+                runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", split, c.data.root, dev, progress)
+        for r, (src, _) in kept.items():
+            runs[r] = runs[src]
+        if equal_time_epochs:  # the training times the equal-time row is set against
+            student_dir = d / ("stage1" if "HAS-KD" in kept else "student")
+            for r, run_dir in (("baseline", d / "baseline"), ("HAS-KD", student_dir),
+                               (equal_time_row(equal_time_epochs), long_dirs[equal_time_row(equal_time_epochs)])):
+                seconds.setdefault(r, []).append(train_seconds(run_dir))
         for r in rows:
             results[r].append(runs[r]["miou"])
             per_class[r].append(runs[r]["per_class_iou"])
     split = split or cfg.data.val_split
     table = {"seeds": list(seeds), "split": split, "rows": {}, "teacher": {}}
+    if same_as:
+        table["same_as"] = same_as
+    if seconds:
+        table["train_seconds"] = seconds
     for r in rows:
         v = np.array(results[r]) * 100
         entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -238,17 +316,18 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None) -
     return table
 
 
-def _runs_on_split(d: Path, split: str, root, policy: str, device) -> dict:
-    """Every ablation row of one seed folder ``d`` evaluated on ``split`` (see :func:`split_metrics`)."""
-    return {"baseline": split_metrics(d / "baseline", split, root, device),
-            "teacher (IOF frames)": split_metrics(d / "teacher", split, root, device, frame_policy=policy),
-            "teacher's 3D branch (points only)": split_metrics(d / "teacher", split, root, device, branch_3d=True),
-            "+IHD (IOF)": split_metrics(d / "stage1", split, root, device),
-            "teacher (uniform frames)": split_metrics(d / "uniform" / "teacher", split, root, device,
-                                                      frame_policy="uniform"),
-            "+IHD (uniform frames)": split_metrics(d / "uniform" / "stage1", split, root, device),
-            "+ASD only": split_metrics(d / "asd_only", split, root, device),
-            "HAS-KD": split_metrics(d / "student", split, root, device)}
+def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=()) -> dict:
+    """Every ablation row of one seed folder ``d`` evaluated on ``split`` (see :func:`split_metrics`), but the rows
+    in ``skip`` (not trained: their run folder does not exist)."""
+    where = {"baseline": (d / "baseline", {}),
+             "teacher (IOF frames)": (d / "teacher", {"frame_policy": policy}),
+             "teacher's 3D branch (points only)": (d / "teacher", {"branch_3d": True}),
+             "+IHD (IOF)": (d / "stage1", {}),
+             "teacher (uniform frames)": (d / "uniform" / "teacher", {"frame_policy": "uniform"}),
+             "+IHD (uniform frames)": (d / "uniform" / "stage1", {}),
+             "+ASD only": (d / "asd_only", {}),
+             "HAS-KD": (d / "student", {})}
+    return {r: split_metrics(run, split, root, device, **kw) for r, (run, kw) in where.items() if r not in skip}
 
 
 def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
@@ -279,6 +358,38 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
         cfg.teacher.train_frames = "selected"
     ds = build_datasets(cfg, splits=("val",))["val"]
     metrics = evaluate(model, ds, device, cfg.data.dataset, extra=getattr(ds, "extra", None))
+    metrics["split"], metrics["data_root"] = split, where
+    path.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def train_seconds(run_dir) -> float:
+    """Seconds a run spent in its training loops: the sum of ``epoch_time_s`` over its epochs in ``metrics.jsonl``
+    (validation, cache building and start-up excluded; a resumed epoch counts once, its last record)."""
+    from .commands.curves import read_curve
+
+    return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
+
+
+def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
+    the run's val split) of ``root`` (default: the run's data root), every point
+    (:func:`haskd.experts.evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
+    every snapshot and of the same snapshots and rooms."""
+    from .experts import evaluate_ensemble, find_snapshots
+
+    run_dir = Path(run_dir)
+    snaps = find_snapshots(run_dir)
+    cfg = load_checkpoint(snaps[-1])["config"]
+    split = split or cfg["data"]["val_split"]
+    where = str(Path(root or cfg["data"]["root"]).resolve())
+    path = run_dir / f"metrics_{split}_ensemble.json"
+    members = [str(p.resolve()) for p in snaps]
+    if path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in snaps):
+        cached = json.loads(path.read_text())
+        if cached.get("data_root") == where and cached.get("members") == members:
+            return cached
+    metrics = evaluate_ensemble(snaps, where, split, device, progress=progress)
     metrics["split"], metrics["data_root"] = split, where
     path.write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -379,4 +490,15 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
         got = table["rows"]["HAS-KD"]["mean"] - base
         frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
         lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
+    secs = table.get("train_seconds", {})
+    if "HAS-KD" in secs:
+        mean = lambda r: sum(secs[r]) / len(secs[r])
+        others = ", ".join(f"{r} {mean(r):.0f} s ({mean(r) / mean('HAS-KD'):.2f}x)" for r in secs if r != "HAS-KD")
+        lines.append(f"\nTraining time (sum of the epochs' training loops, mean over seeds; soft-label caches, "
+                     f"teacher and stage 1 not included): HAS-KD student {mean('HAS-KD'):.0f} s; {others}.")
+    for r, by_seed in table.get("same_as", {}).items():
+        src = sorted({x["row"] for x in by_seed.values()})
+        why = next(iter(by_seed.values()))["why"]
+        lines.append(f"\n{r} is not a model of its own on seed(s) {', '.join(sorted(by_seed))}: no snapshot is the "
+                     f"expert of any class, so its row is the {' / '.join(src)} row (e.g. {why}).")
     return "\n".join(lines)

@@ -270,8 +270,8 @@ def experts_explanation(table: dict) -> str:
     if k == n:
         text += (f"Here the teacher is boxed for all {n} classes scored on the val rooms: it is at least as good "
                  "as every snapshot on each of them, so ASD hands every class to the teacher, whose soft labels IHD already "
-                 "uses. ASD then adds nothing, and the final student is in effect a second CE + IHD run; snapshots "
-                 "would matter only on classes where one beats the teacher.")
+                 "uses. ASD then adds nothing, so the pipeline does not train a final student: it is the stage-1 "
+                 "(CE + IHD) student; snapshots would matter only on classes where one beats the teacher.")
     elif k == 0:
         text += (f"No class stays with the teacher: on each of the {n} classes scored a snapshot beats it, so ASD "
                  "distils every class from its best snapshot instead of the teacher.")
@@ -308,6 +308,9 @@ def write_report(out, summary: dict, cfg, num_scenes: int = 2):
                    "as well as points; the baseline and the HAS-KD student are the same point-only network, so "
                    "the student's gain over the baseline is what distillation bought at no inference cost."),
              "<h3>Per class</h3>", _md_table_html(per_class_table(summary))]
+    if summary.get("student_is_stage1"):
+        parts.insert(3, _what("The HAS-KD student is the stage-1 (CE + IHD) student, not trained again: "
+                              + summary["student_is_stage1"] + "."))
     iou_bars_png(summary, rd / "iou_bars.png")
     parts += ["<h2>Per-class IoU</h2>", _figure("report/iou_bars.png", "per-class IoU bars"),
               _what("val IoU of each class for each model; classes absent from the val rooms are left out.")]

@@ -238,3 +238,57 @@ def test_asd_class_balance_hand_value():
     assert v.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
     m = ASDLoss(table, tau=2.0, class_balance=True)(s, e, y)["asd"]
     assert m.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
+
+
+def _table(iou, teacher=None):
+    t = {"iou": iou, "split": "val"}
+    if teacher is not None:
+        t["teacher_iou"] = teacher
+    return t
+
+
+def test_snapshot_classes_and_asd_pointless(tmp_path):
+    import json
+
+    from haskd.experts import asd_pointless, snapshot_classes
+
+    iou = [[0.5, None, 0.2], [0.6, None, 0.1]]
+    # no teacher in the pool: every class some snapshot scores has an expert of its own
+    assert snapshot_classes(_table(iou)).tolist() == [True, False, True]
+    # teacher at least as good on class 0 (tie -> teacher) and better on 2: nothing left to the snapshots
+    assert snapshot_classes(_table(iou, [0.6, 0.9, 0.3]), teacher_expert=True).tolist() == [False, False, False]
+    # a snapshot strictly better on class 0 keeps it; the teacher row is ignored without teacher_expert
+    assert snapshot_classes(_table(iou, [0.59, 0.9, 0.3]), teacher_expert=True).tolist() == [True, False, False]
+    assert snapshot_classes(_table(iou, [0.9, 0.9, 0.9])).tolist() == [True, False, True]
+    p = tmp_path / "experts.json"
+    p.write_text(json.dumps(_table(iou, [0.6, 0.9, 0.3])))
+    assert "teacher is the expert of every class" in asd_pointless(p, teacher_expert=True)
+    assert asd_pointless(p, teacher_expert=False) is None
+    p.write_text(json.dumps(_table([[None, None], [None, None]])))
+    assert "every class absent" in asd_pointless(p)
+
+
+def test_snapshot_ensemble_is_the_mean_softmax():
+    import torch
+
+    from haskd.asd import SnapshotEnsemble
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, z):
+            super().__init__()
+            self.z = torch.tensor(z)
+
+        def forward(self, batch):
+            return {"logits": self.z}
+
+    a, b = [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 2.0, 0.0], [0.0, 3.0, -1.0]]
+    ens = SnapshotEnsemble([Fixed(a), Fixed(b)])
+    p = torch.softmax(ens({})["logits"], -1)
+    e2 = torch.e ** 2
+    row0 = torch.tensor([e2 / (e2 + 2) + 1 / (e2 + 2), 1 / (e2 + 2) + e2 / (e2 + 2), 2 / (e2 + 2)]) / 2
+    assert torch.allclose(p[0], row0, atol=1e-6)
+    e3, em = torch.e ** 3, torch.e ** -1
+    row1 = (torch.tensor([1 / 3, 1 / 3, 1 / 3]) + torch.tensor([1.0, e3, em]) / (1 + e3 + em)) / 2
+    assert torch.allclose(p[1], row1, atol=1e-6)
+    # a tie broken by the members: class 0 and 1 each win one member on row 0 with equal mass
+    assert p[0, 0] == pytest.approx(p[0, 1].item())

@@ -264,3 +264,33 @@ def test_two_runs_building_one_cache_at_once_both_get_it_whole(tmp_path):
     src.write_bytes(b"xy")  # the checkpoint changed: rebuilt
     _build(out, scenes, [src], "logits", "test", write)
     assert len(seen) == 12 and not np.array_equal(load_scene_cache(out, "s0")["topk_logits"], before)
+
+
+def test_image_right_cached_per_point_and_averaged_onto_voxels(tmp_path):
+    """trust=image in cached mode: the per-point rule stored beside the soft labels; on an unaugmented batch each
+    voxel gets its own value back, so the cached loss is the online one."""
+    g = torch.Generator().manual_seed(3)
+    inverse, n_vox = _voxelize()
+    c, tau = 4, 2.0
+    t_vox = torch.randn(n_vox, c, generator=g) * 3
+    z3_vox = torch.randn(n_vox, c, generator=g) * 3
+    labels = torch.randint(-1, c, (n_vox,), generator=g)
+    from haskd.ihd import image_right
+
+    right = image_right(t_vox, z3_vox, labels)
+    assert 0 < right.sum() < n_vox
+    write_scene_cache(tmp_path, "s", t_vox[inverse], topk=c, image_right=right[inverse] > 0)
+    assert read_manifest(tmp_path)["has_image_right"] is True
+    e = load_scene_cache(tmp_path, "s", expected_points=inverse.numel())
+    assert e["image_right"].dtype == np.bool_ and e["image_right"].shape == (inverse.numel(),)
+    vox = gather_to_voxels(e["image_right"], inverse, n_vox)
+    assert torch.equal(vox.float(), right)
+    student = {"logits": torch.randn(n_vox, c, generator=g)}
+    ihd = IHDLoss(6, 8, tau=tau, trust="image", feat_weight=0)
+    online = ihd(student, {"logits": t_vox, "image_right": right}, labels)["ihd_logit"]
+    probs = gather_to_voxels(topk_probs(e["topk_logits"], e["topk_index"], c, tau=tau), inverse, n_vox)
+    cached = ihd(student, {"probs": probs, "image_right": vox}, labels)["ihd_logit"]
+    assert cached.item() == pytest.approx(online.item(), rel=1e-2, abs=1e-3)
+    # a cache written without it keeps its manifest as before
+    write_scene_cache(tmp_path / "old", "s", t_vox[inverse], topk=c)
+    assert "has_image_right" not in read_manifest(tmp_path / "old")

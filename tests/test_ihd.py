@@ -250,3 +250,55 @@ def test_class_balance_hand_values_and_ihd_weights():
     bal = IHDLoss(**kw, class_balance=True)({"logits": s}, {"logits": t}, labels)["ihd_logit"].item()
     assert plain == pytest.approx(KL_075 / 4, rel=1e-6)
     assert bal == pytest.approx(KL_075 / 2, rel=1e-6)
+
+
+def test_image_right_hand_values():
+    from haskd.ihd import image_right
+
+    fused = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    three = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 0, -1, 1])
+    # 0: fused right, 3D wrong -> 1; 1: both right -> 0; 2: both wrong -> 0; 3: unlabeled -> 0;
+    # 4: 3D right, fused wrong -> 0
+    assert image_right(fused, three, labels).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_image_trust_weights_hand_values():
+    """trust=image / image_soft: the weight is the image rule (times visibility), unlabeled points 0; the logit
+    term is the KL mean over the points the images made right."""
+    from haskd.ihd import image_gain, image_right
+
+    fused = torch.tensor([[LN3, 0.0], [LN3, 0.0], [0.0, LN3], [5.0, 0.0]])  # p(0) = 0.75, 0.75, 0.25, ~1
+    three = torch.tensor([[0.0, 0.0], [LN3, 0.0], [0.0, 0.0], [0.0, 0.0]])  # p(0) = 0.5 (argmax 0: a tie), 0.75
+    three[0, 1] = 0.1  # point 0: the 3D branch leans to class 1 (wrong); p_3d(0) = 1 / (1 + e^0.1)
+    labels = torch.tensor([0, 0, 0, -1])
+    hard = image_right(fused, three, labels)
+    assert hard.tolist() == [1.0, 0.0, 0.0, 0.0]
+    soft = image_gain(fused, three, labels)
+    assert soft.tolist() == pytest.approx([0.75 - 1 / (1 + math.exp(0.1)), 0.0, 0.0, 0.0], abs=1e-6)
+    vis = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert information_weights(fused, labels, vis, trust="image", image=hard).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert information_weights(fused, labels, torch.tensor([0.0, 1, 1, 1]), trust="image_soft",
+                               image=soft).tolist() == [0.0, 0.0, 0.0, 0.0]  # not seen: no image knowledge
+    with pytest.raises(ValueError, match="image"):
+        information_weights(fused, labels, trust="image")
+    # the loss module picks the rule from the teacher dict: all weight on point 0 (KL 0.5232), none elsewhere
+    s = {"logits": torch.zeros(4, 2), "feat": torch.zeros(4, 2)}
+    t = {"logits": 2 * fused, "visible": vis, "image_right": hard, "gain": soft}
+    for trust in ("image", "image_soft"):
+        out = IHDLoss(2, 2, tau=2.0, trust=trust, feat_weight=0)(s, t, labels)
+        assert out["ihd_logit"].item() == pytest.approx(KD_075_TAU2, rel=1e-5), trust
+    with pytest.raises(ValueError, match="image_right"):
+        IHDLoss(2, 2, trust="image")(s, {"logits": 2 * fused}, labels)
+    with pytest.raises(ValueError, match="trust"):
+        IHDLoss(2, 2, trust="images")
+
+
+def test_image_trust_is_a_closed_choice_of_distill_trust_only():
+    from haskd.config import load_config
+    from haskd.errors import HaskdError
+
+    assert load_config("scannet20_haskd", ["distill.trust=image"]).distill.trust == "image"
+    assert load_config("scannet20_haskd", ["distill.trust=image_soft"]).distill.trust == "image_soft"
+    with pytest.raises(HaskdError, match="asd_trust"):
+        load_config("scannet20_haskd", ["distill.asd_trust=image"])

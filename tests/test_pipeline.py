@@ -544,3 +544,184 @@ def test_pipeline_logs_stage_lines(pipeline_run, tiny_rooms, caplog):
                                               ("5", "student")]
     assert all(tail == "estimate after the first stage" for _, _, tail in stages)  # every stage was skipped
     assert any(m.startswith("5/5 stages done in") for m in caplog.messages)
+
+
+def test_no_snapshot_expert_keeps_stage1(pipeline_run, tiny_rooms, tmp_path, caplog):
+    """An expert table that gives every class to the teacher: the final student is stage 1, not a second copy."""
+    import logging
+    import shutil
+
+    src, _ = pipeline_run
+    out = tmp_path / "pipe"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("student", "summary.json", "report*"))
+    exp = out / "stage1" / "experts.json"
+    table = json.loads(exp.read_text())
+    table["teacher_iou"] = [1.0] * len(table["teacher_iou"])  # hand-made: the teacher beats every snapshot
+    exp.write_text(json.dumps(table))
+    caplog.set_level(logging.INFO)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.teacher_expert=true"])
+    summary = run_pipeline(cfg, out, progress=False, report=False)
+    assert not (out / "student").exists()
+    assert summary["student"]["ckpt"] == str(out / "stage1" / "last.pt")
+    stage1 = json.loads((out / "stage1" / "val_metrics.json").read_text())
+    assert summary["student"]["metrics"]["miou"] == stage1["miou"]
+    assert "teacher is the expert of every class" in json.loads((out / "summary.json").read_text())[
+        "student_is_stage1"]
+    lines = [r.getMessage() for r in caplog.records if "not trained" in r.getMessage()]
+    assert len(lines) == 1 and "final student is stage 1" in lines[0]
+
+
+def test_ablation_markdown_names_rows_that_are_another_row():
+    from haskd.pipeline import ablation_markdown
+
+    row = lambda m: {"miou": [m], "mean": m, "std": 0.0, "per_class_iou": [{}]}
+    table = {"seeds": [0], "split": "val", "rows": {"baseline": row(50.0), "+IHD (IOF)": row(55.0),
+                                                    "HAS-KD": row(55.0)}, "teacher": {}}
+    plain = ablation_markdown(table)
+    assert "not a model of its own" not in plain
+    table["same_as"] = {"HAS-KD": {"0": {"row": "+IHD (IOF)", "why": "x: the teacher is the expert of every class"}}}
+    md = ablation_markdown(table)
+    assert md.startswith(plain) and "HAS-KD is not a model of its own on seed(s) 0" in md
+    assert "its row is the +IHD (IOF) row" in md
+
+
+def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
+    """The M-snapshot ensemble scored on every val point: mean of the snapshots' per-point softmax, then the metric
+    code of every model; one snapshot alone is that snapshot's own metrics."""
+    from haskd.data.dataset import SceneDataset
+    from haskd.engine.checkpoint import load_model
+    from haskd.engine.evaluate import evaluate, predict_points
+    from haskd.engine.metrics import ConfusionMatrix
+    from haskd.experts import evaluate_ensemble, find_snapshots
+    from haskd.pipeline import ensemble_metrics
+
+    out, _ = pipeline_run
+    snaps = find_snapshots(out / "stage1")
+    got = ensemble_metrics(out / "stage1")
+    assert (out / "stage1" / "metrics_val_ensemble.json").is_file() and len(got["members"]) == len(snaps) == 2
+    models = [load_model(p, return_config=True) for p in snaps]
+    cfg = models[0][1]
+    ds = SceneDataset(cfg.data.root, "val", cfg.data.num_classes, cfg.data.voxel_size, use_normal=True)
+    cm = ConfusionMatrix(ds.num_classes)
+    for scene in ds.scenes:
+        p = sum(predict_points(m, scene, ds.voxel_size, ds.num_classes, use_normal=True) for m, _ in models) / 2
+        cm.update(p.argmax(1), torch.from_numpy(scene.segment))
+    ref = cm.compute(list(got["per_class_iou"]))
+    assert got["miou"] == pytest.approx(ref["miou"]) and got["allacc"] == pytest.approx(ref["allacc"])
+    one = evaluate_ensemble(snaps[-1:], split="val")
+    assert one["miou"] == pytest.approx(evaluate(models[-1][0], ds)["miou"])
+    assert ensemble_metrics(out / "stage1") == got  # cached
+
+
+def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
+    """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
+    each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""
+    import haskd.experts
+    import haskd.pipeline as pl
+
+    trained = {}
+
+    def fake_metrics(miou):
+        return {"miou": miou, "per_class_iou": {"wall": miou}}
+
+    def fake_stage(name, cfg, run_dir, progress=True):
+        trained[str(Path(run_dir).relative_to(tmp_path))] = cfg
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e + 1, "epoch_time_s": 10.0 if cfg.distill.teacher_ckpt else 5.0}) + "\n"
+            for e in range(cfg.train.epochs)))
+        return fake_metrics(0.1 * len(trained))
+
+    monkeypatch.setattr(pl, "run_stage", fake_stage)
+    monkeypatch.setattr(pl, "eval_teacher_3d", lambda *a, **k: fake_metrics(0.9))
+    monkeypatch.setattr(pl, "reuse_teacher", lambda *a, **k: fake_metrics(0.8))
+    monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
+    monkeypatch.setattr(pl, "ensemble_metrics", lambda run_dir, *a, **k: {**fake_metrics(0.77), "run": str(run_dir)})
+    monkeypatch.setattr(haskd.experts, "asd_pointless", lambda *a, **k: None)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
+    plain = pl.run_ablation(cfg, tmp_path / "a", seeds=(0,), progress=False)
+    assert list(plain["rows"]) == list(pl.ABLATION_ROWS) and "same_as" not in plain
+    trained.clear()
+    table = pl.run_ablation(cfg, tmp_path / "b", seeds=(0,), progress=False, ensemble=True, double_baseline=True,
+                            equal_time_epochs=3)
+    assert list(table["rows"]) == [*pl.ABLATION_ROWS, "M-snapshot ensemble", "baseline (2E)", "baseline (3 epochs)"]
+    assert table["rows"]["M-snapshot ensemble"]["mean"] == pytest.approx(77.0)
+    assert trained["b/seed0/baseline_e4"].train.epochs == 4 and trained["b/seed0/baseline_e3"].train.epochs == 3
+    base = trained["b/seed0/baseline"]
+    for k in ("baseline_e4", "baseline_e3"):  # the baseline's recipe, only longer
+        c = trained[f"b/seed0/{k}"]
+        assert c.role == "student" and not c.distill.teacher_ckpt and c.train.snapshots == base.train.snapshots
+        assert c.optim == base.optim and c.model == base.model
+    md = (tmp_path / "b" / "ablation.md").read_text()
+    assert "| M-snapshot ensemble | 77.00" in md and "| baseline (3 epochs) |" in md
+    # training times: 2 epochs x 10 s (HAS-KD student), 2 x 5 s (baseline), 3 x 5 s (equal time)
+    assert table["train_seconds"] == {"baseline": [10.0], "HAS-KD": [20.0], "baseline (3 epochs)": [15.0]}
+    assert "HAS-KD student 20 s; baseline 10 s (0.50x), baseline (3 epochs) 15 s (0.75x)" in md
+    assert "train_seconds" not in plain
+    # a longer baseline of the baseline's own epochs is that row, not a second run
+    trained.clear()
+    again = pl.run_ablation(cfg, tmp_path / "c", seeds=(0,), progress=False, equal_time_epochs=2)
+    assert "c/seed0/baseline_e2" not in trained
+    assert again["rows"]["baseline (2 epochs)"]["miou"] == again["rows"]["baseline"]["miou"]
+    # an expert table with no snapshot class: HAS-KD is not trained, its row is +IHD (IOF), and the table says so
+    monkeypatch.setattr(haskd.experts, "asd_pointless",
+                        lambda path, *a: "no snapshot" if "stage1" in str(path) else None)
+    trained.clear()
+    kept = pl.run_ablation(cfg, tmp_path / "d", seeds=(0,), progress=False)
+    assert "d/seed0/student" not in trained and "d/seed0/asd_only" in trained
+    assert kept["rows"]["HAS-KD"]["miou"] == kept["rows"]["+IHD (IOF)"]["miou"]
+    assert kept["same_as"] == {"HAS-KD": {"0": {"row": "+IHD (IOF)", "why": "no snapshot"}}}
+    assert "HAS-KD is not a model of its own" in (tmp_path / "d" / "ablation.md").read_text()
+
+
+def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
+    """distill.trust=image / image_soft through the real task: the cache holds the teacher's image rules per point
+    (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the online ones."""
+    from haskd.cache import read_manifest
+    from haskd.data.transforms import collate
+    from haskd.distill import DistillTask
+    from haskd.engine.evaluate import scene_sample
+    from haskd.engine.trainer import build_datasets
+    from haskd.models import build_from_config
+
+    out, _ = pipeline_run
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}",
+                                          f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}"])
+    torch.manual_seed(0)
+    student = build_from_config(cfg).eval()
+    losses, rules = {}, {}
+    for trust in ("image", "image_soft"):
+        for cache in (True, False):
+            cfg.distill.cache, cfg.distill.trust = cache, trust
+            ds = build_datasets(cfg)
+            torch.manual_seed(1)
+            task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+            if cache:
+                assert read_manifest(task.cache_dirs["teacher"])["has_image_right"] is True
+            sample = scene_sample(ds["train"].scenes[0], cfg.data.voxel_size, cfg.data.num_classes,
+                                  cfg.data.use_normal)
+            if not cache:
+                sample["frames"] = ds["train"].frame_data[0]
+            batch = collate([sample])
+            with torch.no_grad():
+                losses[trust, cache], _ = task(batch)
+                t = task.teacher_targets(batch)
+                rules[trust, cache] = t["image_right" if trust == "image" else "gain"]
+        # per point vs per voxel labels (a voxel of mixed classes) and float16 storage: close, not equal
+        assert torch.allclose(rules[trust, True], rules[trust, False], atol=2e-2), trust
+        for k in ("ihd_logit", "ihd_feat"):
+            assert torch.allclose(losses[trust, True][k], losses[trust, False][k], rtol=2e-2, atol=2e-3), (trust, k)
+    assert rules["image_soft", True].sum() > 0  # the images add something somewhere: the soft rule is not all 0
+
+
+def test_ablate_row_flags_reach_the_seed_processes():
+    from haskd.cli import build_parser
+    from haskd.commands.pipeline import _extra_row_flags
+
+    p = build_parser()
+    assert _extra_row_flags(p.parse_args(["ablate"])) == []
+    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7"])
+    flags = _extra_row_flags(args)
+    assert flags == ["--ensemble", "--double-baseline", "--equal-time-epochs", "7"]
+    again = p.parse_args(["ablate", *flags])  # what a seed process parses
+    assert (again.ensemble, again.double_baseline, again.equal_time_epochs) == (True, True, 7)

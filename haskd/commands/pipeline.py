@@ -66,6 +66,14 @@ def register(sub):
     a.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds trained side by side in that many processes, each with cores/N torch threads "
                         "(default 1). Each seed's runs are what `--seeds S, train.threads=cores/N` gives alone")
+    a.add_argument("--ensemble", action="store_true",
+                   help="add the row 'M-snapshot ensemble': the mean softmax of the stage-1 snapshots, to set "
+                        "against its final model, the '+IHD (IOF)' row")
+    a.add_argument("--double-baseline", action="store_true",
+                   help="add the row 'baseline (2E)': the baseline trained twice train.epochs (has it plateaued?)")
+    a.add_argument("--equal-time-epochs", type=positive_int, default=None, metavar="N",
+                   help="add the row 'baseline (N epochs)': the baseline trained N epochs (N set so its wall time "
+                        "matches the HAS-KD student's: an equal-time baseline)")
     a.set_defaults(func=run_ablate)
 
 
@@ -188,8 +196,10 @@ def run_ablate(args) -> int:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
     if args.jobs > 1 and len(args.seeds) > 1:
-        run_seeds_in_parallel(cfg, out, args.seeds, args.jobs)
-    table = run_ablation(cfg, out, seeds=args.seeds, split=args.split)  # reuses the runs the processes finished
+        run_seeds_in_parallel(cfg, out, args.seeds, args.jobs, _extra_row_flags(args))
+    table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
+                         double_baseline=args.double_baseline,
+                         equal_time_epochs=args.equal_time_epochs)  # reuses the runs the processes finished
     from ..pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
@@ -199,7 +209,13 @@ def run_ablate(args) -> int:
     return 0
 
 
-def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int) -> None:
+def _extra_row_flags(args) -> list:
+    """The optional-row flags of ``haskd ablate``, to hand to the per-seed processes (they train those rows too)."""
+    flags = ["--ensemble"] * args.ensemble + ["--double-baseline"] * args.double_baseline
+    return flags + (["--equal-time-epochs", str(args.equal_time_epochs)] if args.equal_time_epochs else [])
+
+
+def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int, flags=()) -> None:
     """Train every seed of an ablation in its own ``haskd ablate --seeds S,`` process, ``jobs`` at a time, each with
     ``cores // jobs`` torch threads. The runs land where a sequential ablation puts them, so the caller's
     ``run_ablation`` then only reads them. A seed that fails stops the ablation with one line naming its log."""
@@ -225,7 +241,7 @@ def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int) -> None:
             (out / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             logf = out / f"seed{seed}" / "ablate.log"
             cmd = [sys.executable, "-m", "haskd", "ablate", "--config", str(conf), "--out", str(out),
-                   "--seeds", f"{seed},"]
+                   "--seeds", f"{seed},", *flags]
             with open(logf, "w") as f:
                 running[seed] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), logf)
             print(f"seed {seed}: training in its own process ({child.train.threads} threads), log {logf}", flush=True)
