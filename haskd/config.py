@@ -83,6 +83,8 @@ class TrainConfig:
     log_every: int = 10
     init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
     lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
+    parallel_stages: bool = True         # pipeline: the baseline trains in a process of its own beside the teacher
+                                         # (both independent), each with half the cores; off under torchrun
 
 
 @dataclass

@@ -82,6 +82,57 @@ def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
     return train(cfg, run_dir, resume="auto", progress=progress)
 
 
+def _baseline_child(cfg_dict: dict, run_dir: str) -> None:
+    """Entry point of the baseline's own process (spawned): one-line errors, epoch lines prefixed with the stage."""
+    import sys
+
+    from .config import from_dict
+    from .errors import HaskdError
+
+    logging.basicConfig(level=logging.INFO, format="[baseline] %(message)s", stream=sys.stderr)
+    try:
+        run_stage("baseline", from_dict(cfg_dict), Path(run_dir), progress=False)
+    except HaskdError as e:
+        print(f"haskd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _start_baseline_beside(cfg: Config, cfgs: dict, out: Path):
+    """The baseline does not depend on the teacher: train it in a process of its own while the teacher trains here,
+    each with half the cores (``train.parallel_stages``; on 2 cores a second torch thread barely speeds up a step,
+    a second process doubles the work done). Returns the process, or None where the stages run one after the other:
+    the option off, a distributed run, one core, or either stage already finished."""
+    import multiprocessing as mp
+    import os
+
+    from .engine.distributed import world_size
+
+    cores = os.cpu_count() or 1
+    if not cfg.train.parallel_stages or world_size() > 1 or cores < 2 \
+            or _done(out / "teacher", cfgs["teacher"].train.epochs) \
+            or _done(out / "baseline", cfgs["baseline"].train.epochs):
+        return None
+    for name in ("teacher", "baseline"):
+        if cfgs[name].train.threads <= 0:
+            cfgs[name].train.threads = max(1, cores // 2)
+    log.info("[baseline] training in its own process beside the teacher (%d threads each) -> %s",
+             cfgs["baseline"].train.threads, out / "baseline")
+    # spawn, not fork: this process holds torch's thread pools, which a fork does not carry over
+    proc = mp.get_context("spawn").Process(target=_baseline_child,
+                                           args=(cfgs["baseline"].to_dict(), str(out / "baseline")))
+    proc.start()
+    return proc
+
+
+def _join_baseline(proc) -> None:
+    from .errors import HaskdError
+
+    proc.join()
+    if proc.exitcode != 0:
+        raise HaskdError(f"the baseline stage failed in its own process (exit code {proc.exitcode}, its error is "
+                         "above); a rerun continues it")
+
+
 def _check_splits(cfg: Config, *more) -> None:
     """A missing or empty train/val split (or one of ``more``) stops a multi-stage run with one line before any
     folder is made."""
@@ -123,8 +174,11 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
         return metrics
 
     summary = {"config": str(out / "config.yaml"), "variant": v}
+    beside = _start_baseline_beside(cfg, cfgs, out) if v["ihd"] and with_baseline else None
     if v["ihd"]:
         summary["teacher"] = _entry(out / "teacher", stage("teacher"))
+    if beside is not None:
+        _join_baseline(beside)
     if with_baseline:
         summary["baseline"] = _entry(out / "baseline", stage("baseline"))
     if v["asd"]:

@@ -725,3 +725,23 @@ def test_ablate_row_flags_reach_the_seed_processes():
     assert flags == ["--ensemble", "--double-baseline", "--equal-time-epochs", "7"]
     again = p.parse_args(["ablate", *flags])  # what a seed process parses
     assert (again.ensemble, again.double_baseline, again.equal_time_epochs) == (True, True, 7)
+
+
+def test_baseline_beside_the_teacher_gives_the_sequential_runs(tiny_rooms, tmp_path, caplog):
+    """train.parallel_stages: the baseline trains in its own process while the teacher trains; both runs are those
+    of the stages run one after the other with the same threads, number for number."""
+    import logging
+
+    over = [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "train.threads=1"]
+    with caplog.at_level(logging.INFO, logger="haskd"):
+        par = run_pipeline(load_config("scannet20_haskd", over), tmp_path / "par", variant={"asd": False},
+                           progress=False, report=False)
+    assert "in its own process beside the teacher" in caplog.text
+    seq = run_pipeline(load_config("scannet20_haskd", [*over, "train.parallel_stages=false"]), tmp_path / "seq",
+                       variant={"asd": False}, progress=False, report=False)
+    for k in ("teacher", "baseline", "student"):
+        assert par[k]["metrics"] == seq[k]["metrics"], k
+    for k in ("teacher", "baseline"):
+        a = load_checkpoint(tmp_path / "par" / k / "last.pt")["state_dict"]
+        b = load_checkpoint(tmp_path / "seq" / k / "last.pt")["state_dict"]
+        assert all(torch.equal(a[n], b[n]) for n in a), k
