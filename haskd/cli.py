@@ -121,7 +121,7 @@ def cmd_eval(args):
     from .engine.distributed import setup
     from .engine.evaluate import evaluate
     from .config import apply_overrides, check_config
-    from .report import format_metrics
+    from .workflow.report import format_metrics
 
     module = args.module
     for item in args.overrides:  # model.module=FILE on the command line is the user's own choice, like --module

@@ -187,8 +187,8 @@ def _coerce(value, current, key):
 def _choices() -> dict:
     """Keys with a closed set of values, checked when the config is read (not deep inside training). The values
     come from the loss modules that define them (imported here, lazily: this module stays torch-free)."""
-    from .asd import UNLABELED_MODES
-    from .ihd import IHD_TRUST_MODES, KD_TARGETS, TRUST_MODES
+    from .distill.asd import UNLABELED_MODES
+    from .distill.ihd import IHD_TRUST_MODES, KD_TARGETS, TRUST_MODES
 
     return {"distill.trust": IHD_TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
             "distill.asd_unlabeled": UNLABELED_MODES, "data.augment_recipe": ("cpu", "pointcept"),

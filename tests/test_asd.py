@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from haskd.asd import ASDLoss, asd_loss, expert_heatmap_png, select_experts, snapshot_epochs
+from haskd.distill.asd import ASDLoss, asd_loss, expert_heatmap_png, select_experts, snapshot_epochs
 from haskd.errors import HaskdError
 
 LN3 = math.log(3.0)
@@ -143,7 +143,7 @@ def test_asd_trust_gates_points_the_expert_gets_wrong():
 
     import torch
 
-    from haskd.asd import asd_loss
+    from haskd.distill.asd import asd_loss
 
     # one expert, two classes, tau 1; point 0 right (p = [0.75, 0.25], label 0), point 1 wrong (same p, label 1),
     # point 2 unlabeled; student uniform
@@ -171,8 +171,8 @@ def test_asd_nontarget_uses_the_non_label_classes():
 
     import torch
 
-    from haskd.asd import asd_loss
-    from haskd.ihd import kl_per_point_nontarget
+    from haskd.distill.asd import asd_loss
+    from haskd.distill.ihd import kl_per_point_nontarget
 
     z = torch.tensor([[[math.log(3.0), 0.0, 0.5]], [[0.0, 2.0, 0.0]]])  # 2 snapshots, 1 point, 3 classes
     s = torch.tensor([[0.3, -0.2, 0.1]])
@@ -184,7 +184,7 @@ def test_asd_nontarget_uses_the_non_label_classes():
 
 def test_teacher_classes_ties_and_nan():
     """distill.teacher_expert (ours): the teacher keeps a class when it is at least as good as the best snapshot."""
-    from haskd.asd import teacher_classes
+    from haskd.distill.asd import teacher_classes
 
     # IOU's best snapshot per class: 0.6, 0.2, NaN, 0.3, 0.3, 0.0
     t = np.array([0.7, 0.2, NAN, 0.2, NAN, NAN])
@@ -197,8 +197,8 @@ def test_teacher_classes_ties_and_nan():
 def test_teacher_route_gives_each_point_one_logit_source():
     """The IHD logit term and ASD split the points by class; together they are one KD term over every point: the
     masked sums keep the whole normaliser, and a point's gradient comes only from its class's source."""
-    from haskd.asd import teacher_route
-    from haskd.ihd import kd_kl
+    from haskd.distill.asd import teacher_route
+    from haskd.distill.ihd import kd_kl
 
     classes = torch.tensor([True, False])          # class 0: the teacher; class 1: its snapshot expert
     y = torch.tensor([0, 1, -1, -1])
@@ -250,7 +250,7 @@ def _table(iou, teacher=None):
 def test_snapshot_classes_and_asd_pointless(tmp_path):
     import json
 
-    from haskd.experts import asd_pointless, snapshot_classes
+    from haskd.distill.experts import asd_pointless, snapshot_classes
 
     iou = [[0.5, None, 0.2], [0.6, None, 0.1]]
     # no teacher in the pool: every class some snapshot scores has an expert of its own
@@ -271,7 +271,7 @@ def test_snapshot_classes_and_asd_pointless(tmp_path):
 def test_snapshot_ensemble_is_the_mean_softmax():
     import torch
 
-    from haskd.asd import SnapshotEnsemble
+    from haskd.distill.asd import SnapshotEnsemble
 
     class Fixed(torch.nn.Module):
         def __init__(self, z):

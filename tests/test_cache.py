@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from haskd.asd import asd_loss
-from haskd.cache import (dense_logits_from_topk, gather_to_voxels, load_scene_cache, read_manifest, topk_probs,
+from haskd.distill.asd import asd_loss
+from haskd.distill.cache import (dense_logits_from_topk, gather_to_voxels, load_scene_cache, read_manifest, topk_probs,
                          write_scene_cache)
 from haskd.errors import HaskdError, InputError
-from haskd.ihd import IHDLoss, kd_kl
+from haskd.distill.ihd import IHDLoss, kd_kl
 
 
 def test_topk_truncation_hand_values(tmp_path):
@@ -134,7 +134,7 @@ def test_topk_to_voxels_equals_dense_then_gather():
     """The one-scatter path gives what densifying per point and averaging per voxel gives, dropped points included."""
     import torch
 
-    from haskd.cache import gather_to_voxels, topk_probs, topk_to_voxels
+    from haskd.distill.cache import gather_to_voxels, topk_probs, topk_to_voxels
 
     g = torch.Generator().manual_seed(0)
     M, P, k, C, N = 3, 50, 4, 7, 9
@@ -152,7 +152,7 @@ def test_topk_to_voxels_equals_dense_then_gather():
 def test_mean_reducer_matches_gather_to_voxels():
     import torch
 
-    from haskd.cache import gather_to_voxels, mean_reducer
+    from haskd.distill.cache import gather_to_voxels, mean_reducer
 
     g = torch.Generator().manual_seed(1)
     P, N, D = 60, 11, 5
@@ -167,7 +167,7 @@ def test_mean_reducer_matches_gather_to_voxels():
 @pytest.mark.parametrize("k", [4, 2])  # every class kept (dense path) and a true top-k
 def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
     """DistillTask._cached (two scenes in one batch, cropped points dropped) equals the per-point reference."""
-    from haskd.distill import DistillTask
+    from haskd.distill.task import DistillTask
 
     g = torch.Generator().manual_seed(4)
     c, m, tau = 4, 3, 2.0
@@ -198,7 +198,7 @@ def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
 
 
 def test_level_rows_finds_each_voxel_in_its_coarse_level():
-    from haskd.cache import level_rows
+    from haskd.distill.cache import level_rows
 
     level = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])  # stride-2 voxels, not sorted
     vox = torch.tensor([[0, 0, 1, 1], [0, 3, 0, 1], [1, 1, 1, 0], [0, 2, 1, 0]])
@@ -208,7 +208,7 @@ def test_level_rows_finds_each_voxel_in_its_coarse_level():
 
 
 def test_pair_mean_matrix_averages_over_points_and_drops_the_dump_row():
-    from haskd.cache import pair_mean_matrix
+    from haskd.distill.cache import pair_mean_matrix
 
     rows_a = torch.tensor([0, 0, 0, 1, 2, 1])   # point -> row of side a (2 = dropped with n_a = 2)
     rows_b = torch.tensor([1, 1, 0, 2, 0, 2])   # point -> row of side b
@@ -227,7 +227,7 @@ def test_two_runs_building_one_cache_at_once_both_get_it_whole(tmp_path):
     import time
     from types import SimpleNamespace
 
-    from haskd.distill import _build
+    from haskd.distill.task import _build
 
     src = tmp_path / "teacher.pt"
     src.write_bytes(b"x")
@@ -275,7 +275,7 @@ def test_image_right_cached_per_point_and_averaged_onto_voxels(tmp_path):
     t_vox = torch.randn(n_vox, c, generator=g) * 3
     z3_vox = torch.randn(n_vox, c, generator=g) * 3
     labels = torch.randint(-1, c, (n_vox,), generator=g)
-    from haskd.ihd import image_right
+    from haskd.distill.ihd import image_right
 
     right = image_right(t_vox, z3_vox, labels)
     assert 0 < right.sum() < n_vox

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from haskd.ihd import IHDLoss, Projector, feature_loss, information_weights, kd_kl
+from haskd.distill.ihd import IHDLoss, Projector, feature_loss, information_weights, kd_kl
 
 LN3 = math.log(3.0)
 KL_075 = 0.13081203594113697
@@ -144,7 +144,7 @@ def test_projector_shape_and_not_in_student():
 
 
 def test_image_gain_hand_values():
-    from haskd.ihd import image_gain
+    from haskd.distill.ihd import image_gain
 
     # point 0: images raise p(y=0) from 0.5 to 0.75 -> 0.25; point 1: images lower it -> 0; point 2: unlabeled -> 0
     fused = torch.tensor([[LN3, 0.0], [0.0, LN3], [5.0, 0.0]])
@@ -173,7 +173,7 @@ def test_image_gain_weights_the_ihd_terms():
 
 def test_hint_loss_hand_value_identity_init_and_gradient():
     """HintLoss: mean over levels of the normalised squared distance; identity projectors where widths agree."""
-    from haskd.ihd import HintLoss
+    from haskd.distill.ihd import HintLoss
 
     h = HintLoss((2, 3), (2, 4), weight=2.0)
     assert torch.equal(h.projectors[0].linear.weight, torch.eye(2))  # same width: identity to start
@@ -200,7 +200,7 @@ def test_hint_loss_hand_value_identity_init_and_gradient():
 def test_nontarget_kl_hand_value_and_label_gradient():
     """kd_target=nontarget (ours): KL over the non-label classes, both sides renormalised; unlabeled rows keep the
     full KL; the label's own logit gets no gradient from it (CE alone moves it)."""
-    from haskd.ihd import kl_per_point, kl_per_point_nontarget
+    from haskd.distill.ihd import kl_per_point, kl_per_point_nontarget
 
     s = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]], requires_grad=True)
     t = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
@@ -233,7 +233,7 @@ def test_unused_feature_projector_is_frozen():
 
 
 def test_class_balance_hand_values_and_ihd_weights():
-    from haskd.ihd import class_balance
+    from haskd.distill.ihd import class_balance
 
     # classes [0, 0, 0, 1]: N = 4, K = 2 -> 4 / (2 * 3) for class 0, 4 / (2 * 1) for class 1; mean 1
     b = class_balance(torch.tensor([0, 0, 0, 1]), 3)
@@ -253,7 +253,7 @@ def test_class_balance_hand_values_and_ihd_weights():
 
 
 def test_image_right_hand_values():
-    from haskd.ihd import image_right
+    from haskd.distill.ihd import image_right
 
     fused = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
     three = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
@@ -266,7 +266,7 @@ def test_image_right_hand_values():
 def test_image_trust_weights_hand_values():
     """trust=image / image_soft: the weight is the image rule (times visibility), unlabeled points 0; the logit
     term is the KL mean over the points the images made right."""
-    from haskd.ihd import image_gain, image_right
+    from haskd.distill.ihd import image_gain, image_right
 
     fused = torch.tensor([[LN3, 0.0], [LN3, 0.0], [0.0, LN3], [5.0, 0.0]])  # p(0) = 0.75, 0.75, 0.25, ~1
     three = torch.tensor([[0.0, 0.0], [LN3, 0.0], [0.0, 0.0], [0.0, 0.0]])  # p(0) = 0.5 (argmax 0: a tie), 0.75

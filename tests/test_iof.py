@@ -7,7 +7,7 @@ import pytest
 
 from haskd.data.frames import FrameSet, read_intrinsic
 from haskd.errors import HaskdError
-from haskd.iof import FrameVisibility, build_visibility, contact_sheet, coverage, select_frames, sharpness
+from haskd.images.iof import FrameVisibility, build_visibility, contact_sheet, coverage, select_frames, sharpness
 
 
 def _cache(voxel_vis, quality=None, point_voxel=None):

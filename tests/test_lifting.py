@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from haskd.data.frames import read_intrinsic, read_pose, scale_intrinsic
-from haskd.lifting import inside, lift, project, sample_features, visibility
+from haskd.images.lifting import inside, lift, project, sample_features, visibility
 
 K = np.array([[100.0, 0, 50], [0, 100.0, 40], [0, 0, 1]])   # image 80 x 100 (H x W)
 HW = (80, 100)

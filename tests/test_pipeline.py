@@ -8,7 +8,7 @@ import torch
 
 from haskd.config import load_config
 from haskd.engine.checkpoint import load_checkpoint
-from haskd.pipeline import run_pipeline
+from haskd.workflow.pipeline import run_pipeline
 
 from conftest import TINY
 
@@ -62,7 +62,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     """The soft-label cache gives the same IHD + ASD losses as running the frozen models online."""
     from haskd.config import load_config
     from haskd.data.transforms import collate
-    from haskd.distill import DistillTask
+    from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
     from haskd.engine.trainer import build_datasets
     from haskd.models import build_from_config
@@ -106,7 +106,7 @@ def test_pipeline_runs_unchanged_with_the_point_transformer(tiny_rooms, tmp_path
 
 
 def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
-    from haskd.pipeline import ABLATION_ROWS, run_ablation
+    from haskd.workflow.pipeline import ABLATION_ROWS, run_ablation
 
     # with the hints and the teacher in the expert pool (as synthetic_bench): "+ASD only" has no teacher, so no hints,
     # and its pool is the snapshots
@@ -141,7 +141,7 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     assert 0 <= test["teacher"]["teacher (IOF frames)"]["mean"] <= 100
     # the cached test metrics belong to these rooms: another root's "test" is not answered from them
     from haskd.errors import HaskdError
-    from haskd.pipeline import split_metrics
+    from haskd.workflow.pipeline import split_metrics
 
     (tmp_path / "other" / "val").mkdir(parents=True)
     with pytest.raises(HaskdError, match="test"):
@@ -212,7 +212,7 @@ def test_ddp_distillation_with_hints_and_no_feature_term(pipeline_run, tiny_room
     import sys
 
     from conftest import REPO
-    from haskd.benchmark import free_port
+    from haskd.bench.benchmark import free_port
 
     out, _ = pipeline_run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -232,7 +232,7 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     hands the classes the snapshots score to them (the IHD logit term drops those points, ASD takes them); a table
     without the teacher's row gets a one-line error."""
     from haskd.data.transforms import collate
-    from haskd.distill import DistillTask
+    from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
     from haskd.engine.trainer import build_datasets
     from haskd.errors import HaskdError
@@ -288,7 +288,7 @@ def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, t
     scene, averaged over each student voxel's points) are the online hints on an unaugmented batch, level for level;
     an augmented, cropped training run with them trains and writes the hint cache in its own folder."""
     from haskd.data.transforms import collate
-    from haskd.distill import DistillTask, _with_hints
+    from haskd.distill.task import DistillTask, _with_hints
     from haskd.engine.evaluate import scene_sample
     from haskd.engine.trainer import build_datasets, train
     from haskd.models import build_from_config
@@ -334,8 +334,8 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
     gather + voxel mean), in a folder of its own."""
     import numpy as np
 
-    from haskd.cache import gather_to_voxels, load_scene_cache
-    from haskd.distill import build_hint_cache, scene_outputs
+    from haskd.distill.cache import gather_to_voxels, load_scene_cache
+    from haskd.distill.task import build_hint_cache, scene_outputs
     from haskd.engine.checkpoint import load_model
     from haskd.engine.trainer import build_datasets
 
@@ -362,7 +362,7 @@ def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):
     """`haskd ablate --jobs 2`: two seeds trained in two processes; each seed's row values are those of that seed
     run alone in this process with the same threads, number for number."""
     from haskd.cli import main
-    from haskd.pipeline import run_ablation
+    from haskd.workflow.pipeline import run_ablation
 
     over = [*PIPE, "train.epochs=1", "train.snapshots=1", "train.threads=1"]
     assert main(["ablate", "--config", "scannet20_haskd", "--data", str(tiny_rooms), "--out", str(tmp_path / "par"),
@@ -448,7 +448,7 @@ def test_frames_list_folds_but_never_truncates(tmp_path):
     """A run with many rooms lists every one of them (folded in <details> that says how many)."""
     from types import SimpleNamespace
 
-    from haskd.report import _frames_section
+    from haskd.workflow.report import _frames_section
 
     (tmp_path / "teacher").mkdir()
     chosen = {f"room{i:03d}": ["00001", "00002"] for i in range(40)}
@@ -572,7 +572,7 @@ def test_no_snapshot_expert_keeps_stage1(pipeline_run, tiny_rooms, tmp_path, cap
 
 
 def test_ablation_markdown_names_rows_that_are_another_row():
-    from haskd.pipeline import ablation_markdown
+    from haskd.workflow.pipeline import ablation_markdown
 
     row = lambda m: {"miou": [m], "mean": m, "std": 0.0, "per_class_iou": [{}]}
     table = {"seeds": [0], "split": "val", "rows": {"baseline": row(50.0), "+IHD (IOF)": row(55.0),
@@ -592,8 +592,8 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
     from haskd.engine.checkpoint import load_model
     from haskd.engine.evaluate import evaluate, predict_points
     from haskd.engine.metrics import ConfusionMatrix
-    from haskd.experts import evaluate_ensemble, find_snapshots
-    from haskd.pipeline import ensemble_metrics
+    from haskd.distill.experts import evaluate_ensemble, find_snapshots
+    from haskd.workflow.pipeline import ensemble_metrics
 
     out, _ = pipeline_run
     snaps = find_snapshots(out / "stage1")
@@ -616,8 +616,8 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
 def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
     each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""
-    import haskd.experts
-    import haskd.pipeline as pl
+    import haskd.distill.experts
+    import haskd.workflow.pipeline as pl
 
     trained = {}
 
@@ -637,7 +637,7 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "reuse_teacher", lambda *a, **k: fake_metrics(0.8))
     monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
     monkeypatch.setattr(pl, "ensemble_metrics", lambda run_dir, *a, **k: {**fake_metrics(0.77), "run": str(run_dir)})
-    monkeypatch.setattr(haskd.experts, "asd_pointless", lambda *a, **k: None)
+    monkeypatch.setattr(haskd.distill.experts, "asd_pointless", lambda *a, **k: None)
     cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
     plain = pl.run_ablation(cfg, tmp_path / "a", seeds=(0,), progress=False)
     assert list(plain["rows"]) == list(pl.ABLATION_ROWS) and "same_as" not in plain
@@ -664,7 +664,7 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert "c/seed0/baseline_e2" not in trained
     assert again["rows"]["baseline (2 epochs)"]["miou"] == again["rows"]["baseline"]["miou"]
     # an expert table with no snapshot class: HAS-KD is not trained, its row is +IHD (IOF), and the table says so
-    monkeypatch.setattr(haskd.experts, "asd_pointless",
+    monkeypatch.setattr(haskd.distill.experts, "asd_pointless",
                         lambda path, *a: "no snapshot" if "stage1" in str(path) else None)
     trained.clear()
     kept = pl.run_ablation(cfg, tmp_path / "d", seeds=(0,), progress=False)
@@ -677,9 +677,9 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
 def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
     """distill.trust=image / image_soft through the real task: the cache holds the teacher's image rules per point
     (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the online ones."""
-    from haskd.cache import read_manifest
+    from haskd.distill.cache import read_manifest
     from haskd.data.transforms import collate
-    from haskd.distill import DistillTask
+    from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
     from haskd.engine.trainer import build_datasets
     from haskd.models import build_from_config

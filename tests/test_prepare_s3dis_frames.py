@@ -13,7 +13,7 @@ import torch
 
 from haskd.data.frames import open_frames
 from haskd.data.scene import load_scene
-from haskd.lifting import lift
+from haskd.images.lifting import lift
 from haskd.prepare import s3dis
 from haskd.prepare.frames_2d3ds import DEPTH_MISSING, MIN_REGISTERED, read_pose_json
 from haskd.prepare.manifest import MANIFEST_NAME
@@ -60,7 +60,7 @@ def fixture(shared_data, tmp_path_factory):
     2 cameras x 3 frames (the second camera with another field of view, so another K), a frame without pose and a
     frame of conferenceRoom_10 (neither may be used). Also raw_turned/: the same room turned by 90 degrees (as the
     Aligned_Version is, relative to the 2D-3D-S poses)."""
-    from haskd.virtual_views import render_views
+    from haskd.images.views import render_views
 
     base = tmp_path_factory.mktemp("s3dis_2d3ds")
     raw = base / "raw"

@@ -15,7 +15,7 @@ from haskd.data.transforms import collate
 from haskd.engine.trainer import build_datasets, train, train_recipe
 from haskd.engine.voting import VOTING_AUGS, apply_test_aug, vote_points, voting_augs
 from haskd.models import build_from_config
-from haskd.pipeline import run_pipeline
+from haskd.workflow.pipeline import run_pipeline
 
 RECIPES = [("scannet20", "spunet"), ("scannet20", "ptv3"), ("s3dis", "spunet"), ("s3dis", "ptv3")]
 # Toy size: tiny networks, 10 cm voxels, one pass; every other key is the preset's.

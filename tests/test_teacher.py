@@ -81,8 +81,8 @@ def test_reused_teacher_keeps_weights_and_sees_the_policy_frames(tiny_rooms, tmp
 
     from haskd.engine.checkpoint import load_checkpoint
     from haskd.engine.trainer import train
-    from haskd.iof import select_frames
-    from haskd.pipeline import reuse_teacher
+    from haskd.images.iof import select_frames
+    from haskd.workflow.pipeline import reuse_teacher
 
     cfg = _cfg(tiny_rooms, "teacher.train_frames=random", "train.epochs=1", "train.eval_every=0")
     train(cfg, tmp_path / "t", progress=False)
@@ -103,7 +103,7 @@ def test_reused_teacher_keeps_weights_and_sees_the_policy_frames(tiny_rooms, tmp
 
 
 def test_ablation_table_reports_the_share_of_the_teacher_gap_closed():
-    from haskd.pipeline import ablation_markdown
+    from haskd.workflow.pipeline import ablation_markdown
 
     row = lambda m: {"mean": m, "std": 0.5}  # noqa: E731
     table = {"seeds": [0, 1, 2], "rows": {"baseline": row(40.0), "HAS-KD": row(43.0)},
@@ -116,7 +116,7 @@ def test_ablation_table_reports_the_share_of_the_teacher_gap_closed():
 
 
 def test_ablation_table_shows_the_hard_classes_when_scored():
-    from haskd.pipeline import ablation_markdown
+    from haskd.workflow.pipeline import ablation_markdown
 
     def row(m, pic, win):
         return {"mean": m, "std": 0.0, "per_class_iou": [{"picture": pic, "window": win, "wall": 0.9}] * 2}
@@ -135,7 +135,7 @@ def test_ablation_table_shows_the_hard_classes_when_scored():
 
 
 def test_per_class_table_averages_seeds_and_skips_absent_classes():
-    from haskd.pipeline import per_class_markdown
+    from haskd.workflow.pipeline import per_class_markdown
 
     def row(wall):
         return {"mean": 0.0, "std": 0.0, "per_class_iou": [{"wall": w, "sink": None} for w in wall]}

@@ -114,7 +114,7 @@ def _summary(with_window=True):
 
 
 def test_printed_tables_are_in_percent_with_the_readme_columns():
-    from haskd.report import format_metrics, per_class_table, results_table
+    from haskd.workflow.report import format_metrics, per_class_table, results_table
 
     t = results_table(_summary())
     assert t.splitlines()[0] == "| model (val, every point, %) | mIoU | mAcc | allAcc | window IoU | picture IoU |"
@@ -142,7 +142,7 @@ def test_disk_line_counts_caches_checkpoints_and_rooms(tmp_path):
 
 
 def test_expert_explanation_says_what_the_teacher_everywhere_means():
-    from haskd.report import experts_explanation
+    from haskd.workflow.report import experts_explanation
 
     table = {"class_names": ["wall", "floor", "bed"], "iou": [[0.5, 0.6, None], [0.55, 0.7, None]],
              "expert": [1, 1, 1]}

@@ -8,8 +8,8 @@ import torch
 
 from haskd.data.frames import open_frames
 from haskd.data.scene import write_scene
-from haskd.lifting import lift
-from haskd.virtual_views import ensure_frames, look_pose, render_views, splat
+from haskd.images.lifting import lift
+from haskd.images.views import ensure_frames, look_pose, render_views, splat
 
 STEP = 0.05
 

@@ -71,7 +71,7 @@ def _config(args):
 
 
 def run(args) -> int:
-    from .. import benchmark as B
+    from ..bench import benchmark as B
     from ..errors import HaskdError
 
     if args.runs < 1 or args.warmup < 0:

@@ -1,7 +1,7 @@
 """``haskd frames select|coverage``: IOF frame selection per scene, and the point-coverage comparison of policies.
 
 A scene folder is ``<root>/<split>/<scene>/`` with ``coord.npy``, ``color.npy`` and optional ``frames/``; scenes
-without frames get rendered virtual views (cached outside the data, see :mod:`haskd.virtual_views`). The points must be
+without frames get rendered virtual views (cached outside the data, see :mod:`haskd.images.views`). The points must be
 in the frame of the camera poses (raw ScanNet coordinates, not axis-aligned).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _point_entropy(model_cfg, scene):
 def _scenes(args):
     from ..data.frames import open_frames
     from ..data.scene import list_scenes, load_scene
-    from ..virtual_views import ensure_frames
+    from ..images.views import ensure_frames
 
     for d in list_scenes(args.data, args.split):
         fdir = ensure_frames(d, num_views=args.num_views)
@@ -119,7 +119,7 @@ def _scenes(args):
 
 
 def run_select(args) -> int:
-    from ..iof import contact_sheet, select_frames
+    from ..images.iof import contact_sheet, select_frames
 
     if args.k < 1:
         raise HaskdError(f"--k must be >= 1, got {args.k}")
@@ -147,7 +147,7 @@ def run_select(args) -> int:
 
 
 def run_coverage(args) -> int:
-    from ..iof import POLICIES, build_visibility, select_frames
+    from ..images.iof import POLICIES, build_visibility, select_frames
 
     ks = _ints(args.ks, "ks")
     seeds = _ints(args.seeds, "seeds")

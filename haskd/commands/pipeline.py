@@ -111,8 +111,8 @@ def _default_config(args, preset):
 
 
 def run_pipeline_cmd(args) -> int:
-    from ..pipeline import run_pipeline
-    from ..report import per_class_table, results_table
+    from ..workflow.pipeline import run_pipeline
+    from ..workflow.report import per_class_table, results_table
 
     cfg = _default_config(args, HASKD_PRESET)
     if args.epochs is not None:
@@ -159,9 +159,9 @@ def run_demo(args) -> int:
 
     from ..config import load_config
     from ..data.synthetic import write_dataset
-    from ..pipeline import run_pipeline
+    from ..workflow.pipeline import run_pipeline
     from ..progress import duration
-    from ..report import per_class_table, results_table
+    from ..workflow.report import per_class_table, results_table
 
     t0 = time.time()
     out = Path(args.out)
@@ -189,7 +189,7 @@ def run_demo(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from ..pipeline import run_ablation
+    from ..workflow.pipeline import run_ablation
 
     cfg = _default_config(args, HASKD_PRESET)
     if args.epochs is not None:
@@ -200,7 +200,7 @@ def run_ablate(args) -> int:
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
                          equal_time_epochs=args.equal_time_epochs)  # reuses the runs the processes finished
-    from ..pipeline import ablation_markdown, per_class_markdown
+    from ..workflow.pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
     print("\n" + per_class_markdown(table))

@@ -114,7 +114,7 @@ def build_task(cfg: Config, model, device, datasets):
 
         return TeacherTask(model, cfg)
     if cfg.distill.teacher_ckpt or cfg.distill.experts:
-        from ..distill import DistillTask
+        from ..distill.task import DistillTask
 
         task = DistillTask.from_config(model, cfg, device, datasets)
     else:
@@ -206,7 +206,7 @@ class JsonlLogger:
 def snapshot_schedule(cfg: Config) -> list:
     if cfg.train.snapshots <= 0:
         return []
-    from ..asd import snapshot_epochs
+    from ..distill.asd import snapshot_epochs
 
     return snapshot_epochs(cfg.train.epochs, cfg.train.snapshots, cfg.train.snapshot_schedule,
                            cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)

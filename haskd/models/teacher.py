@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..data.frames import open_frames, scale_intrinsic
 from ..errors import HaskdError, InputError
-from ..lifting import lift
+from ..images.lifting import lift
 from .image_unet import ImageUNet, TimmUNet
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,8 @@ def load_frames(frameset, ids, image_hw) -> dict:
 
 def choose_frames(scene, cfg, frames_root=None, point_entropy=None):
     """(FrameSet, chosen ids, selection dict) for a scene: real frames win, else virtual views are rendered."""
-    from ..iof import select_frames
-    from ..virtual_views import ensure_frames
+    from ..images.iof import select_frames
+    from ..images.views import ensure_frames
 
     t = cfg.teacher
     fdir = ensure_frames(scene.path, num_views=t.virtual_views)
@@ -215,7 +215,7 @@ def attach_frames(dataset, cfg, selections: dict = None, pool: bool = False):
     data, chosen = [], {}
     for scene in dataset.scenes:
         if selections and scene.name in selections:
-            from ..virtual_views import ensure_frames
+            from ..images.views import ensure_frames
 
             fdir = ensure_frames(scene.path, num_views=cfg.teacher.virtual_views)
             fs = open_frames(fdir)

@@ -120,7 +120,7 @@ def depth_to_mm(raw: np.ndarray):
 
 def _remap(img: np.ndarray, K_src, K_dst, size_hw, nearest: bool) -> np.ndarray:
     """Resample an image taken with ``K_src`` onto ``K_dst`` (same camera centre and axes; pixel-centre convention
-    of :mod:`haskd.lifting`): output pixel (u, v) reads the input at ``K_src K_dst^-1 (u, v, 1)``."""
+    of :mod:`haskd.images.lifting`): output pixel (u, v) reads the input at ``K_src K_dst^-1 (u, v, 1)``."""
     import torch
     import torch.nn.functional as F
 
@@ -212,7 +212,7 @@ def registered_fraction(coord, frames_dir, tau: float = 0.05, max_points: int = 
     import torch
 
     from ..data.frames import open_frames
-    from ..lifting import inside, project
+    from ..images.lifting import inside, project
 
     fs = open_frames(frames_dir)
     if fs is None:

@@ -12,7 +12,7 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
 The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
 
 Targets come either as logits (online teacher, or cached top-k logits made dense with ``-inf`` outside the
-top-k, see :mod:`haskd.cache`) or as probabilities that are *already the target distribution* (e.g. cached
+top-k, see :mod:`haskd.distill.cache`) or as probabilities that are *already the target distribution* (e.g. cached
 probabilities at temperature ``tau`` averaged onto augmented voxels); probabilities are used as given, only
 renormalised to sum to 1.
 """
@@ -93,7 +93,7 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
     when there is no point or ``sum(w) == 0``. Values at zero-weight points are masked, so a NaN/inf
     there cannot leak into the result. ``mask`` (N,) in [0, 1], None = all ones, drops points from the sum
     but not from the normaliser: two terms with complementary masks add up to one term over every point
-    (the class routing of :mod:`haskd.asd`)."""
+    (the class routing of :mod:`haskd.distill.asd`)."""
     if weights is None:
         weights = torch.ones_like(values)
     weights = weights.detach().to(values.dtype)
@@ -285,7 +285,7 @@ class IHDLoss(nn.Module):
     def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor,
                 logit_mask: Optional[torch.Tensor] = None) -> dict:
         """``logit_mask`` (N,): the points whose logit target is the teacher's (1) or another expert's (0, see
-        :func:`haskd.asd.teacher_route`); None = every point. The feature term always uses every point."""
+        :func:`haskd.distill.asd.teacher_route`); None = every point. The feature term always uses every point."""
         if "logits" in teacher and teacher["logits"] is not None:
             t, kind = teacher["logits"], "logits"
         elif "probs" in teacher and teacher["probs"] is not None:

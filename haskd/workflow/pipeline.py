@@ -15,8 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-from .config import Config, save_config
-from .engine.checkpoint import load_checkpoint, load_model
+from ..config import Config, save_config
+from ..engine.checkpoint import load_checkpoint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _done(run_dir: Path, epochs: int) -> bool:
 
 
 def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
-    from .engine.trainer import train
+    from ..engine.trainer import train
 
     if _done(run_dir, cfg.train.epochs):
         log.info("[%s] done already: %s", name, run_dir)
@@ -86,8 +86,8 @@ def _baseline_child(cfg_dict: dict, run_dir: str) -> None:
     """Entry point of the baseline's own process (spawned): one-line errors, epoch lines prefixed with the stage."""
     import sys
 
-    from .config import from_dict
-    from .errors import HaskdError
+    from ..config import from_dict
+    from ..errors import HaskdError
 
     logging.basicConfig(level=logging.INFO, format="[baseline] %(message)s", stream=sys.stderr)
     try:
@@ -105,7 +105,7 @@ def _start_baseline_beside(cfg: Config, cfgs: dict, out: Path):
     import multiprocessing as mp
     import os
 
-    from .engine.distributed import world_size
+    from ..engine.distributed import world_size
 
     cores = os.cpu_count() or 1
     if not cfg.train.parallel_stages or world_size() > 1 or cores < 2 \
@@ -125,7 +125,7 @@ def _start_baseline_beside(cfg: Config, cfgs: dict, out: Path):
 
 
 def _join_baseline(proc) -> None:
-    from .errors import HaskdError
+    from ..errors import HaskdError
 
     proc.join()
     if proc.exitcode != 0:
@@ -136,7 +136,7 @@ def _join_baseline(proc) -> None:
 def _check_splits(cfg: Config, *more) -> None:
     """A missing or empty train/val split (or one of ``more``) stops a multi-stage run with one line before any
     folder is made."""
-    from .data.scene import list_scenes
+    from ..data.scene import list_scenes
 
     for split in (cfg.data.train_split, cfg.data.val_split, *filter(None, more)):
         list_scenes(cfg.data.root, split)
@@ -149,9 +149,9 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     Before each stage one line gives the overall progress (``stage 2/5 baseline: elapsed 3m05s, about 7m10s
     left``, :class:`haskd.progress.StageClock`: each stage weighted by its epochs, teacher and student epochs priced
     apart); ``started`` (a ``time.time()``) counts earlier work (the demo's room generation) in the elapsed time."""
-    from .engine.distributed import barrier, is_main
-    from .experts import asd_pointless, build_expert_table
-    from .progress import StageClock
+    from ..engine.distributed import barrier, is_main
+    from ..distill.experts import asd_pointless, build_expert_table
+    from ..progress import StageClock
 
     _check_splits(cfg)
     out = Path(out)
@@ -263,7 +263,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     """
     import numpy as np
 
-    from .experts import asd_pointless, build_expert_table
+    from ..distill.experts import asd_pointless, build_expert_table
 
     _check_splits(cfg, split)
     out = Path(out)
@@ -391,8 +391,8 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
     A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
     branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
     checkpoint."""
-    from .engine.evaluate import evaluate
-    from .engine.trainer import build_datasets
+    from ..engine.evaluate import evaluate
+    from ..engine.trainer import build_datasets
 
     run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
     model, cfg = load_model(ckpt, device=device, return_config=True)
@@ -420,7 +420,7 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
 def train_seconds(run_dir) -> float:
     """Seconds a run spent in its training loops: the sum of ``epoch_time_s`` over its epochs in ``metrics.jsonl``
     (validation, cache building and start-up excluded; a resumed epoch counts once, its last record)."""
-    from .commands.curves import read_curve
+    from ..commands.curves import read_curve
 
     return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
 
@@ -428,9 +428,9 @@ def train_seconds(run_dir) -> float:
 def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
     """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
     the run's val split) of ``root`` (default: the run's data root), every point
-    (:func:`haskd.experts.evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
+    (:func:`haskd.distill.experts.evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
     every snapshot and of the same snapshots and rooms."""
-    from .experts import evaluate_ensemble, find_snapshots
+    from ..distill.experts import evaluate_ensemble, find_snapshots
 
     run_dir = Path(run_dir)
     snaps = find_snapshots(run_dir)
@@ -456,9 +456,9 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     distillation caches with) and ``dst/val_metrics.json`` (the teacher evaluated with those frames)."""
     import shutil
 
-    from .engine.evaluate import evaluate
-    from .engine.trainer import build_datasets
-    from .models.teacher import save_selection
+    from ..engine.evaluate import evaluate
+    from ..engine.trainer import build_datasets
+    from ..models.teacher import save_selection
 
     dst = Path(dst)
     if (dst / "val_metrics.json").is_file() and (dst / "frames.json").is_file():

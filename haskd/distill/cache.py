@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import HaskdError, InputError
+from ..errors import HaskdError, InputError
 
 FORMAT = "haskd-soft-label-cache"
 VERSION = 1

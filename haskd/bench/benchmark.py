@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HaskdError, InputError
+from ..errors import HaskdError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class PeakMemory:
 
 def env_info(device="cpu") -> dict:
     """Machine and library facts recorded with every result."""
-    from .sparse import spconv_backend
+    from ..sparse import spconv_backend
 
     dev = torch.device(device)
     info = {"device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -136,7 +136,7 @@ def count_params(model) -> int:
 
 # ------------------------------------------------------------------------------------------------ models
 def _eval_scenes(root, split, cfg, max_scenes):
-    from .data.dataset import SceneDataset
+    from ..data.dataset import SceneDataset
 
     ds = SceneDataset(root, split, cfg.data.num_classes, cfg.data.voxel_size, use_normal=cfg.data.use_normal,
                       need_labels=False)
@@ -215,8 +215,8 @@ def _experts_table(snaps, num_classes, tmp: Path) -> str:
 
 def _train_batches(cfg, n_batches, datasets=None):
     """``n_batches`` training batches (augmented, cropped; same seed -> the same batches for every task)."""
-    from .data.transforms import collate
-    from .engine.trainer import build_datasets
+    from ..data.transforms import collate
+    from ..engine.trainer import build_datasets
 
     datasets = build_datasets(cfg, splits=("train",)) if datasets is None else datasets
     ds = datasets["train"]
@@ -228,9 +228,9 @@ def _train_batches(cfg, n_batches, datasets=None):
 def _step_fn(task_cfg, device, n_batches=2):
     """(step function, setup seconds, voxels per batch) of the task ``task_cfg`` describes, on fixed batches: one call
     is a forward + backward + optimizer step."""
-    from .engine.tasks import move_to
-    from .engine.trainer import autocast, autocast_dtype, build_datasets, build_optimizer, build_task
-    from .models import build_from_config
+    from ..engine.tasks import move_to
+    from ..engine.trainer import autocast, autocast_dtype, build_datasets, build_optimizer, build_task
+    from ..models import build_from_config
 
     torch.manual_seed(0)
     datasets = build_datasets(task_cfg, splits=("train",))
@@ -297,8 +297,8 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
                      threads=1, device="cpu", max_scenes=3, train_steps=True, overrides=()) -> dict:
     """Latency / training-step / memory comparison (see module docstring). Returns a JSON-ready dict.
     ``overrides`` (``key=value``) change the student's config for the training steps (e.g. ``optim.amp_dtype``)."""
-    from .engine.checkpoint import load_model
-    from .engine.evaluate import predict_points
+    from ..engine.checkpoint import load_model
+    from ..engine.evaluate import predict_points
 
     if threads:
         torch.set_num_threads(threads)
@@ -310,7 +310,7 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
         raise InputError(ckpt, "--ckpt must be a student checkpoint (give the teacher with --teacher)")
     cfg.data.root = str(data)
     if overrides:
-        from .config import apply_overrides
+        from ..config import apply_overrides
 
         apply_overrides(cfg, list(overrides))
     ds = _eval_scenes(data, split, cfg, max_scenes)
@@ -347,7 +347,7 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
         else:
             measure("student", student)
         if teacher:
-            from .models.teacher import attach_frames
+            from ..models.teacher import attach_frames
 
             tm, tcfg = load_model(teacher, device=device, return_config=True)
             if tcfg.role != "teacher":
@@ -389,9 +389,9 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
 
 def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
     """Baseline task vs HAS-KD (cached, online) on the same training batches, timed interleaved."""
-    from .config import from_dict
+    from ..config import from_dict
 
-    from .engine.trainer import autocast_dtype
+    from ..engine.trainer import autocast_dtype
 
     base_cfg = from_dict(cfg.to_dict())
     base_cfg.distill.teacher_ckpt, base_cfg.distill.experts = "", ""
@@ -489,7 +489,7 @@ def to_markdown(res: dict) -> str:
 # ------------------------------------------------------------------------------------------------ layers
 def _load_real_scene(data, scene=None, split="val"):
     """Scene ``scene`` from any split of ``data`` (default: the first scene of ``split``, else of train)."""
-    from .data.scene import list_scenes, load_scene
+    from ..data.scene import list_scenes, load_scene
 
     root = Path(data)
     others = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -504,8 +504,8 @@ def _load_real_scene(data, scene=None, split="val"):
 
 def _voxel_batch(scene, target_voxels=50000):
     """One-scene batch with about ``target_voxels`` voxels: the voxel size is searched (2-10 cm)."""
-    from .engine.evaluate import scene_sample
-    from .data.transforms import collate
+    from ..engine.evaluate import scene_sample
+    from ..data.transforms import collate
 
     best = None
     for vs in np.arange(0.02, 0.101, 0.005):
@@ -531,9 +531,9 @@ def _dense_gflops(m, k, n, reps=3) -> float:
 def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target_voxels=50000,
                      unet=True) -> dict:
     """Per-layer FLOP rate of the torch sparse conv on a real room, plus the whole-UNet backend comparison."""
-    from .models.spunet import SPUNET_PRESETS, SpUNet
-    from .sparse import SparseConv3d, SparseInverseConv3d, SubMConv3d
-    from .sparse.torch_backend import sparse_conv
+    from ..models.spunet import SPUNET_PRESETS, SpUNet
+    from ..sparse import SparseConv3d, SparseInverseConv3d, SubMConv3d
+    from ..sparse.torch_backend import sparse_conv
 
     torch.set_num_threads(threads)
     sc = _load_real_scene(data, scene)
@@ -621,8 +621,8 @@ class _NoThreadChange:
 def unet_backends(batch, preset="small", runs=3, threads_list=(1, 2)) -> list:
     """Whole-UNet forward and training step: torch backend at each thread count, spconv single- and multi-thread
     (forward only on CPU: its backward needs CUDA). spconv outputs are compared with the torch backend's."""
-    from .models.spunet import SPUNET_PRESETS, SpUNet
-    from .sparse import spconv_backend
+    from ..models.spunet import SPUNET_PRESETS, SpUNet
+    from ..sparse import spconv_backend
 
     old = torch.get_num_threads()
     torch.manual_seed(0)
@@ -695,7 +695,7 @@ def unet_backends(batch, preset="small", runs=3, threads_list=(1, 2)) -> list:
 # ------------------------------------------------------------------------------------------------ chunked inference
 def tiled_scene(scene, grid=3, gap=0.5):
     """``grid x grid`` translated copies of a scene (``gap`` metres apart): a large multi-room test scene."""
-    from .data.scene import Scene
+    from ..data.scene import Scene
 
     ext = scene.coord.max(0) - scene.coord.min(0)
     shifts = [np.array([i * (ext[0] + gap), j * (ext[1] + gap), 0], np.float32)
@@ -710,10 +710,10 @@ def benchmark_chunked(data, ckpt=None, scene=None, grid=3, max_voxels=100000, ov
 
     Chunked runs first: the one-shot pass's freed memory may stay mapped and would inflate a later peak.
     """
-    from .engine.checkpoint import load_model
-    from .engine.chunked import predict_points_chunked
-    from .engine.evaluate import predict_points
-    from .models.spunet import SPUNET_PRESETS, SpUNet
+    from ..engine.checkpoint import load_model
+    from ..engine.chunked import predict_points_chunked
+    from ..engine.evaluate import predict_points
+    from ..models.spunet import SPUNET_PRESETS, SpUNet
 
     torch.set_num_threads(threads)
     if ckpt:
@@ -747,10 +747,10 @@ def benchmark_chunked(data, ckpt=None, scene=None, grid=3, max_voxels=100000, ov
 # ------------------------------------------------------------------------------------------------ data loading
 def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
     """Per training step: time waiting for the DataLoader's next batch vs the step itself."""
-    from .data.transforms import collate
-    from .engine.tasks import SegmentationTask
-    from .engine.trainer import build_datasets, build_optimizer
-    from .models import build_from_config
+    from ..data.transforms import collate
+    from ..engine.tasks import SegmentationTask
+    from ..engine.trainer import build_datasets, build_optimizer
+    from ..models import build_from_config
 
     torch.set_num_threads(threads)
     ds = build_datasets(cfg, splits=("train",))["train"]
@@ -786,18 +786,18 @@ def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
 
 # ------------------------------------------------------------------------------------------------ DDP
 def _ddp_worker(argv):
-    """``python -m haskd.benchmark ddp-worker CONFIG_JSON OUT_JSON STEPS GLOBAL_BATCH [grad]``.
+    """``python -m haskd.bench.benchmark ddp-worker CONFIG_JSON OUT_JSON STEPS GLOBAL_BATCH [grad]``.
 
     Each rank takes its share of a fixed global batch. Timing mode: ``STEPS`` DDP steps, rank 0 writes samples/s.
     ``grad`` mode: one backward with the model in eval mode (BatchNorm statistics are per rank on CPU, so BN must
     not normalise with batch statistics for the gradients to match), rank 0 writes the averaged gradients.
     """
-    from .config import from_dict
-    from .data.transforms import collate
-    from .engine import distributed as du
-    from .engine.tasks import SegmentationTask
-    from .engine.trainer import build_datasets
-    from .models import build_from_config
+    from ..config import from_dict
+    from ..data.transforms import collate
+    from ..engine import distributed as du
+    from ..engine.tasks import SegmentationTask
+    from ..engine.trainer import build_datasets
+    from ..models import build_from_config
 
     cfg_path, out_path, steps, gb = argv[0], argv[1], int(argv[2]), int(argv[3])
     grad_mode = len(argv) > 4 and argv[4] == "grad"
@@ -843,10 +843,10 @@ def _ddp_worker(argv):
 def reference_grads(cfg, global_batch: int, world: int) -> dict:
     """Single-process gradients equal to DDP's on ``world`` ranks: DDP averages each rank's mean loss, so the
     reference is the mean over the rank shards' losses, on one process (BN in eval mode)."""
-    from .data.transforms import collate
-    from .engine.tasks import SegmentationTask
-    from .engine.trainer import build_datasets
-    from .models import build_from_config
+    from ..data.transforms import collate
+    from ..engine.tasks import SegmentationTask
+    from ..engine.trainer import build_datasets
+    from ..models import build_from_config
 
     ds = build_datasets(cfg, splits=("train",))["train"]
     torch.manual_seed(0)
@@ -883,9 +883,9 @@ def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port
     worker = [str(cfg_path), str(out_json), str(steps), str(global_batch)] + (["grad"] if grad else [])
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               "-m", "haskd.benchmark", "ddp-worker", *worker]
+               "-m", "haskd.bench.benchmark", "ddp-worker", *worker]
     else:
-        cmd = [sys.executable, "-m", "haskd.benchmark", "ddp-worker", *worker]
+        cmd = [sys.executable, "-m", "haskd.bench.benchmark", "ddp-worker", *worker]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0:
         raise HaskdError(f"DDP benchmark process failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
@@ -907,4 +907,4 @@ if __name__ == "__main__":  # the DDP worker entry point
     if len(sys.argv) > 1 and sys.argv[1] == "ddp-worker":
         _ddp_worker(sys.argv[2:])
     else:
-        sys.exit("usage: python -m haskd.benchmark ddp-worker CONFIG_JSON OUT_JSON STEPS GLOBAL_BATCH [grad]")
+        sys.exit("usage: python -m haskd.bench.benchmark ddp-worker CONFIG_JSON OUT_JSON STEPS GLOBAL_BATCH [grad]")

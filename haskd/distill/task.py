@@ -4,12 +4,12 @@ Frozen helpers (teacher, snapshot experts) are held outside the module tree: DDP
 training-only projector; the saved model is the student alone (same network as the baseline).
 
 Cached mode (default, ``distill.cache=true``): teacher and expert outputs are computed once per scene on the
-unaugmented scene and stored per ORIGINAL point as top-k logits in float16 (:mod:`haskd.cache`). A batch maps them
+unaugmented scene and stored per ORIGINAL point as top-k logits in float16 (:mod:`haskd.distill.cache`). A batch maps them
 to its augmented, cropped voxels through the point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the
 mean over the points of each voxel. Online mode runs the frozen models on every batch.
 
 With ``distill.teacher_expert`` (ours) the teacher is one more expert: each class's logit target comes from the
-teacher or from its snapshot expert, whichever was better on val (:func:`haskd.asd.teacher_classes`), never both.
+teacher or from its snapshot expert, whichever was better on val (:func:`haskd.distill.asd.teacher_classes`), never both.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import torch.nn as nn
 
 from . import cache as sl_cache
 from .asd import ASDLoss, iou_array, teacher_classes, teacher_route
-from .data.transforms import collate
-from .engine.checkpoint import load_model
-from .engine.evaluate import scene_sample
-from .engine.tasks import ce_loss, move_to
-from .errors import HaskdError
+from ..data.transforms import collate
+from ..engine.checkpoint import load_model
+from ..engine.evaluate import scene_sample
+from ..engine.tasks import ce_loss, move_to
+from ..errors import HaskdError
 from .ihd import HintLoss, IHDLoss, image_gain, image_right
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class DistillTask(nn.Module):
             ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
                           feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain,
                           kd_target=d.kd_target, class_balance=d.class_balance)
-            from .models.teacher import attach_frames
+            from ..models.teacher import attach_frames
 
             if d.hint_weight > 0:
                 try:
@@ -287,7 +287,7 @@ class DistillTask(nn.Module):
 
 
 def _teacher_classes(table: dict, d):
-    """The teacher's classes (:func:`haskd.asd.teacher_classes`) from an experts JSON that holds the teacher's row."""
+    """The teacher's classes (:func:`haskd.distill.asd.teacher_classes`) from an experts JSON that holds the teacher's row."""
     if table.get("teacher_iou") is None:
         raise HaskdError(f"{d.experts}: distill.teacher_expert needs the teacher's per-class IoU in the expert table "
                          "(rebuild it: haskd experts --run RUN --teacher TEACHER_RUN)")
@@ -304,7 +304,7 @@ def _hint_dims(model, who):
 
 def _batch_coords(batch):
     """``(N, 4)`` ``[batch, x, y, z]`` of a collated batch's voxels (as :meth:`SparseTensor.from_batch` builds)."""
-    from .sparse import SparseTensor
+    from ..sparse import SparseTensor
 
     return SparseTensor.from_batch(batch["grid_coord"], batch["grid_coord"][:, :1], batch["offset"]).coords
 
@@ -359,7 +359,7 @@ def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
     import shutil
     import tempfile
 
-    from .progress import progress
+    from ..progress import progress
 
     cache_dir = Path(cache_dir)
     names = [s.name for s in scenes]

@@ -162,7 +162,7 @@ def legend_entries(label_arrays, dataset) -> list:
     unlabelled entry when any point is unlabelled (-1)."""
     import numpy as np
 
-    from .classes import DATASETS
+    from ..classes import DATASETS
 
     names, pal = DATASETS[dataset]["classes"], DATASETS[dataset]["palette"]
     seen = np.unique(np.concatenate([np.asarray(a).reshape(-1) for a in label_arrays]))
@@ -189,7 +189,7 @@ def topdown_png(coord, labels_by_title: dict, dataset, path, max_points=60000):
     Returns the legend entries ``[(name, rgb 0..1)]`` of the classes drawn (the report shows them beside it)."""
     import numpy as np
 
-    from .classes import colorize
+    from ..classes import colorize
 
     plt = _plt()
     idx = np.arange(coord.shape[0])
@@ -247,7 +247,7 @@ def experts_explanation(table: dict) -> str:
     """One paragraph on what the expert heatmap of ``table`` (experts.json) means for ASD, from its numbers."""
     import numpy as np
 
-    from .asd import iou_array, teacher_classes
+    from ..distill.asd import iou_array, teacher_classes
 
     a = iou_array(table["iou"])
     names = table["class_names"]
@@ -290,8 +290,8 @@ def write_report(out, summary: dict, cfg, num_scenes: int = 2):
     import json
     from pathlib import Path
 
-    from .classes import class_names
-    from .data.scene import list_scenes
+    from ..classes import class_names
+    from ..data.scene import list_scenes
 
     out = Path(out)
     rd = out / "report"
@@ -326,7 +326,7 @@ def write_report(out, summary: dict, cfg, num_scenes: int = 2):
                                       "accuracy."))
     exp_json = Path(summary.get("experts") or out / "stage1" / "experts.json")
     if exp_json.is_file():
-        from .asd import expert_heatmap_png, iou_array
+        from ..distill.asd import expert_heatmap_png, iou_array
 
         table = json.loads(exp_json.read_text())
         expert_heatmap_png(iou_array(table["iou"]), table["class_names"], table["expert"], rd / "experts.png",
@@ -377,9 +377,9 @@ def _frames_section(out, cfg, val_dirs, rd, num_scenes) -> list:
     n_val = sum(d.name in chosen for d in val_dirs)
     parts.append(f"<p>The chosen frames of {len(shown)} of the {_n(n_val, 'val room')} (the first by name):</p>")
     try:
-        from .data.frames import open_frames
-        from .iof import contact_sheet
-        from .virtual_views import ensure_frames
+        from ..data.frames import open_frames
+        from ..images.iof import contact_sheet
+        from ..images.views import ensure_frames
 
         virtual = False
         for sd in shown:
@@ -410,10 +410,10 @@ def _topdown_section(summary, cfg, val_dirs, rd, num_scenes, labels) -> list:
     import numpy as np
     import torch
 
-    from .data.dataset import SceneDataset
-    from .data.scene import load_scene
-    from .engine.checkpoint import load_model
-    from .engine.evaluate import predict_points
+    from ..data.dataset import SceneDataset
+    from ..data.scene import load_scene
+    from ..engine.checkpoint import load_model
+    from ..engine.evaluate import predict_points
 
     shown = val_dirs[:num_scenes]
     parts = ["<h2>Predictions (top-down)</h2>",
@@ -424,7 +424,7 @@ def _topdown_section(summary, cfg, val_dirs, rd, num_scenes, labels) -> list:
             model, mcfg = load_model(summary[k]["ckpt"], return_config=True)
             model.eval()
             if mcfg.role == "teacher":
-                from .models.teacher import attach_frames
+                from ..models.teacher import attach_frames
 
                 frames = Path(summary[k]["ckpt"]).parent / "frames.json"
                 sel = json.loads(frames.read_text()) if frames.is_file() else None

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from .asd import SnapshotEnsemble, expert_heatmap_png, iou_array, select_experts, teacher_classes
-from .classes import class_names
-from .data.dataset import SceneDataset
-from .engine.checkpoint import load_model
-from .engine.evaluate import evaluate
-from .errors import HaskdError
+from ..classes import class_names
+from ..data.dataset import SceneDataset
+from ..engine.checkpoint import load_model
+from ..engine.evaluate import evaluate
+from ..errors import HaskdError
 
 
 def find_snapshots(run_dir) -> list:
@@ -70,7 +70,7 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
         source, root = Path(teacher), Path(data_root or cfg.data.root).resolve()
         if source.is_dir() and (split != cfg.data.val_split or root != Path(cfg.data.root).resolve()):
             # other rooms than the ones it was validated on: evaluate the teacher there (its frames; cached)
-            from .pipeline import split_metrics
+            from ..workflow.pipeline import split_metrics
 
             split_metrics(source, split, root, device)
             source = source / f"metrics_{split}.json"
@@ -88,7 +88,7 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
 def snapshot_classes(table: dict, teacher_expert: bool = False) -> np.ndarray:
     """(C,) bool: the classes whose ASD target is a snapshot that earned it on val -- a finite snapshot IoU, and,
     with ``teacher_expert`` and the teacher's row in the table, a snapshot strictly better than the teacher
-    (:func:`haskd.asd.teacher_classes`). When none is True, ASD has nothing of its own to distil: the final student
+    (:func:`haskd.distill.asd.teacher_classes`). When none is True, ASD has nothing of its own to distil: the final student
     would be stage 1 trained again (the pipeline then keeps stage 1, see :func:`asd_pointless`)."""
     iou = iou_array(table["iou"])
     scored = np.isfinite(iou).any(0)
@@ -110,7 +110,7 @@ def asd_pointless(table_path, teacher_expert: bool = False):
 
 def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
     """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
-    ``split`` (:class:`haskd.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
+    ``split`` (:class:`haskd.distill.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
     ``data_root`` defaults to the snapshots' own. The result also lists the ``members``."""
     models, cfg = [], None
     for p in snapshots:

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import HaskdError, InputError
+from ..errors import HaskdError, InputError
 from .lifting import visibility
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ S3DIS).
 Splatting: every point covers a square footprint of ``ceil(point_size * fx / z / 2 - 1/2)`` pixels radius
 (capped; point_size = the point's local spacing, see :func:`point_spacing`), the nearest depth wins per pixel.
 Vectorised: one pass per footprint offset, then a sort by (pixel, depth) and the first entry per pixel. Cameras
-follow the conventions of :mod:`haskd.lifting` (OpenCV axes, camera-to-world pose, pixel-centre intrinsics).
+follow the conventions of :mod:`haskd.images.lifting` (OpenCV axes, camera-to-world pose, pixel-centre intrinsics).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.frames import open_frames, write_frame, write_intrinsics
-from .errors import InputError
+from ..data.frames import open_frames, write_frame, write_intrinsics
+from ..errors import InputError
 from .lifting import project
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg
     The input data are never written to (a read-only dataset works). The cache folder is written into a temporary
     sibling and renamed, so an interrupted run leaves no half folder.
     """
-    from .data.scene import load_scene, atomic_dir
+    from ..data.scene import load_scene, atomic_dir
 
     scene_dir = Path(scene_dir)
     if open_frames(scene_dir / "frames") is not None:
