@@ -93,7 +93,7 @@ def config_from_args(args):
 def cmd_train(args):
     from pathlib import Path
 
-    from .engine.trainer import train
+    from .workflow.train import train
 
     out = args.out or "runs/train"
     if args.resume and args.config is None and (Path(out) / "config.yaml").is_file():
@@ -146,27 +146,25 @@ def cmd_eval(args):
     model.to(device)
     root = args.data or cfg.data.root
     ds = SceneDataset(root, args.split, cfg.data.num_classes, cfg.data.voxel_size, use_normal=cfg.data.use_normal)
-    extra = None
     if cfg.role == "teacher":
-        from .models.teacher import attach_frames
+        from .images.provider import FrameProvider
 
-        attach_frames(ds, cfg)
-        extra = ds.extra
+        ds = ds.with_frames(FrameProvider.from_config(cfg))
     with torch.inference_mode():
-        m = evaluate(model, ds, device, cfg.data.dataset, extra=extra, progress=True)
+        m = evaluate(model, ds, device, cfg.data.dataset, progress=True)
     result = {k: m[k] for k in ("miou", "macc", "allacc", "per_class_iou")}
     result.update(confusion=m["confusion"], per_class_acc=m["per_class_acc"], split=args.split,
                   ckpt=str(args.ckpt), num_points=m["num_points"])
     if args.tta:
         with torch.inference_mode():
-            t = evaluate(model, ds, device, cfg.data.dataset, tta=True, extra=extra)
+            t = evaluate(model, ds, device, cfg.data.dataset, tta=True)
         result["tta"] = {k: t[k] for k in ("miou", "macc", "allacc", "per_class_iou")}
     if args.voting:
         from .engine.voting import voting_augs
 
         augs = voting_augs(cfg.data.vote_augs, cfg.data.dataset)
         with torch.inference_mode():
-            v = evaluate(model, ds, device, cfg.data.dataset, extra=extra, progress=True, voting=augs)
+            v = evaluate(model, ds, device, cfg.data.dataset, progress=True, voting=augs)
         result["voting"] = {k: v[k] for k in ("miou", "macc", "allacc", "per_class_iou", "min_votes",
                                               "augmentations")}
     print(format_metrics(result))

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from haskd.config import load_config
-from haskd.engine.trainer import train
+from haskd.workflow.train import train
 
 root, out = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["model.preset=tiny", "data.voxel_size=0.1", "data.batch_size=1", "train.device=cpu",

@@ -9,7 +9,8 @@ import torch
 
 from haskd.config import load_config
 from haskd.engine.checkpoint import load_checkpoint
-from haskd.engine.trainer import autocast_dtype, train
+from haskd.engine.trainer import autocast_dtype
+from haskd.workflow.train import train
 from haskd.errors import HaskdError
 from haskd.sparse import SparseTensor, SubMConv3d, SparseConv3d, SparseInverseConv3d
 

@@ -107,7 +107,7 @@ def test_ptv3_forward_agrees():
 def test_cached_distillation_step_runs_on_cuda(tiny_rooms, tmp_path):
     """Teacher on CUDA, then a student whose soft labels and hints come from the caches, all on CUDA."""
     from haskd.config import load_config
-    from haskd.engine.trainer import train
+    from haskd.workflow.train import train
 
     common = [f"data.root={tiny_rooms}", "data.voxel_size=0.1", "model.preset=tiny", f"train.device={DEV}",
               "train.epochs=1", "teacher.image_size=[48,64]", "teacher.image_channels=8",

@@ -64,7 +64,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     from haskd.data.transforms import collate
     from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
     from haskd.models import build_from_config
 
     out, _ = pipeline_run
@@ -86,7 +86,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
         scene = ds["train"].scenes[0]
         sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
         if not cfg.distill.cache:
-            sample["frames"] = ds["train"].frame_data[0]
+            sample["frames"] = ds["train"].frames_of(0)
         with torch.no_grad():
             losses[cache], _ = task(collate([sample]))
     assert set(losses[True]) == set(losses[False]) == {"ce", "ihd_logit", "ihd_feat", "asd"}
@@ -170,7 +170,7 @@ def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms
     run = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "optim.lr=0",
                                           f"distill.teacher_ckpt={teacher_ckpt}", "distill.init_from_teacher=true",
                                           "distill.feat_weight=0"])
-    from haskd.engine.trainer import train
+    from haskd.workflow.train import train
 
     train(run, tmp_path / "warm", progress=False)
     s = load_checkpoint(tmp_path / "warm" / "last.pt")["state_dict"]
@@ -181,7 +181,7 @@ def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms
 def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeline_run, tiny_rooms, tmp_path):
     """distill.hint_weight: the per-level hint loss is logged, the teacher is untouched, the saved student has the
     baseline's tensors (the hint projectors stay in the task); a student without per-level features is refused."""
-    from haskd.engine.trainer import train
+    from haskd.workflow.train import train
     from haskd.errors import HaskdError
 
     out, _ = pipeline_run
@@ -234,7 +234,7 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     from haskd.data.transforms import collate
     from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
     from haskd.errors import HaskdError
     from haskd.models import build_from_config
 
@@ -290,7 +290,8 @@ def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, t
     from haskd.data.transforms import collate
     from haskd.distill.task import DistillTask, _with_hints
     from haskd.engine.evaluate import scene_sample
-    from haskd.engine.trainer import build_datasets, train
+    from haskd.workflow.build import build_datasets
+    from haskd.workflow.train import train
     from haskd.models import build_from_config
 
     out, _ = pipeline_run
@@ -337,7 +338,7 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
     from haskd.distill.cache import gather_to_voxels, load_scene_cache
     from haskd.distill.task import build_hint_cache, scene_outputs
     from haskd.engine.checkpoint import load_model
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
 
     out, _ = pipeline_run
     teacher, tcfg = load_model(out / "teacher" / "last.pt", return_config=True)
@@ -681,7 +682,7 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
     from haskd.data.transforms import collate
     from haskd.distill.task import DistillTask
     from haskd.engine.evaluate import scene_sample
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
     from haskd.models import build_from_config
 
     out, _ = pipeline_run
@@ -701,7 +702,7 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
             sample = scene_sample(ds["train"].scenes[0], cfg.data.voxel_size, cfg.data.num_classes,
                                   cfg.data.use_normal)
             if not cache:
-                sample["frames"] = ds["train"].frame_data[0]
+                sample["frames"] = ds["train"].frames_of(0)
             batch = collate([sample])
             with torch.no_grad():
                 losses[trust, cache], _ = task(batch)

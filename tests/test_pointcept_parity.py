@@ -100,7 +100,7 @@ def test_pointcept_folder_with_empty_val_trains_and_evaluates(tiny_rooms, tmp_pa
 
 def test_val_split_none_and_missing_val(tiny_rooms, tmp_path):
     from haskd.config import load_config
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
 
     cfg = load_config(None, [f"data.root={tiny_rooms}", "data.val_split=none", *TINY])
     sets = build_datasets(cfg, optional_val=True)

@@ -12,7 +12,8 @@ from haskd.data.dataset import SceneDataset
 from haskd.engine.checkpoint import load_checkpoint
 from haskd.engine.evaluate import evaluate
 from haskd.data.transforms import collate
-from haskd.engine.trainer import build_datasets, train, train_recipe
+from haskd.workflow.build import build_datasets, train_recipe
+from haskd.workflow.train import train
 from haskd.engine.voting import VOTING_AUGS, apply_test_aug, vote_points, voting_augs
 from haskd.models import build_from_config
 from haskd.workflow.pipeline import run_pipeline
@@ -134,13 +135,13 @@ def test_mix3d_trains_with_cached_distillation(tiny_rooms, tmp_path):
     assert train_recipe(cfg)["mix_prob"] == 1.0 and train_recipe(teacher)["mix_prob"] == 0.0  # teacher: own images
     # the teacher votes too, each fragment with its scene's frames
     from haskd.engine.checkpoint import load_model
-    from haskd.models.teacher import attach_frames
+    from haskd.images.provider import FrameProvider
 
     tmodel, tcfg = load_model(tmp_path / "teacher" / "last.pt", return_config=True)
     val = SceneDataset(tiny_rooms, "val", 20, 0.1, use_normal=True)
-    attach_frames(val, tcfg)
     val.scenes = [_small_scene(val.scenes[0], 800)]
-    tv = evaluate(tmodel, val, extra=val.extra, voting=VOTING_AUGS["scannet"][:2])
+    val = val.with_frames(FrameProvider.from_config(tcfg))
+    tv = evaluate(tmodel, val, voting=VOTING_AUGS["scannet"][:2])
     assert tv["min_votes"] >= 2 and 0 <= tv["miou"] <= 1
     ds = build_datasets(cfg, ("train",))["train"]
     b = collate([ds[0], ds[1]])
@@ -186,7 +187,7 @@ def test_recipe_samples_repeat_for_a_seed_and_epoch(tiny_rooms):
 
 
 def test_pointcept_optimiser_and_schedules():
-    from haskd.engine.trainer import build_optimizer, build_scheduler
+    from haskd.workflow.build import build_optimizer, build_scheduler
 
     cfg = load_config("scannet20_ptv3_student", ["model.preset=tiny"])
     model = build_from_config(cfg)

@@ -182,7 +182,7 @@ def test_second_live_run_is_refused_naming_the_first_pid(data, tmp_path, capsys)
 def test_resume_after_a_kill_between_metrics_and_save(data, tmp_path, capsys, monkeypatch):
     """A run killed after it logged epoch 2 but before it saved it: the resume repeats epoch 2, and metrics.jsonl
     holds it once; the killed save's temp file is swept."""
-    import haskd.engine.trainer as T
+    import haskd.engine.hooks as T
 
     out = tmp_path / "run"
     real = T.save_checkpoint

@@ -3,7 +3,7 @@ import torch
 
 from haskd.config import load_config
 from haskd.data.transforms import collate
-from haskd.engine.trainer import build_datasets
+from haskd.workflow.build import build_datasets
 from haskd.models.teacher import MultiModalTeacher
 
 from conftest import TINY
@@ -20,19 +20,19 @@ def test_random_training_frames_come_from_a_pool_with_the_chosen_frames_first(ti
     cfg = _cfg(tiny_rooms, "teacher.train_frames=random", "teacher.frame_pool=5")
     ds = build_datasets(cfg)
     train, val = ds["train"], ds["val"]
-    assert train.frame_k == 2 and val.frame_k == 0
+    assert train.frames.k == 2 and val.frames.k == 0
     for i, scene in enumerate(train.scenes):
-        pool = train.frame_data[i]["ids"]
+        pool = train.frames.data[i]["ids"]
         chosen = train.chosen_frames[scene.name]
         assert len(chosen) == 2 and pool[:2] == chosen and len(pool) == 5 and len(set(pool)) == 5
-        # evaluation / caching hooks see exactly the chosen frames
-        assert train.extra({}, i)["frames"]["ids"] == chosen
+        # evaluation / caching passes see exactly the chosen frames
+        assert train.frames_of(i)["ids"] == chosen
     seen = set()
     for epoch in range(6):
         train.set_epoch(epoch)
         fr = train[0]["frames"]
         assert fr["color"].shape[0] == 2 and fr["depth"].shape[0] == 2 and fr["pose"].shape[0] == 2
-        assert set(fr["ids"]) <= set(train.frame_data[0]["ids"])
+        assert set(fr["ids"]) <= set(train.frames.data[0]["ids"])
         seen.update(fr["ids"])
     assert len(seen) > 2  # draws vary over epochs
     assert val[0]["frames"]["ids"] == val.chosen_frames[val.scenes[0].name]
@@ -41,7 +41,7 @@ def test_random_training_frames_come_from_a_pool_with_the_chosen_frames_first(ti
 def test_selected_training_frames_are_the_chosen_ones(tiny_rooms):
     ds = build_datasets(_cfg(tiny_rooms))
     train = ds["train"]
-    assert train.frame_k == 0
+    assert train.frames.k == 0
     assert train[0]["frames"]["ids"] == train.chosen_frames[train.scenes[0].name]
 
 
@@ -80,7 +80,7 @@ def test_reused_teacher_keeps_weights_and_sees_the_policy_frames(tiny_rooms, tmp
     import json
 
     from haskd.engine.checkpoint import load_checkpoint
-    from haskd.engine.trainer import train
+    from haskd.workflow.train import train
     from haskd.images.iof import select_frames
     from haskd.workflow.pipeline import reuse_teacher
 

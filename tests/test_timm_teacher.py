@@ -140,9 +140,9 @@ def test_real_timm_resnet_feeds_the_decoder_and_loads_a_local_file(tmp_path):
 def test_real_timm_teacher_trains_a_step_and_rebuilds_without_the_file(tiny_rooms, tmp_path):
     timm = _timm_or_skip()
     from haskd.data.transforms import collate
-    from haskd.engine.trainer import build_datasets
+    from haskd.workflow.build import build_datasets
     from haskd.models import build_from_config
-    from haskd.models.teacher import TeacherTask
+    from haskd.engine.tasks import TeacherTask
 
     w = tmp_path / "resnet18.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), w)
@@ -150,7 +150,7 @@ def test_real_timm_teacher_trains_a_step_and_rebuilds_without_the_file(tiny_room
                                           f"teacher.image_pretrained={w}", "teacher.image_out_indices=[1,2,3]"])
     model = build_from_config(cfg)
     assert model.image_net.reductions == [4, 8, 16]
-    task = TeacherTask(model, cfg)
+    task = TeacherTask(model, cfg.teacher.loss_3d, cfg.teacher.loss_2d)
     batch = collate([build_datasets(cfg, splits=("train",))["train"][0]])
     losses, out = task(batch)
     sum(losses.values()).backward()

@@ -80,7 +80,7 @@ def test_predict_writes_labels_and_ply(trained, tiny_rooms, tmp_path):
 
 def test_resume_matches_uninterrupted(tiny_rooms, tmp_path):
     from haskd.config import load_config
-    from haskd.engine.trainer import train
+    from haskd.workflow.train import train
 
     def cfg(epochs):
         c = load_config(None, [*TINY, "train.eval_every=0", f"data.root={tiny_rooms}", "train.seed=5"])
@@ -89,7 +89,7 @@ def test_resume_matches_uninterrupted(tiny_rooms, tmp_path):
 
     full = train(cfg(3), tmp_path / "full", progress=False)
     # simulate an interruption after epoch 2: run 3 epochs but stop the loop early via a patched config
-    import haskd.engine.trainer as T
+    import haskd.engine.hooks as T
 
     part_dir = tmp_path / "part"
     orig = T.save_checkpoint

@@ -216,7 +216,7 @@ def _experts_table(snaps, num_classes, tmp: Path) -> str:
 def _train_batches(cfg, n_batches, datasets=None):
     """``n_batches`` training batches (augmented, cropped; same seed -> the same batches for every task)."""
     from ..data.transforms import collate
-    from ..engine.trainer import build_datasets
+    from ..workflow.build import build_datasets
 
     datasets = build_datasets(cfg, splits=("train",)) if datasets is None else datasets
     ds = datasets["train"]
@@ -229,7 +229,8 @@ def _step_fn(task_cfg, device, n_batches=2):
     """(step function, setup seconds, voxels per batch) of the task ``task_cfg`` describes, on fixed batches: one call
     is a forward + backward + optimizer step."""
     from ..engine.tasks import move_to
-    from ..engine.trainer import autocast, autocast_dtype, build_datasets, build_optimizer, build_task
+    from ..engine.trainer import autocast, autocast_dtype
+    from ..workflow.build import build_datasets, build_optimizer, build_task
     from ..models import build_from_config
 
     torch.manual_seed(0)
@@ -347,18 +348,17 @@ def benchmark_models(ckpt, data, split="val", teacher=None, snapshots=None, base
         else:
             measure("student", student)
         if teacher:
-            from ..models.teacher import attach_frames
+            from ..engine.evaluate import frames_hook
+            from ..images.provider import FrameProvider
 
             tm, tcfg = load_model(teacher, device=device, return_config=True)
             if tcfg.role != "teacher":
                 raise InputError(teacher, "--teacher must be a teacher checkpoint (role: teacher)")
-            tds = copy.copy(ds)
-            fj = Path(teacher).parent / "frames.json"
-            attach_frames(tds, tcfg, selections=json.loads(fj.read_text()) if fj.is_file() else None)
+            tds = ds.with_frames(FrameProvider.for_run(tcfg, Path(teacher).parent))
             res["params"]["teacher"] = count_params(tm)
             res["teacher_frames"] = {s.name: len(tds.chosen_frames.get(s.name, [])) for s in ds.scenes}
             measure("teacher", lambda i: predict_points(tm, tds.scenes[i], tcfg.data.voxel_size, C, device,
-                                                        tcfg.data.use_normal, extra=lambda s: tds.extra(s, i)))
+                                                        tcfg.data.use_normal, extra=frames_hook(tds, i)))
         snaps = sorted(Path(snapshots).glob("epoch_*.pt")) if snapshots else []
         if snapshots and not snaps:
             raise InputError(snapshots, "no epoch_*.pt snapshots")
@@ -749,7 +749,7 @@ def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
     """Per training step: time waiting for the DataLoader's next batch vs the step itself."""
     from ..data.transforms import collate
     from ..engine.tasks import SegmentationTask
-    from ..engine.trainer import build_datasets, build_optimizer
+    from ..workflow.build import build_datasets, build_optimizer
     from ..models import build_from_config
 
     torch.set_num_threads(threads)
@@ -796,7 +796,7 @@ def _ddp_worker(argv):
     from ..data.transforms import collate
     from ..engine import distributed as du
     from ..engine.tasks import SegmentationTask
-    from ..engine.trainer import build_datasets
+    from ..workflow.build import build_datasets
     from ..models import build_from_config
 
     cfg_path, out_path, steps, gb = argv[0], argv[1], int(argv[2]), int(argv[3])
@@ -845,7 +845,7 @@ def reference_grads(cfg, global_batch: int, world: int) -> dict:
     reference is the mean over the rank shards' losses, on one process (BN in eval mode)."""
     from ..data.transforms import collate
     from ..engine.tasks import SegmentationTask
-    from ..engine.trainer import build_datasets
+    from ..workflow.build import build_datasets
     from ..models import build_from_config
 
     ds = build_datasets(cfg, splits=("train",))["train"]

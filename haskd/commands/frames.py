@@ -32,7 +32,7 @@ def _common(p):
 
 
 def register(subparsers):
-    p = subparsers.add_parser("frames", help="IOF frame selection for the teacher (select, coverage)",
+    p = subparsers.add_parser("frames", help="frames for the teacher: render virtual views, IOF selection, coverage",
                               description="Frame filtering (IOF) on scene folders; docs/iof.md.")
     sub = p.add_subparsers(dest="frames_cmd", required=True)
     s = sub.add_parser("select", help="choose K frames per scene -> JSON + contact sheets", description=(
@@ -47,6 +47,19 @@ def register(subparsers):
     s.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(func=run_select)
+    r = sub.add_parser("render", help="render virtual views for scenes without RGB-D frames (before the teacher)",
+                       description=(
+        "The prepare step for scenes without frames (S3DIS without 2D-3D-S, point-only scans): render virtual RGB-D\n"
+        "views of each frameless scene from its coloured points, so the teacher has images to look at. Training\n"
+        "never renders: a teacher on a scene with neither frames nor rendered views stops with one line.\n\n"
+        "Reads:  <DATA>/<split>/<scene>/ points (scenes with frames/ or frames_virtual/ are left alone).\n"
+        "Writes: rendered views into a cache folder ($HASKD_CACHE, else ~/.cache/haskd); the data are never\n"
+        "        written to. `haskd pipeline` runs this step itself before its teacher.\n"
+        "Prints: how many scenes were rendered."))
+    r.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
+    r.add_argument("--splits", default="train,val", help="comma-separated split folders")
+    r.add_argument("--num-views", type=int, default=20, help="views per scene (the config's teacher.virtual_views)")
+    r.set_defaults(func=run_render)
     c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON",
                        description=(
         "Point coverage (share of points seen by the chosen frames) of frame policies at several K.\n\n"
@@ -63,7 +76,16 @@ def register(subparsers):
 
 def run(args) -> int:
     """Dispatch on ``args.frames_cmd`` (for callers that do not use ``args.func``)."""
-    return {"select": run_select, "coverage": run_coverage}[args.frames_cmd](args)
+    return {"select": run_select, "coverage": run_coverage, "render": run_render}[args.frames_cmd](args)
+
+
+def run_render(args) -> int:
+    from ..images.views import render_missing
+
+    splits = [s for s in args.splits.split(",") if s]
+    n = render_missing(args.data, splits, num_views=args.num_views)
+    print(f"rendered virtual views for {n} scene(s) under {args.data} ({', '.join(splits)}); the others have frames")
+    return 0
 
 
 def _ints(text, what):

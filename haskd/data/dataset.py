@@ -1,6 +1,7 @@
 """Scene datasets: scene folders -> per-sample voxel dicts (see :mod:`haskd.data.transforms`)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ class SceneDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, num_classes, voxel_size=0.05, train=False, use_normal=False, max_voxels=0,
-                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None, recipe=None):
+                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None, recipe=None, frames=None):
         self.dirs = [Path(p) for p in scenes] if scenes is not None else list_scenes(root, split)
         self.scenes = [load_scene(p, num_classes=num_classes, need_labels=need_labels) for p in self.dirs]
         if use_normal:  # zeros in place of missing normals would give a silently different network input
@@ -36,12 +37,26 @@ class SceneDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.repeat = max(1, repeat) if train else 1
-        self.frame_data = None  # per-scene frame tensors, set by haskd.models.teacher.attach_frames
-        self.frame_k = 0        # > 0: training samples draw this many frames at random from the scene's pool
-        self.extra = None
         # Pointcept's recipe (data.augment_recipe=pointcept): keyword arguments of pointcept_train_voxels, plus
         # mix_prob (Mix3D, drawn per sample, applied by collate). None: haskd's CPU-sized augmentation.
         self.recipe = dict(recipe) if recipe and train else None
+        # the teacher's frames (haskd.images.provider.FrameProvider, duck-typed: this module does not import it)
+        self.frames = frames.load(self.scenes) if frames is not None else None
+
+    def with_frames(self, provider) -> "SceneDataset":
+        """The same scenes, their samples carrying ``provider``'s frames (loaded here, once)."""
+        view = copy.copy(self)
+        view.frames = provider.load(self.scenes)
+        return view
+
+    def frames_of(self, i: int):
+        """The frames scene ``i`` shows the teacher in a whole-scene pass (evaluation, caches), or None."""
+        return self.frames.scene_frames(i) if self.frames is not None else None
+
+    @property
+    def chosen_frames(self) -> dict:
+        """{scene name: the frame ids chosen for it} ({} without frames)."""
+        return self.frames.chosen if self.frames is not None else {}
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -80,11 +95,8 @@ class SceneDataset(torch.utils.data.Dataset):
             sample["segment"] = vox["segment"]
         if mix:
             sample["mix"] = True
-        if self.frame_data is not None:
-            fr = self.frame_data[idx % len(self.scenes)]
-            if fr is not None and self.train and 0 < self.frame_k < fr["color"].shape[0]:
-                fr = subset_frames(fr, np.sort(rng.choice(fr["color"].shape[0], self.frame_k, replace=False)))
-            sample["frames"] = fr
+        if self.frames is not None:
+            sample["frames"] = self.frames.sample_frames(idx % len(self.scenes), rng, self.train)
         if not self.train and scene.segment is not None:
             sample["point_segment"] = scene.segment
         return sample
@@ -104,16 +116,6 @@ def split_state(root, split: str) -> str:
     if not d.is_dir():
         return "missing"
     return "ok" if any(p.is_dir() and not p.name.startswith(".") for p in d.iterdir()) else "empty"
-
-
-def subset_frames(frames: dict, rows) -> dict:
-    """The frames at ``rows`` of a per-scene frame dict (see :func:`haskd.models.teacher.load_frames`)."""
-    rows = np.asarray(rows)
-    out = dict(frames)
-    for key in ("color", "depth", "pose"):
-        out[key] = frames[key][torch.from_numpy(rows)]
-    out["ids"] = [frames["ids"][i] for i in rows]
-    return out
 
 
 def in_channels(use_normal: bool) -> int:

@@ -13,7 +13,6 @@ teacher or from its snapshot expert, whichever was better on val (:func:`haskd.d
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -106,7 +105,7 @@ class DistillTask(nn.Module):
             ihd = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
                           feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain,
                           kd_target=d.kd_target, class_balance=d.class_balance)
-            from ..models.teacher import attach_frames
+            from ..images.provider import FrameProvider
 
             if d.hint_weight > 0:
                 try:
@@ -114,13 +113,12 @@ class DistillTask(nn.Module):
                                     "3D branch"), d.hint_weight)
                 except ValueError as e:  # a 3D branch of another depth: no level-to-level match
                     raise HaskdError(f"{d.teacher_ckpt}: distill.hint_weight: {e}") from None
-            sel = _read_selection(Path(d.teacher_ckpt).parent / "frames.json")
+            frames = FrameProvider.for_run(tcfg, Path(d.teacher_ckpt).parent)
             if d.cache:
-                view = copy.copy(train_set)
-                attach_frames(view, tcfg, selections=sel)
+                view = train_set.with_frames(frames)
                 cache_dirs["teacher"] = build_cache(teacher, view, tcfg, device, _cache_dir(d.teacher_ckpt, cfg),
-                                                    feat=d.feat_weight > 0, extra=view.extra, topk=d.cache_topk,
-                                                    sources=[d.teacher_ckpt])
+                                                    feat=d.feat_weight > 0, extra=_frames_of(view),
+                                                    topk=d.cache_topk, sources=[d.teacher_ckpt])
                 if hint is not None and d.hint_cache:  # own folders: switching the options rebuilds nothing
                     if d.hint_cache_views < 1:
                         raise HaskdError(f"distill.hint_cache_views must be at least 1, got {d.hint_cache_views}")
@@ -128,8 +126,8 @@ class DistillTask(nn.Module):
                     cache_dirs["teacher_hints"] = build_hint_cache(teacher.backbone, train_set, cfg, device,
                                                                    _cache_dir(d.teacher_ckpt, cfg, kind),
                                                                    sources=[d.teacher_ckpt], views=d.hint_cache_views)
-            else:
-                attach_frames(train_set, tcfg, selections=sel)
+            else:  # the online teacher sees each training sample's frames
+                train_set.frames = frames.load(train_set.scenes)
         if d.experts:
             table = json.loads(Path(d.experts).read_text())
             snap_paths = [_resolve(p, d.experts) for p in table["snapshots"]]
@@ -323,8 +321,13 @@ def _resolve(p, relative_to):
     return p if p.is_absolute() or p.exists() else Path(relative_to).parent / p
 
 
-def _read_selection(path):
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+def _frames_of(view):
+    """``extra(sample, i)`` giving a whole-scene sample of scene ``i`` the frames ``view`` holds for it."""
+    def add(sample, i):
+        sample["frames"] = view.frames_of(i)
+        return sample
+
+    return add
 
 
 def _cache_dir(src, cfg, kind="teacher") -> Path:

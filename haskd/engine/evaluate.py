@@ -29,6 +29,20 @@ def scene_sample(scene, voxel_size, num_classes, use_normal=False, angle=0.0) ->
     return sample
 
 
+def frames_hook(dataset, i):
+    """``extra`` for a whole-scene pass over scene ``i`` of ``dataset``: its chosen frames on the sample, or None
+    for a dataset without frames."""
+    if getattr(dataset, "frames", None) is None:
+        return None
+    fr = dataset.frames_of(i)
+
+    def add(sample):
+        sample["frames"] = fr
+        return sample
+
+    return add
+
+
 @torch.no_grad()
 def predict_points(model, scene, voxel_size, num_classes, device="cpu", use_normal=False, tta=False,
                    extra=None) -> torch.Tensor:
@@ -49,14 +63,14 @@ def predict_points(model, scene, voxel_size, num_classes, device="cpu", use_norm
     return probs / len(angles)
 
 
-def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, extra=None,
-             progress=False, voting=None) -> dict:
+def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, progress=False, voting=None) -> dict:
     """mIoU / mAcc / allAcc / per-class IoU on every original point of every scene of ``dataset``.
 
     ``voting``: a list of test-time augmentations (:data:`haskd.engine.voting.VOTING_AUGS`) for Pointcept's
     fragment voting instead of the single pass; the result then also holds ``min_votes``, the fewest forwards that
     saw any point (at least one per augmentation). Under DDP each rank evaluates a shard and the confusion
-    matrices are summed.
+    matrices are summed. A dataset with the teacher's frames (:meth:`SceneDataset.with_frames`) shows each scene's
+    chosen frames to the model.
     """
     was_training = model.training
     model.eval()
@@ -72,7 +86,7 @@ def evaluate(model, dataset, device="cpu", dataset_name="scannet20", tta=False, 
         scene = dataset.scenes[i]
         if scene.segment is None:
             continue
-        hook = (lambda s, i=i: extra(s, i)) if extra else None
+        hook = frames_hook(dataset, i)
         if voting:
             from .voting import vote_points
 

@@ -7,7 +7,7 @@
   those). ``--resume`` on a folder without a run is an error (a mistyped ``--out`` must not start from scratch).
 * A resume must use the run's own settings: only the keys in :data:`RESUME_MAY_CHANGE` may differ; anything else
   (preset, optimizer, scheduler, lr, data, ...) is refused before a file is written. ``train.epochs`` may grow
-  (the learning-rate schedule is then rebuilt for the new length, see :func:`haskd.engine.trainer.train`).
+  (the learning-rate schedule is then rebuilt for the new length, see :func:`haskd.workflow.train.train`).
 """
 from __future__ import annotations
 

@@ -22,6 +22,29 @@ class SegmentationTask(nn.Module):
         return {"ce": ce_loss(out["logits"], batch["segment"])}, out
 
 
+class TeacherTask(nn.Module):
+    """The multi-modal teacher's losses: CE on its fused logits + ``loss_3d`` x CE on the 3D branch + ``loss_2d`` x
+    CE of the image branch's lifted logits at the voxels some frame sees (3D labels carried into the images: it
+    teaches the image branch directly what the textures mean)."""
+
+    def __init__(self, model: nn.Module, loss_3d: float = 0.0, loss_2d: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.w3d = loss_3d
+        self.w2d = loss_2d
+
+    def forward(self, batch):
+        out = self.model(batch)
+        y = batch["segment"]
+        losses = {"ce_fused": ce_loss(out["logits"], y)}
+        if self.w3d > 0:
+            losses["ce_3d"] = self.w3d * ce_loss(out["logits_3d"], y)
+        if self.w2d > 0 and "logits_2d" in out:
+            seen = out["visible"] > 0
+            losses["ce_2d"] = self.w2d * ce_loss(out["logits_2d"][seen], y[seen])
+        return losses, out
+
+
 def ce_loss(logits, target):
     if (target >= 0).any():
         return F.cross_entropy(logits.float(), target, ignore_index=-1)

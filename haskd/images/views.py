@@ -162,26 +162,34 @@ def virtual_dir(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: 
     return cache_root() / "virtual_views" / f"{scene_dir.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
-def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0, seed: int = 0,
-                  overwrite: bool = False) -> Path:
-    """Return a usable frames folder for a scene: its real ``frames/`` when it has one (real frames win), else its
-    ``frames_virtual/`` when one was made beforehand (by a prepare step or an older haskd), else rendered views in
-    the cache (:func:`virtual_dir`), rendered and written (ScanNet layout) when missing or when ``overwrite``.
+def find_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0,
+                seed: int = 0):
+    """A scene's usable frames folder, or None; nothing is rendered: its real ``frames/`` (real frames win), else
+    its ``frames_virtual/`` (made beforehand by a prepare step or an older haskd), else its rendered views in the
+    cache (:func:`virtual_dir`, by :func:`ensure_frames` / ``haskd frames render``)."""
+    scene_dir = Path(scene_dir)
+    for d in (scene_dir / "frames", scene_dir / VIRTUAL_DIR, virtual_dir(scene_dir, num_views, image_size, fov_deg,
+                                                                        seed)):
+        if open_frames(d) is not None:
+            return d
+    return None
+
+
+def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0, seed: int = 0) -> Path:
+    """The prepare step for scenes without frames (``haskd frames render``): :func:`find_frames`, else virtual views
+    rendered and written (ScanNet layout) into the cache (:func:`virtual_dir`).
 
     The input data are never written to (a read-only dataset works). The cache folder is written into a temporary
     sibling and renamed, so an interrupted run leaves no half folder.
     """
-    from ..data.scene import load_scene, atomic_dir
+    from ..data.scene import atomic_dir, load_scene
 
     scene_dir = Path(scene_dir)
-    if open_frames(scene_dir / "frames") is not None:
-        return scene_dir / "frames"
-    if not overwrite and open_frames(scene_dir / VIRTUAL_DIR) is not None:
-        return scene_dir / VIRTUAL_DIR
-    scene = load_scene(scene_dir)
+    found = find_frames(scene_dir, num_views, image_size, fov_deg, seed)
+    if found is not None:
+        return found
     out = virtual_dir(scene_dir, num_views, image_size, fov_deg, seed)
-    if not overwrite and open_frames(out) is not None:
-        return out
+    scene = load_scene(scene_dir)
     views = render_views(scene.coord, scene.color, num_views, image_size, fov_deg, seed)
     if not any((d > 0).any() for _, d, _, _ in views):
         raise InputError(scene_dir, "virtual views: no point projects into any rendered view")
@@ -191,3 +199,15 @@ def ensure_frames(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg
         write_intrinsics(tmp, views[0][3])
     log.info("%s: rendered %d virtual views into %s", scene_dir, len(views), out)
     return out
+
+
+def render_missing(root, splits, num_views: int = 20, progress: bool = True) -> int:
+    """Render the virtual views of every scene under ``root/<split>`` that has no frames; returns how many were
+    rendered (the pipeline's step before its teacher, ``haskd frames render``)."""
+    from ..data.scene import list_scenes
+    from ..progress import progress as bar
+
+    todo = [d for s in splits for d in list_scenes(root, s) if find_frames(d, num_views) is None]
+    for d in bar(todo, desc="virtual views", unit="scene", leave=False) if progress else todo:
+        ensure_frames(d, num_views=num_views)
+    return len(todo)

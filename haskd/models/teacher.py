@@ -5,16 +5,12 @@ Training only: at inference HAS-KD runs the point-only student. See METHOD.md "T
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.frames import open_frames, scale_intrinsic
-from ..errors import HaskdError, InputError
+from ..errors import HaskdError
 from ..images.lifting import lift
 from .image_unet import ImageUNet, TimmUNet
 
@@ -26,7 +22,7 @@ _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 class MultiModalTeacher(nn.Module):
-    """``forward(batch)`` needs ``batch["frames"]`` (one dict per sample, see :func:`load_frames`) and
+    """``forward(batch)`` needs ``batch["frames"]`` (one dict per sample, see :func:`haskd.images.provider.load_frames`) and
     ``batch["world"]`` (voxel centres in the scene frame). Returns ``logits`` (N,C) fused, ``feat`` (N,D) fused
     features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
 
@@ -126,133 +122,3 @@ class MultiModalTeacher(nn.Module):
         if logits_2d.shape[1]:
             out["logits_2d"] = logits_2d  # image-branch logits lifted onto the voxels (mean over views)
         return out
-
-
-class TeacherTask(nn.Module):
-    """CE on fused logits + ``teacher.loss_3d`` x CE on the 3D branch."""
-
-    def __init__(self, model: MultiModalTeacher, cfg):
-        super().__init__()
-        self.model = model
-        self.w3d = cfg.teacher.loss_3d
-        self.w2d = cfg.teacher.loss_2d
-
-    def forward(self, batch):
-        from ..engine.tasks import ce_loss
-
-        out = self.model(batch)
-        y = batch["segment"]
-        losses = {"ce_fused": ce_loss(out["logits"], y)}
-        if self.w3d > 0:
-            losses["ce_3d"] = self.w3d * ce_loss(out["logits_3d"], y)
-        if self.w2d > 0 and "logits_2d" in out:
-            # 2D supervision at the pixels where labeled points project (3D labels carried into the images):
-            # it teaches the image branch directly what the textures mean.
-            seen = out["visible"] > 0
-            losses["ce_2d"] = self.w2d * ce_loss(out["logits_2d"][seen], y[seen])
-        return losses, out
-
-
-def load_frames(frameset, ids, image_hw) -> dict:
-    """Load chosen frames as tensors: ``color`` (K,3,H,W) uint8 resized to image_hw, ``depth`` (K,h,w) metres,
-    ``pose`` (K,4,4), ``K_color`` (3,3) for the resized colour, ``K_depth`` (3,3)."""
-    from PIL import Image
-
-    H, W = image_hw
-    cols, deps, poses = [], [], []
-    K_color = None
-    kept = []
-    for fid in ids:
-        try:
-            fr = frameset.load(fid)
-        except InputError as e:  # truncated after a readable header: skipped and counted, like open_frames' skips
-            log.warning("%s; frame skipped", e)
-            frameset.skipped["unreadable image"] = frameset.skipped.get("unreadable image", 0) + 1
-            continue
-        kept.append(fid)
-        h0, w0 = fr.color.shape[:2]
-        img = Image.fromarray(fr.color).resize((W, H), Image.BILINEAR)
-        cols.append(np.asarray(img).transpose(2, 0, 1))
-        deps.append(fr.depth)
-        poses.append(fr.pose)
-        K_color = scale_intrinsic(fr.K_color, W / w0, H / h0)
-    if not kept:
-        raise InputError(frameset.root, "no readable frame among the chosen ones")
-    ids = kept
-    dshapes = {d.shape for d in deps}
-    if len(dshapes) != 1:
-        raise HaskdError(f"{frameset.root}: depth images of different sizes {sorted(dshapes)}")
-    return {"color": torch.from_numpy(np.stack(cols)), "depth": torch.from_numpy(np.stack(deps)).float(),
-            "pose": torch.from_numpy(np.stack(poses)).float(), "K_color": torch.from_numpy(K_color).float(),
-            "K_depth": torch.from_numpy(frameset.K_depth).float(), "ids": list(ids)}
-
-
-def choose_frames(scene, cfg, frames_root=None, point_entropy=None):
-    """(FrameSet, chosen ids, selection dict) for a scene: real frames win, else virtual views are rendered."""
-    from ..images.iof import select_frames
-    from ..images.views import ensure_frames
-
-    t = cfg.teacher
-    fdir = ensure_frames(scene.path, num_views=t.virtual_views)
-    fs = open_frames(fdir)
-    if fs is None:
-        return None, [], {}
-    if fdir == scene.path / "frames":  # real frames: poses in the input's frame (virtual ones: the scene's own)
-        fs.origin = scene.origin
-    sel = select_frames(scene.coord, fs, k=t.num_frames, policy=t.frame_policy, voxel_size=cfg.data.voxel_size,
-                        tau=t.depth_tau, point_entropy=point_entropy, seed=cfg.train.seed, stride=t.frame_stride)
-    return fs, sel["ids"], sel
-
-
-def attach_frames(dataset, cfg, selections: dict = None, pool: bool = False):
-    """Give every scene of ``dataset`` its K frames (chosen once, kept in memory); samples then carry ``frames``.
-
-    ``selections``: optional {scene name: [frame ids]} (e.g. from ``haskd frames select``) instead of choosing here.
-    ``pool``: load up to ``teacher.frame_pool`` frames per scene (spread evenly) and let the dataset draw
-    ``teacher.num_frames`` of them at random per training sample (``teacher.train_frames=random``); the K chosen
-    frames are still what ``dataset.chosen_frames`` records (and what distillation caches with).
-    """
-    data, chosen = [], {}
-    for scene in dataset.scenes:
-        if selections and scene.name in selections:
-            from ..images.views import ensure_frames
-
-            fdir = ensure_frames(scene.path, num_views=cfg.teacher.virtual_views)
-            fs = open_frames(fdir)
-            if fs is not None and fdir == scene.path / "frames":  # real frames: poses in the input's frame
-                fs.origin = scene.origin
-            ids = list(selections[scene.name])
-        else:
-            fs, ids, _ = choose_frames(scene, cfg)
-        if fs is None or not ids:
-            log.warning("%s: no usable frame; the teacher sees points only here", scene.path)
-            data.append(None)
-            continue
-        chosen[scene.name] = list(ids)
-        if pool:
-            # the chosen frames first (rows 0..K-1, what evaluation and caching use), then frames spread evenly
-            # over the usable ones (no visibility pass: FrameSet.ids holds only usable frames)
-            cand = list(fs.ids[::max(1, cfg.teacher.frame_stride)])
-            n = max(cfg.teacher.frame_pool, len(ids))
-            spread = [cand[j] for j in np.unique(np.linspace(0, len(cand) - 1, min(n, len(cand))).round().astype(int))]
-            ids = (list(ids) + [f for f in spread if f not in set(ids)])[:n]
-        data.append(load_frames(fs, ids, tuple(cfg.teacher.image_size)))
-    dataset.frame_data = data
-    dataset.frame_k = cfg.teacher.num_frames if pool else 0
-    dataset.chosen_frames = chosen
-
-    def extra(sample, i):
-        fr = data[i]
-        if pool and fr is not None:
-            from ..data.dataset import subset_frames
-
-            fr = subset_frames(fr, np.arange(len(chosen[dataset.scenes[i].name])))
-        sample["frames"] = fr
-        return sample
-
-    dataset.extra = extra
-    return chosen
-
-
-def save_selection(chosen: dict, path):
-    Path(path).write_text(json.dumps(chosen, indent=1))

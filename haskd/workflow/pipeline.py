@@ -73,7 +73,7 @@ def _done(run_dir: Path, epochs: int) -> bool:
 
 
 def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
-    from ..engine.trainer import train
+    from .train import train
 
     if _done(run_dir, cfg.train.epochs):
         log.info("[%s] done already: %s", name, run_dir)
@@ -392,7 +392,7 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
     branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
     checkpoint."""
     from ..engine.evaluate import evaluate
-    from ..engine.trainer import build_datasets
+    from .build import build_datasets
 
     run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
     model, cfg = load_model(ckpt, device=device, return_config=True)
@@ -457,8 +457,8 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     import shutil
 
     from ..engine.evaluate import evaluate
-    from ..engine.trainer import build_datasets
-    from ..models.teacher import save_selection
+    from .build import build_datasets
+    from ..images.provider import save_selection
 
     dst = Path(dst)
     if (dst / "val_metrics.json").is_file() and (dst / "frames.json").is_file():
@@ -469,7 +469,7 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     sets = build_datasets(cfg)
     dst.mkdir(parents=True, exist_ok=True)
     save_selection({**sets["train"].chosen_frames, **sets["val"].chosen_frames}, dst / "frames.json")
-    metrics = evaluate(model, sets["val"], device, cfg.data.dataset, extra=sets["val"].extra)
+    metrics = evaluate(model, sets["val"], device, cfg.data.dataset)
     tmp = dst / "last.pt.tmp"
     shutil.copyfile(src / "last.pt", tmp)
     tmp.replace(dst / "last.pt")

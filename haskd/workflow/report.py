@@ -379,11 +379,13 @@ def _frames_section(out, cfg, val_dirs, rd, num_scenes) -> list:
     try:
         from ..data.frames import open_frames
         from ..images.iof import contact_sheet
-        from ..images.views import ensure_frames
+        from ..images.views import find_frames
 
         virtual = False
         for sd in shown:
-            fdir = ensure_frames(sd)
+            fdir = find_frames(sd, num_views=cfg.teacher.virtual_views)
+            if fdir is None:
+                continue
             virtual |= fdir.name != "frames"
             ids = chosen[sd.name]
             contact_sheet(open_frames(fdir), ids, [None] * len(ids), rd / f"frames_{sd.name}.png",
@@ -404,7 +406,6 @@ def _frames_section(out, cfg, val_dirs, rd, num_scenes) -> list:
 def _topdown_section(summary, cfg, val_dirs, rd, num_scenes, labels) -> list:
     """Top-down views of the first val rooms: ground truth and every model's prediction, with a legend."""
     import html
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -424,17 +425,16 @@ def _topdown_section(summary, cfg, val_dirs, rd, num_scenes, labels) -> list:
             model, mcfg = load_model(summary[k]["ckpt"], return_config=True)
             model.eval()
             if mcfg.role == "teacher":
-                from ..models.teacher import attach_frames
+                from ..engine.evaluate import frames_hook
+                from ..images.provider import FrameProvider
 
-                frames = Path(summary[k]["ckpt"]).parent / "frames.json"
-                sel = json.loads(frames.read_text()) if frames.is_file() else None
                 ds = SceneDataset(None, None, mcfg.data.num_classes, mcfg.data.voxel_size, scenes=shown,
-                                  use_normal=mcfg.data.use_normal, need_labels=False)
-                attach_frames(ds, mcfg, selections=sel)
+                                  use_normal=mcfg.data.use_normal, need_labels=False,
+                                  frames=FrameProvider.for_run(mcfg, Path(summary[k]["ckpt"]).parent))
                 for i, scene in enumerate(ds.scenes):
                     preds[scene.name][k] = predict_points(
                         model, scene, mcfg.data.voxel_size, mcfg.data.num_classes, use_normal=mcfg.data.use_normal,
-                        extra=lambda s, i=i: ds.extra(s, i)).argmax(1).numpy()
+                        extra=frames_hook(ds, i)).argmax(1).numpy()
             else:
                 for sd in shown:
                     preds[sd.name][k] = predict_points(model, load_scene(sd), mcfg.data.voxel_size,
