@@ -139,8 +139,8 @@ def test_mix3d_trains_with_cached_distillation(tiny_rooms, tmp_path):
 
     tmodel, tcfg = load_model(tmp_path / "teacher" / "last.pt", return_config=True)
     val = SceneDataset(tiny_rooms, "val", 20, 0.1, use_normal=True)
-    val.scenes = [_small_scene(val.scenes[0], 800)]
     val = val.with_frames(FrameProvider.from_config(tcfg))
+    val.scenes = [_small_scene(val.scenes[0], 800)]
     tv = evaluate(tmodel, val, voting=VOTING_AUGS["scannet"][:2])
     assert tv["min_votes"] >= 2 and 0 <= tv["miou"] <= 1
     ds = build_datasets(cfg, ("train",))["train"]

@@ -133,6 +133,20 @@ def _join_baseline(proc) -> None:
                          "above); a rerun continues it")
 
 
+def _render_views(cfg: Config, progress: bool) -> None:
+    """Virtual views for the train and val scenes that have no frames (``haskd frames render``), before the
+    teacher needs them; on the main rank, the others wait."""
+    from ..engine.distributed import barrier, is_main
+    from ..images.views import render_missing
+
+    if is_main():
+        n = render_missing(cfg.data.root, [cfg.data.train_split, cfg.data.val_split], cfg.teacher.virtual_views,
+                           progress)
+        if n:
+            log.info("[teacher] rendered virtual views for %d scene(s) without frames", n)
+    barrier()
+
+
 def _check_splits(cfg: Config, *more) -> None:
     """A missing or empty train/val split (or one of ``more``) stops a multi-stage run with one line before any
     folder is made."""
@@ -174,6 +188,8 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
         return metrics
 
     summary = {"config": str(out / "config.yaml"), "variant": v}
+    if v["ihd"]:  # the prepare step of frameless scenes: training never renders
+        _render_views(cfg, progress)
     beside = _start_baseline_beside(cfg, cfgs, out) if v["ihd"] and with_baseline else None
     if v["ihd"]:
         summary["teacher"] = _entry(out / "teacher", stage("teacher"))
@@ -411,7 +427,7 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
         cfg.teacher.frame_policy = frame_policy or cfg.teacher.frame_policy
         cfg.teacher.train_frames = "selected"
     ds = build_datasets(cfg, splits=("val",))["val"]
-    metrics = evaluate(model, ds, device, cfg.data.dataset, extra=getattr(ds, "extra", None))
+    metrics = evaluate(model, ds, device, cfg.data.dataset)
     metrics["split"], metrics["data_root"] = split, where
     path.write_text(json.dumps(metrics, indent=1))
     return metrics
