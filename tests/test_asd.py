@@ -250,7 +250,7 @@ def _table(iou, teacher=None):
 def test_snapshot_classes_and_asd_pointless(tmp_path):
     import json
 
-    from haskd.distill.experts import asd_pointless, snapshot_classes
+    from haskd.workflow.experts import asd_pointless, snapshot_classes
 
     iou = [[0.5, None, 0.2], [0.6, None, 0.1]]
     # no teacher in the pool: every class some snapshot scores has an expert of its own

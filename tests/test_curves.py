@@ -4,7 +4,8 @@ import json
 import pytest
 
 from haskd.cli import main
-from haskd.commands.curves import curve_stats, read_curve
+from haskd.commands.curves import curve_stats
+from haskd.workflow.runs import read_curve
 
 
 def _run(tmp_path, name, values, extra=""):

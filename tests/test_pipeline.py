@@ -141,7 +141,7 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     assert 0 <= test["teacher"]["teacher (IOF frames)"]["mean"] <= 100
     # the cached test metrics belong to these rooms: another root's "test" is not answered from them
     from haskd.errors import HaskdError
-    from haskd.workflow.pipeline import split_metrics
+    from haskd.workflow.runs import split_metrics
 
     (tmp_path / "other" / "val").mkdir(parents=True)
     with pytest.raises(HaskdError, match="test"):
@@ -593,8 +593,8 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
     from haskd.engine.checkpoint import load_model
     from haskd.engine.evaluate import evaluate, predict_points
     from haskd.engine.metrics import ConfusionMatrix
-    from haskd.distill.experts import evaluate_ensemble, find_snapshots
-    from haskd.workflow.pipeline import ensemble_metrics
+    from haskd.workflow.runs import evaluate_ensemble, find_snapshots
+    from haskd.workflow.runs import ensemble_metrics
 
     out, _ = pipeline_run
     snaps = find_snapshots(out / "stage1")
@@ -617,7 +617,7 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
 def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
     each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""
-    import haskd.distill.experts
+    import haskd.workflow.experts
     import haskd.workflow.pipeline as pl
 
     trained = {}
@@ -638,7 +638,7 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "reuse_teacher", lambda *a, **k: fake_metrics(0.8))
     monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
     monkeypatch.setattr(pl, "ensemble_metrics", lambda run_dir, *a, **k: {**fake_metrics(0.77), "run": str(run_dir)})
-    monkeypatch.setattr(haskd.distill.experts, "asd_pointless", lambda *a, **k: None)
+    monkeypatch.setattr(haskd.workflow.experts, "asd_pointless", lambda *a, **k: None)
     cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
     plain = pl.run_ablation(cfg, tmp_path / "a", seeds=(0,), progress=False)
     assert list(plain["rows"]) == list(pl.ABLATION_ROWS) and "same_as" not in plain
@@ -665,7 +665,7 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert "c/seed0/baseline_e2" not in trained
     assert again["rows"]["baseline (2 epochs)"]["miou"] == again["rows"]["baseline"]["miou"]
     # an expert table with no snapshot class: HAS-KD is not trained, its row is +IHD (IOF), and the table says so
-    monkeypatch.setattr(haskd.distill.experts, "asd_pointless",
+    monkeypatch.setattr(haskd.workflow.experts, "asd_pointless",
                         lambda path, *a: "no snapshot" if "stage1" in str(path) else None)
     trained.clear()
     kept = pl.run_ablation(cfg, tmp_path / "d", seeds=(0,), progress=False)

@@ -5,11 +5,11 @@ of the best value, the best, the last, and the mean over the last 10% of the epo
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from ..errors import HaskdError, InputError, require
+from ..errors import HaskdError, require
+from ..workflow.runs import read_curve
 
 
 def register(sub):
@@ -26,35 +26,6 @@ def register(sub):
                    help="legend name of each run, in order, once per run (default: the folder names)")
     p.add_argument("--metric", default="val/miou", help="metrics.jsonl key to draw")
     p.set_defaults(func=run)
-
-
-def read_curve(run_dir, metric: str = "val/miou") -> tuple:
-    """``(epochs, values)`` of ``metric`` from ``run_dir/metrics.jsonl``, sorted by epoch; a repeated epoch (a
-    resumed run) keeps its last line; lines without the metric are skipped; a torn last line (a run writing right
-    now) is ignored. Raises :class:`InputError` when the file is missing or holds no value of the metric."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise InputError(path, "no metrics.jsonl here (is this a run folder?)")
-    lines = path.read_text().splitlines()
-    by_epoch = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # being written
-                continue
-            raise InputError(path, f"line {i + 1} is not JSON") from None
-        v = row.get(metric)
-        if v is None or "epoch" not in row or not math.isfinite(float(v)):
-            continue
-        by_epoch[int(row["epoch"])] = float(v)
-    if not by_epoch:
-        keys = sorted({k for line in lines[:1] for k in json.loads(line)}) if lines else []
-        raise InputError(path, f"no value of {metric!r}" + (f" (keys: {', '.join(keys)})" if keys else ""))
-    epochs = sorted(by_epoch)
-    return epochs, [by_epoch[e] for e in epochs]
 
 
 def curve_stats(epochs, values) -> dict:

@@ -22,7 +22,7 @@ def register(sub):
 
 def run(args) -> int:
     from ..engine.distributed import setup
-    from ..distill.experts import build_expert_table
+    from ..workflow.experts import build_expert_table
 
     device = setup(args.device, 0)
     t = build_expert_table(args.run, args.data, args.split, device, args.topk, args.out, teacher=args.teacher)

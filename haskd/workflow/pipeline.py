@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import Config, save_config
 from ..engine.checkpoint import load_checkpoint, load_model
+from .runs import ensemble_metrics, eval_teacher_3d, split_metrics, train_seconds
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     left``, :class:`haskd.progress.StageClock`: each stage weighted by its epochs, teacher and student epochs priced
     apart); ``started`` (a ``time.time()``) counts earlier work (the demo's room generation) in the elapsed time."""
     from ..engine.distributed import barrier, is_main
-    from ..distill.experts import asd_pointless, build_expert_table
+    from .experts import asd_pointless, build_expert_table
     from ..progress import StageClock
 
     _check_splits(cfg)
@@ -279,7 +280,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     """
     import numpy as np
 
-    from ..distill.experts import asd_pointless, build_expert_table
+    from .experts import asd_pointless, build_expert_table
 
     _check_splits(cfg, split)
     out = Path(out)
@@ -400,71 +401,6 @@ def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=()) -> d
     return {r: split_metrics(run, split, root, device, **kw) for r, (run, kw) in where.items() if r not in skip}
 
 
-def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
-    """Metrics of a run's ``last.pt`` on ``split`` (default: its config's val split) of ``root`` (default: the run's
-    data root), every point.
-
-    A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
-    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
-    checkpoint."""
-    from ..engine.evaluate import evaluate
-    from .build import build_datasets
-
-    run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
-    model, cfg = load_model(ckpt, device=device, return_config=True)
-    split = split or cfg.data.val_split
-    cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
-    tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
-    path = run_dir / f"metrics_{split}{tag}.json"
-    where = str(Path(cfg.data.root).resolve())
-    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
-        cached = json.loads(path.read_text())
-        if cached.get("data_root") == where:  # the same split name of another root is other rooms
-            return cached
-    if branch_3d:
-        model, cfg.role = model.backbone, "student"  # points only: no frames are loaded
-    if cfg.role == "teacher":
-        cfg.teacher.frame_policy = frame_policy or cfg.teacher.frame_policy
-        cfg.teacher.train_frames = "selected"
-    ds = build_datasets(cfg, splits=("val",))["val"]
-    metrics = evaluate(model, ds, device, cfg.data.dataset)
-    metrics["split"], metrics["data_root"] = split, where
-    path.write_text(json.dumps(metrics, indent=1))
-    return metrics
-
-
-def train_seconds(run_dir) -> float:
-    """Seconds a run spent in its training loops: the sum of ``epoch_time_s`` over its epochs in ``metrics.jsonl``
-    (validation, cache building and start-up excluded; a resumed epoch counts once, its last record)."""
-    from ..commands.curves import read_curve
-
-    return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
-
-
-def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
-    """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
-    the run's val split) of ``root`` (default: the run's data root), every point
-    (:func:`haskd.distill.experts.evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
-    every snapshot and of the same snapshots and rooms."""
-    from ..distill.experts import evaluate_ensemble, find_snapshots
-
-    run_dir = Path(run_dir)
-    snaps = find_snapshots(run_dir)
-    cfg = load_checkpoint(snaps[-1])["config"]
-    split = split or cfg["data"]["val_split"]
-    where = str(Path(root or cfg["data"]["root"]).resolve())
-    path = run_dir / f"metrics_{split}_ensemble.json"
-    members = [str(p.resolve()) for p in snaps]
-    if path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in snaps):
-        cached = json.loads(path.read_text())
-        if cached.get("data_root") == where and cached.get("members") == members:
-            return cached
-    metrics = evaluate_ensemble(snaps, where, split, device, progress=progress)
-    metrics["split"], metrics["data_root"] = split, where
-    path.write_text(json.dumps(metrics, indent=1))
-    return metrics
-
-
 def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     """``dst``: the teacher of ``src`` (same weights) that sees frames chosen by ``policy``.
 
@@ -491,12 +427,6 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     tmp.replace(dst / "last.pt")
     (dst / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
-
-
-def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
-    """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
-    inside the teacher (:func:`split_metrics` on the teacher's val split, cached beside its checkpoint)."""
-    return split_metrics(run_dir, None, device=device, branch_3d=True)
 
 
 def _class_mean(per_class: list, classes) -> list:

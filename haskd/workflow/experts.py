@@ -8,19 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .asd import SnapshotEnsemble, expert_heatmap_png, iou_array, select_experts, teacher_classes
+from ..distill.asd import expert_heatmap_png, iou_array, select_experts, teacher_classes
 from ..classes import class_names
 from ..data.dataset import SceneDataset
 from ..engine.checkpoint import load_model
 from ..engine.evaluate import evaluate
 from ..errors import HaskdError
-
-
-def find_snapshots(run_dir) -> list:
-    snaps = sorted((Path(run_dir) / "snapshots").glob("epoch_*.pt"))
-    if not snaps:
-        raise HaskdError(f"{Path(run_dir) / 'snapshots'}: no snapshots (train with train.snapshots=M)")
-    return snaps
+from .runs import find_snapshots, split_metrics
 
 
 def teacher_iou(teacher, split: str, num_classes: int) -> list:
@@ -44,7 +38,7 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
     """``teacher``: the teacher's run folder (or metrics JSON): its per-class IoU on the same rooms is stored as
     ``teacher_iou``, for ``distill.teacher_expert``; the snapshots' expert table does not depend on it. For the
     split the teacher was validated on that is its ``val_metrics.json``; for another split or data root the
-    teacher is evaluated there (``pipeline.split_metrics``, cached in its run folder)."""
+    teacher is evaluated there (:func:`haskd.workflow.runs.split_metrics`, cached in its run folder)."""
     snaps = find_snapshots(run_dir)
     rows, cfg = [], None
     for p in snaps:
@@ -70,8 +64,6 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
         source, root = Path(teacher), Path(data_root or cfg.data.root).resolve()
         if source.is_dir() and (split != cfg.data.val_split or root != Path(cfg.data.root).resolve()):
             # other rooms than the ones it was validated on: evaluate the teacher there (its frames; cached)
-            from ..workflow.pipeline import split_metrics
-
             split_metrics(source, split, root, device)
             source = source / f"metrics_{split}.json"
         table["teacher"] = str(Path(teacher).resolve())
@@ -108,21 +100,3 @@ def asd_pointless(table_path, teacher_expert: bool = False):
     return f"{table_path}: no snapshot scores any class on {table.get('split', 'val')} (every class absent)"
 
 
-def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
-    """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
-    ``split`` (:class:`haskd.distill.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
-    ``data_root`` defaults to the snapshots' own. The result also lists the ``members``."""
-    models, cfg = [], None
-    for p in snapshots:
-        m, cfg = load_model(p, device=device, return_config=True)
-        if cfg.role == "teacher":
-            raise HaskdError(f"{p}: a teacher checkpoint; the ensemble is of point-only snapshots")
-        models.append(m)
-    if cfg is None:
-        raise HaskdError("no snapshots to ensemble")
-    ds = SceneDataset(data_root or cfg.data.root, split, cfg.data.num_classes, cfg.data.voxel_size,
-                      use_normal=cfg.data.use_normal)
-    with torch.inference_mode():
-        out = evaluate(SnapshotEnsemble(models).to(device), ds, device, cfg.data.dataset, progress=progress)
-    out["members"] = [str(Path(p).resolve()) for p in snapshots]
-    return out

@@ -1,0 +1,137 @@
+"""Finished runs read back: learning curves, training time, metrics of a run's checkpoint (or of its snapshots'
+ensemble) on any split of any data root, each cached beside the run while its checkpoints are unchanged."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import SceneDataset
+from ..distill.asd import SnapshotEnsemble
+from ..engine.checkpoint import load_checkpoint, load_model
+from ..engine.evaluate import evaluate
+from ..errors import HaskdError, InputError
+
+
+def find_snapshots(run_dir) -> list:
+    snaps = sorted((Path(run_dir) / "snapshots").glob("epoch_*.pt"))
+    if not snaps:
+        raise HaskdError(f"{Path(run_dir) / 'snapshots'}: no snapshots (train with train.snapshots=M)")
+    return snaps
+
+
+def read_curve(run_dir, metric: str = "val/miou") -> tuple:
+    """``(epochs, values)`` of ``metric`` from ``run_dir/metrics.jsonl``, sorted by epoch; a repeated epoch (a
+    resumed run) keeps its last line; lines without the metric are skipped; a torn last line (a run writing right
+    now) is ignored. Raises :class:`InputError` when the file is missing or holds no value of the metric."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(path, "no metrics.jsonl here (is this a run folder?)")
+    lines = path.read_text().splitlines()
+    by_epoch = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # being written
+                continue
+            raise InputError(path, f"line {i + 1} is not JSON") from None
+        v = row.get(metric)
+        if v is None or "epoch" not in row or not math.isfinite(float(v)):
+            continue
+        by_epoch[int(row["epoch"])] = float(v)
+    if not by_epoch:
+        keys = sorted({k for line in lines[:1] for k in json.loads(line)}) if lines else []
+        raise InputError(path, f"no value of {metric!r}" + (f" (keys: {', '.join(keys)})" if keys else ""))
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[e] for e in epochs]
+
+
+def train_seconds(run_dir) -> float:
+    """Seconds a run spent in its training loops: the sum of ``epoch_time_s`` over its epochs in ``metrics.jsonl``
+    (validation, cache building and start-up excluded; a resumed epoch counts once, its last record)."""
+    return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
+
+
+def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
+    """Metrics of a run's ``last.pt`` on ``split`` (default: its config's val split) of ``root`` (default: the run's
+    data root), every point.
+
+    A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
+    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
+    checkpoint."""
+    from .build import build_datasets
+
+    run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
+    model, cfg = load_model(ckpt, device=device, return_config=True)
+    split = split or cfg.data.val_split
+    cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
+    tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
+    path = run_dir / f"metrics_{split}{tag}.json"
+    where = str(Path(cfg.data.root).resolve())
+    if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
+        cached = json.loads(path.read_text())
+        if cached.get("data_root") == where:  # the same split name of another root is other rooms
+            return cached
+    if branch_3d:
+        model, cfg.role = model.backbone, "student"  # points only: no frames are loaded
+    if cfg.role == "teacher":
+        cfg.teacher.frame_policy = frame_policy or cfg.teacher.frame_policy
+        cfg.teacher.train_frames = "selected"
+    ds = build_datasets(cfg, splits=("val",))["val"]
+    metrics = evaluate(model, ds, device, cfg.data.dataset)
+    metrics["split"], metrics["data_root"] = split, where
+    path.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
+    """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
+    inside the teacher (:func:`split_metrics` on the teacher's val split, cached beside its checkpoint)."""
+    return split_metrics(run_dir, None, device=device, branch_3d=True)
+
+
+def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of ``snapshots`` (checkpoint paths of point-only models) on every point of
+    ``split`` (:class:`haskd.distill.asd.SnapshotEnsemble` through :func:`evaluate`: the same metric code as ``haskd eval``).
+    ``data_root`` defaults to the snapshots' own. The result also lists the ``members``."""
+    models, cfg = [], None
+    for p in snapshots:
+        m, cfg = load_model(p, device=device, return_config=True)
+        if cfg.role == "teacher":
+            raise HaskdError(f"{p}: a teacher checkpoint; the ensemble is of point-only snapshots")
+        models.append(m)
+    if cfg is None:
+        raise HaskdError("no snapshots to ensemble")
+    ds = SceneDataset(data_root or cfg.data.root, split, cfg.data.num_classes, cfg.data.voxel_size,
+                      use_normal=cfg.data.use_normal)
+    with torch.inference_mode():
+        out = evaluate(SnapshotEnsemble(models).to(device), ds, device, cfg.data.dataset, progress=progress)
+    out["members"] = [str(Path(p).resolve()) for p in snapshots]
+    return out
+
+
+def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
+    """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
+    the run's val split) of ``root`` (default: the run's data root), every point
+    (:func:`evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
+    every snapshot and of the same snapshots and rooms."""
+    run_dir = Path(run_dir)
+    snaps = find_snapshots(run_dir)
+    cfg = load_checkpoint(snaps[-1])["config"]
+    split = split or cfg["data"]["val_split"]
+    where = str(Path(root or cfg["data"]["root"]).resolve())
+    path = run_dir / f"metrics_{split}_ensemble.json"
+    members = [str(p.resolve()) for p in snaps]
+    if path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in snaps):
+        cached = json.loads(path.read_text())
+        if cached.get("data_root") == where and cached.get("members") == members:
+            return cached
+    metrics = evaluate_ensemble(snaps, where, split, device, progress=progress)
+    metrics["split"], metrics["data_root"] = split, where
+    path.write_text(json.dumps(metrics, indent=1))
+    return metrics
