@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..errors import HaskdError
 from ..images.lifting import lift
 from .image_unet import ImageUNet, TimmUNet
+from .registry import build_model
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ class MultiModalTeacher(nn.Module):
     def from_config(cls, cfg, in_channels: int, pretrained: bool = True):
         """``pretrained``: load the 2D branch's starting weights (``teacher.image_weights`` /
         ``teacher.image_pretrained``); off when a checkpoint's own weights follow (no file, no network needed)."""
-        from . import build_model
-
         m, t = cfg.model, cfg.teacher
         backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
                                **m.kwargs)
