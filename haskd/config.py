@@ -80,7 +80,6 @@ class TrainConfig:
     threads: int = 0                     # torch threads per process (0 = cores / local processes)
     snapshots: int = 0                   # ASD snapshots saved by this run
     snapshot_schedule: str = "second_half"  # second_half | cycles
-    log_every: int = 10
     init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
     lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
     parallel_stages: bool = True         # pipeline: the baseline trains in a process of its own beside the teacher
@@ -115,13 +114,19 @@ class TeacherConfig:
     fusion: str = "concat"               # concat: logits = head(mlp[f3d, f2d, vis]) | residual: 3D logits + head(...)
 
 
+def _teacher_side(default):
+    """A distillation key that acts on the teacher (only with ``distill.teacher_ckpt``): :func:`point_only` resets
+    it, :func:`with_teacher` gives it back, :func:`check_run` refuses it without a teacher."""
+    return field(default=default, metadata={"needs": "teacher"})
+
+
 @dataclass
 class DistillConfig:
     teacher_ckpt: str = ""               # IHD on when set
     tau: float = 2.0
     logit_weight: float = 1.0
     feat_weight: float = 1.0
-    hint_weight: float = 0.0             # per-level feature hints from the teacher's 3D branch (ours)
+    hint_weight: float = _teacher_side(0.0)  # per-level feature hints from the teacher's 3D branch (ours)
     hint_cache: bool = False             # with distill.cache: the hints from a cache of the unaugmented scenes (ours)
     hint_cache_views: int = 1            # cached hints: mean over this many z-rotations of each scene (ours)
     trust: str = "hard"                  # hard | soft | none | image | image_soft: only what the images know (ours)
@@ -133,8 +138,8 @@ class DistillConfig:
     asd_topk: int = 1
     asd_unlabeled: str = "final"         # final | skip
     asd_trust: str = "none"              # none (METHOD.md) | hard | soft: gate ASD by the expert's correctness (ours)
-    teacher_expert: bool = False         # the teacher (if any) joins the expert pool: one logit source per class (ours)
-    init_from_teacher: bool = False      # start the student from the teacher's 3D branch (ours; docs/method.md)
+    teacher_expert: bool = _teacher_side(False)  # the teacher joins the expert pool: one logit source per class (ours)
+    init_from_teacher: bool = _teacher_side(False)  # start the student from the teacher's 3D branch (ours)
     cache: bool = True                   # cached soft labels (else online teacher/expert forward)
     cache_topk: int = 20
 
@@ -184,22 +189,37 @@ def _coerce(value, current, key):
     return value
 
 
-def _choices() -> dict:
-    """Keys with a closed set of values, checked when the config is read (not deep inside training). The values
-    come from the loss modules that define them (imported here, lazily: this module stays torch-free)."""
-    from .distill.asd import UNLABELED_MODES
-    from .distill.ihd import IHD_TRUST_MODES, KD_TARGETS, TRUST_MODES
+# Every key with a closed set of values, and the values: checked when a config is read (file or override), the
+# allowed values named in the error. The loss and model modules take their sets from here (one list, no drift).
+CHOICES = {
+    "role": ("student", "teacher"),
+    "data.augment_recipe": ("cpu", "pointcept"),
+    "data.grid_sample": ("mean", "random"),
+    "data.vote_augs": ("", "scannet", "s3dis"),
+    "model.backend": ("auto", "torch", "spconv"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.scheduler": ("onecycle", "poly", "cosine", "cyclic_cosine"),
+    "optim.amp_dtype": ("float16", "bfloat16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.snapshot_schedule": ("second_half", "cycles"),
+    "teacher.frame_policy": ("iof", "uniform", "random"),
+    "teacher.train_frames": ("selected", "random"),
+    "teacher.fusion": ("concat", "residual"),
+    "distill.trust": ("hard", "soft", "none", "image", "image_soft"),
+    "distill.asd_trust": ("hard", "soft", "none"),
+    "distill.kd_target": ("full", "nontarget"),
+    "distill.asd_unlabeled": ("final", "skip"),
+}
 
-    return {"distill.trust": IHD_TRUST_MODES, "distill.asd_trust": TRUST_MODES, "distill.kd_target": KD_TARGETS,
-            "distill.asd_unlabeled": UNLABELED_MODES, "data.augment_recipe": ("cpu", "pointcept"),
-            "data.grid_sample": ("mean", "random"), "data.vote_augs": ("", "scannet", "s3dis")}
 
-
-_CHOICE_KEYS = ("distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled",
-                "data.augment_recipe", "data.grid_sample", "data.vote_augs")
+# Keys that were in the schema once and did nothing: still accepted (configs inside old checkpoints and run folders
+# hold them), and dropped when read.
+REMOVED_KEYS = ("train.log_every",)
 
 
 def _set(cfg: Config, key: str, value, source: str):
+    if key in REMOVED_KEYS:
+        return
     parts = key.split(".")
     obj = cfg
     for p in parts[:-1]:
@@ -211,8 +231,9 @@ def _set(cfg: Config, key: str, value, source: str):
             or dataclasses.is_dataclass(getattr(obj, name)):
         raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
     value = _coerce(value, getattr(obj, name), key)
-    if key in _CHOICE_KEYS and value not in _choices()[key]:
-        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(_choices()[key])}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(map(repr, CHOICES[key]))}, "
+                         f"got {value!r}")
     setattr(obj, name, value)
 
 
@@ -321,12 +342,6 @@ def save_config(cfg: Config, path):
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-ROLES = ("student", "teacher")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("onecycle", "poly", "cosine", "cyclic_cosine")
-DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "torch", "spconv")
-FRAME_POLICIES = ("iof", "uniform", "random")
 
 
 def check_config(cfg: Config) -> Config:
@@ -348,7 +363,8 @@ def check_config(cfg: Config) -> Config:
             bad(key, f"must be one of {', '.join(choices)}", value)
 
     d, m, o, t, te, di = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.teacher, cfg.distill
-    one_of("role", cfg.role, ROLES)
+    for key, choices in CHOICES.items():  # again here: a Config built in code has not been through _set
+        one_of(key, get(cfg, key), choices)
     one_of("data.dataset", d.dataset, tuple(DATASETS))
     n_names = len(DATASETS[d.dataset]["classes"])
     if not 1 <= d.num_classes <= n_names:
@@ -364,15 +380,12 @@ def check_config(cfg: Config) -> Config:
         value = getattr(d, key)
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
             bad(f"data.{key}", "must be between 0 and 1", value)
-    one_of("model.backend", m.backend, BACKENDS)
     if not isinstance(m.kwargs, dict) or not all(isinstance(k, str) for k in m.kwargs):
         bad("model.kwargs", "must be a mapping of argument names to values", m.kwargs)
     if not m.module:  # a user's module registers its network when imported; built-in names are checked here
         from .models import REGISTRY
 
         one_of("model.name", m.name, tuple(sorted(REGISTRY)))
-    one_of("optim.optimizer", o.optimizer, OPTIMIZERS)
-    one_of("optim.scheduler", o.scheduler, SCHEDULERS)
     for key in ("lr", "weight_decay", "momentum", "clip_grad"):
         positive(f"optim.{key}", getattr(o, key), strict=False)
     positive("optim.final_div", o.final_div)
@@ -382,16 +395,11 @@ def check_config(cfg: Config) -> Config:
         bad("optim.momentum", "must be below 1", o.momentum)
     if o.cycles < 1:
         bad("optim.cycles", "must be at least 1", o.cycles)
-    one_of("optim.amp_dtype", o.amp_dtype, ("float16", "bfloat16"))
     if t.epochs < 1:
         bad("train.epochs", "must be at least 1", t.epochs)
-    one_of("train.device", t.device, DEVICES)
     for key in ("eval_every", "threads", "snapshots"):
         if getattr(t, key) < 0:
             bad(f"train.{key}", "must be >= 0", getattr(t, key))
-    if t.log_every < 1:
-        bad("train.log_every", "must be at least 1", t.log_every)
-    one_of("train.snapshot_schedule", t.snapshot_schedule, ("second_half", "cycles"))
     if not (isinstance(te.image_size, list) and len(te.image_size) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) and x >= 8 for x in te.image_size)):
         bad("teacher.image_size", "must be [H, W], two whole numbers >= 8", te.image_size)
@@ -404,13 +412,82 @@ def check_config(cfg: Config) -> Config:
     positive("teacher.depth_tau", te.depth_tau)
     for key in ("loss_3d", "loss_2d"):
         positive(f"teacher.{key}", getattr(te, key), strict=False)
-    one_of("teacher.frame_policy", te.frame_policy, FRAME_POLICIES)
-    one_of("teacher.train_frames", te.train_frames, ("selected", "random"))
-    one_of("teacher.fusion", te.fusion, ("concat", "residual"))
     positive("distill.tau", di.tau)
     for key in ("logit_weight", "feat_weight", "hint_weight", "asd_weight"):
         positive(f"distill.{key}", getattr(di, key), strict=False)
     for key in ("asd_topk", "cache_topk", "hint_cache_views"):
         if getattr(di, key) < 1:
             bad(f"distill.{key}", "must be at least 1", getattr(di, key))
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Rules across keys, each a key that does nothing unless another is set: one line naming both (these were
+    silently ignored before)."""
+    di, t = cfg.distill, cfg.train
+
+    def needs(key, other, why):
+        raise HaskdError(f"config key '{key}' needs {other} ({why})")
+
+    if di.hint_cache and not di.cache:
+        needs("distill.hint_cache", "distill.cache=true", "the cached hints are built beside the cached soft labels")
+    if di.hint_cache_views > 1 and not di.hint_cache:
+        needs("distill.hint_cache_views", "distill.hint_cache=true", "it sets how the cached hints are averaged")
+    if t.snapshot_schedule == "cycles" and cfg.optim.scheduler != "cyclic_cosine":
+        needs("train.snapshot_schedule=cycles", "optim.scheduler=cyclic_cosine", "a snapshot ends each cycle")
+    if cfg.role == "teacher":
+        for key in ("teacher_ckpt", "experts"):
+            if getattr(di, key):
+                needs(f"distill.{key}", "role=student", "a teacher is trained, not distilled")
+
+
+TEACHER_KEYS = tuple(f"distill.{f.name}" for f in dataclasses.fields(DistillConfig) if f.metadata.get("needs"))
+
+
+def check_run(cfg: Config) -> Config:
+    """Rules of one training run (not of a recipe: `haskd pipeline` reads a config whose teacher-side keys it hands
+    to the stages that have a teacher): a key that acts on the teacher needs one."""
+    if cfg.role == "student" and not cfg.distill.teacher_ckpt:
+        for key in TEACHER_KEYS:
+            if get(cfg, key) != get(Config(), key):
+                raise HaskdError(f"config key '{key}' needs distill.teacher_ckpt (it acts on the teacher; "
+                                 "`haskd pipeline` sets the checkpoint for its distilled stages)")
+    return cfg
+
+
+def point_only(cfg: Config) -> Config:
+    """A copy of ``cfg`` as a point-only student: no teacher, no experts, no teacher-side key, no snapshots (the
+    baseline, and the start of every stage config of the pipeline)."""
+    c = copy.deepcopy(cfg)
+    c.role = "student"
+    c.distill.teacher_ckpt = ""
+    c.distill.experts = ""
+    for key in TEACHER_KEYS:
+        _put(c, key, get(Config(), key))
+    c.train.snapshots = 0
+    return c
+
+
+def with_teacher(c: Config, cfg: Config, ckpt) -> Config:
+    """Distil ``c`` from the teacher at ``ckpt``, with ``cfg``'s teacher-side keys."""
+    c.distill.teacher_ckpt = str(ckpt)
+    for key in TEACHER_KEYS:
+        _put(c, key, get(cfg, key))
+    return c
+
+
+def _put(cfg: Config, key: str, value) -> None:
+    *parents, name = key.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, name, value)
+
+
+def get(cfg: Config, key: str):
+    """The value of a dotted key."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

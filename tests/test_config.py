@@ -73,7 +73,7 @@ def test_ablate_seed_lists():
             _seed_list(bad)
 
 
-@pytest.mark.parametrize("key", ["distill.trust", "distill.asd_trust", "distill.kd_target", "distill.asd_unlabeled"])
+@pytest.mark.parametrize("key", sorted(__import__("haskd.config", fromlist=["CHOICES"]).CHOICES))
 def test_closed_choices_are_checked_when_read(key):
     with pytest.raises(HaskdError, match=f"'{key}' must be one of"):
         load_config(None, [f"{key}=bogus"])
@@ -82,3 +82,70 @@ def test_closed_choices_are_checked_when_read(key):
     assert (d.hint_weight, d.feat_weight, d.asd_trust, d.teacher_expert) == (2.0, 0.0, "hard", True)
     d = load_config("scannet20_haskd").distill  # the ScanNet presets keep METHOD.md's terms
     assert (d.hint_weight, d.teacher_expert) == (0.0, False)
+
+
+def test_every_choice_error_names_the_allowed_values():
+    from haskd.config import CHOICES, Config, check_config
+
+    for key, allowed in CHOICES.items():
+        with pytest.raises(HaskdError) as e:
+            load_config(None, [f"{key}=bogus"])
+        msg = str(e.value)
+        assert "\n" not in msg and all(repr(v) in msg for v in allowed), msg
+        cfg = Config()  # a config built in code, not read: checked by check_config
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, "bogus")
+        with pytest.raises(HaskdError, match=f"'{key}' must be one of"):
+            check_config(cfg)
+
+
+def test_choice_sets_are_the_ones_the_code_uses():
+    from haskd.config import CHOICES
+    from haskd.distill import asd, ihd
+    from haskd.sparse import BACKENDS
+
+    assert ihd.IHD_TRUST_MODES == ihd.TRUST_MODES + ihd.IMAGE_TRUST_MODES == CHOICES["distill.trust"]
+    assert asd.UNLABELED_MODES == CHOICES["distill.asd_unlabeled"] and BACKENDS == CHOICES["model.backend"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["distill.cache=false", "distill.hint_cache=true"], "'distill.hint_cache' needs distill.cache=true"),
+    (["distill.hint_cache_views=4"], "'distill.hint_cache_views' needs distill.hint_cache=true"),
+    (["role=teacher", "distill.teacher_ckpt=t.pt"], "'distill.teacher_ckpt' needs role=student"),
+    (["role=teacher", "distill.experts=e.json"], "'distill.experts' needs role=student"),
+])
+def test_keys_that_need_another_are_refused_when_read(overrides, match):
+    with pytest.raises(HaskdError, match=match):
+        load_config(None, overrides)
+
+
+def test_removed_key_is_accepted_and_dropped():
+    cfg = load_config(None, ["train.log_every=5"])  # configs of old checkpoints hold it
+    assert not hasattr(cfg.train, "log_every")
+
+
+@pytest.mark.parametrize("key, value", [("distill.hint_weight", "1.0"), ("distill.teacher_expert", "true"),
+                                        ("distill.init_from_teacher", "true")])
+def test_teacher_side_keys_need_a_teacher_in_a_run(key, value):
+    from haskd.config import check_run
+
+    cfg = load_config(None, [f"{key}={value}"])  # a recipe may hold it (the pipeline hands it on)
+    with pytest.raises(HaskdError, match=f"'{key}' needs distill.teacher_ckpt"):
+        check_run(cfg)
+    check_run(apply_overrides(cfg, ["distill.teacher_ckpt=t.pt"]))
+
+
+def test_point_only_and_with_teacher_derive_the_stage_configs():
+    from haskd.config import TEACHER_KEYS, Config, check_run, get, point_only, with_teacher
+
+    assert set(TEACHER_KEYS) == {"distill.hint_weight", "distill.teacher_expert", "distill.init_from_teacher"}
+    cfg = load_config("synthetic_bench", ["distill.init_from_teacher=true", "train.snapshots=3"])
+    base = point_only(cfg)
+    check_run(base)
+    assert base.role == "student" and base.train.snapshots == 0 and not base.distill.experts
+    assert all(get(base, k) == get(Config(), k) for k in TEACHER_KEYS)
+    assert base.optim == cfg.optim and base.distill.trust == cfg.distill.trust  # the rest is kept
+    student = with_teacher(point_only(cfg), cfg, "t/last.pt")
+    check_run(student)
+    assert student.distill.teacher_ckpt == "t/last.pt"
+    assert all(get(student, k) == get(cfg, k) for k in TEACHER_KEYS)

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import CHOICES
 from ..errors import HaskdError, require
 from .ihd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, class_balance, information_weights,
                   kl_per_point, kl_per_point_nontarget, weighted_mean)
 
-SCHEDULES = ("second_half", "cycles")
-UNLABELED_MODES = ("final", "skip")
+SCHEDULES = CHOICES["train.snapshot_schedule"]
+UNLABELED_MODES = CHOICES["distill.asd_unlabeled"]
 
 
 # ----------------------------------------------------------------------------------------------- snapshots

@@ -24,11 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TRUST_MODES = ("hard", "soft", "none")
+from ..config import CHOICES
+
+TRUST_MODES = CHOICES["distill.asd_trust"]
+IHD_TRUST_MODES = CHOICES["distill.trust"]
 # distill.trust only (ASD's experts have no 3D branch): distil where the images, not the points, made the teacher
 # right (:func:`image_right`, :func:`image_gain`)
-IMAGE_TRUST_MODES = ("image", "image_soft")
-IHD_TRUST_MODES = TRUST_MODES + IMAGE_TRUST_MODES
+IMAGE_TRUST_MODES = tuple(m for m in IHD_TRUST_MODES if m not in TRUST_MODES)
 TARGET_KINDS = ("logits", "probs")
 
 
@@ -62,7 +64,7 @@ def kl_per_point(student_logits: torch.Tensor, target_probs: torch.Tensor, tau: 
     return kl * (tau * tau)
 
 
-KD_TARGETS = ("full", "nontarget")
+KD_TARGETS = CHOICES["distill.kd_target"]
 
 
 def kl_per_point_nontarget(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,

@@ -15,14 +15,15 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import REMOVED_KEYS
 from ..errors import HaskdError
 
 LOCK_NAME = ".haskd.lock"
 RUN_MARKERS = ("last.pt", "config.yaml", "metrics.jsonl")
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "val_metrics.json", "frames.json")
 RUN_DIRS = ("snapshots", "tb")
-RESUME_MAY_CHANGE = ("train.epochs", "train.device", "train.threads", "train.eval_every", "train.log_every",
-                     "data.root", "data.workers")
+RESUME_MAY_CHANGE = ("train.epochs", "train.device", "train.threads", "train.eval_every", "data.root",
+                     "data.workers")
 
 
 def holds_run(out) -> list:
@@ -87,7 +88,8 @@ def _flat(d: dict, prefix="") -> dict:
 def check_resume_config(out, stored: dict, cfg_dict: dict) -> None:
     """Refuse a resume whose config differs from the run's (``stored``) outside :data:`RESUME_MAY_CHANGE`."""
     a, b = _flat(stored), _flat(cfg_dict)
-    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUME_MAY_CHANGE and a.get(k) != b.get(k)]
+    diff = [k for k in sorted(set(a) | set(b))
+            if k not in RESUME_MAY_CHANGE and k not in REMOVED_KEYS and a.get(k) != b.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, check_run
 from ..data.dataset import SceneDataset, split_state
 from ..engine import distributed as dist_utils
 from ..engine.tasks import SegmentationTask, TeacherTask, WithLovasz
@@ -73,8 +73,6 @@ def teacher_frames(cfg: Config, pool: bool = False, selections=None):
         return None
     from ..images.provider import FrameProvider
 
-    if cfg.teacher.train_frames not in ("selected", "random"):
-        raise HaskdError(f"teacher.train_frames must be 'selected' or 'random', got {cfg.teacher.train_frames!r}")
     return FrameProvider.from_config(cfg, selections=selections, pool=pool and cfg.teacher.train_frames == "random")
 
 
@@ -128,7 +126,7 @@ def build_model(cfg: Config, pretrained: bool = True):
 def build_task(cfg: Config, model, device, datasets):
     """The task of the config's role (see the module's docstring). Pointcept's PTv3 recipes add a Lovasz term to
     cross-entropy (students only: the teacher keeps its own losses)."""
-    role = role_of(cfg)
+    role = role_of(check_run(cfg))
     if role == "teacher":
         return TeacherTask(model, cfg.teacher.loss_3d, cfg.teacher.loss_2d)
     if role == "distilled":

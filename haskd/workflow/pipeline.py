@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import Config, save_config
+from ..config import Config, point_only, save_config, with_teacher
 from ..engine.checkpoint import load_checkpoint, load_model
 from .runs import ensemble_metrics, eval_teacher_3d, split_metrics, train_seconds
 
@@ -24,43 +24,25 @@ log = logging.getLogger(__name__)
 STAGES = ("teacher", "baseline", "stage1", "experts", "student")
 
 
-def _plain_student(cfg: Config) -> Config:
-    c = copy.deepcopy(cfg)
-    c.role = "student"
-    c.distill.teacher_ckpt = ""
-    c.distill.experts = ""
-    c.distill.init_from_teacher = False
-    c.distill.hint_weight = 0.0  # the hints come from a teacher: given back with it (_with_teacher)
-    c.train.snapshots = 0
-    return c
-
-
-def _with_teacher(c: Config, cfg: Config, ckpt: Path) -> None:
-    """Distil ``c`` from the teacher at ``ckpt`` with ``cfg``'s teacher-side settings (IHD terms, hints, warm start)."""
-    c.distill.teacher_ckpt = str(ckpt)
-    c.distill.init_from_teacher = cfg.distill.init_from_teacher
-    c.distill.hint_weight = cfg.distill.hint_weight
-
-
 def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
     """Configs of the training stages. ``variant`` switches parts off for ablations:
     ``ihd`` (bool), ``asd`` (bool), ``frame_policy`` (str)."""
     v = {"ihd": True, "asd": True, "frame_policy": cfg.teacher.frame_policy, **(variant or {})}
-    teacher = _plain_student(cfg)
+    teacher = point_only(cfg)
     teacher.role = "teacher"
     teacher.teacher.frame_policy = v["frame_policy"]
     if cfg.teacher.model_preset:
         teacher.model.preset = cfg.teacher.model_preset
     if cfg.teacher.epochs:
         teacher.train.epochs = cfg.teacher.epochs
-    baseline = _plain_student(cfg)
-    stage1 = _plain_student(cfg)
+    baseline = point_only(cfg)
+    stage1 = point_only(cfg)
     if v["ihd"]:
-        _with_teacher(stage1, cfg, out / "teacher" / "last.pt")
+        with_teacher(stage1, cfg, out / "teacher" / "last.pt")
     stage1.train.snapshots = cfg.train.snapshots or 5
-    student = _plain_student(cfg)
+    student = point_only(cfg)
     if v["ihd"]:
-        _with_teacher(student, cfg, out / "teacher" / "last.pt")
+        with_teacher(student, cfg, out / "teacher" / "last.pt")
     if v["asd"]:
         student.distill.experts = str(out / "stage1" / "experts.json")
     return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}
@@ -326,7 +308,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         # an ASD run whose expert table gives no class to any snapshot would retrain its stage 1: that row is
         # the stage-1 row itself, and the table says so
         kept = {}
-        asd_only = _plain_student(c)
+        asd_only = point_only(c)
         asd_only.distill.experts = str(d / "baseline" / "experts.json")
         why = asd_pointless(asd_only.distill.experts, _teacher_routes(asd_only))
         if why:
