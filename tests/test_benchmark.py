@@ -91,7 +91,7 @@ def test_loading_benchmark_json(tiny_rooms, ckpts, tmp_path):
 def test_ddp_gradients_match_single_process(tiny_rooms, tmp_path):
     """2 gloo ranks (1 sample each, BN in eval mode: CPU BN statistics are per rank) vs one process on the same
     global batch of 2: the averaged gradients agree within float tolerance."""
-    from haskd.bench.benchmark import reference_grads, run_ddp
+    from haskd.bench.ddp import reference_grads, run_ddp
 
     cfg = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "data.batch_size=1"])
     out = tmp_path / "grads.pt"
