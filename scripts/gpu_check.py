@@ -133,7 +133,7 @@ def _throughput_one(cfg, device, steps, warmup) -> dict:
     from haskd.bench.common import PeakMemory, time_runs
     from haskd.bench.steps import _step_fn
 
-    step, setup_s, voxels = _step_fn(cfg, device, n_batches=2)
+    step, setup_s, voxels = _step_fn(cfg, device, n_batches=2, steps=steps + warmup)
     with PeakMemory(device) as mem:
         t = time_runs(step, runs=steps, warmup=warmup, device=device)
     med = t["median"]

@@ -20,7 +20,8 @@ from .common import env_info
 def _ddp_worker(argv):
     """``python -m haskd.bench.ddp ddp-worker CONFIG_JSON OUT_JSON STEPS GLOBAL_BATCH [grad]``.
 
-    Each rank takes its share of a fixed global batch. Timing mode: ``STEPS`` DDP steps, rank 0 writes samples/s.
+    Each rank takes its share of a fixed global batch. Timing mode: ``STEPS`` DDP steps (``Trainer.run_step``),
+    rank 0 writes samples/s.
     ``grad`` mode: one backward with the model in eval mode (BatchNorm statistics are per rank on CPU, so BN must
     not normalise with batch statistics for the gradients to match), rank 0 writes the averaged gradients.
     """
@@ -28,8 +29,8 @@ def _ddp_worker(argv):
     from ..data.transforms import collate
     from ..engine import distributed as du
     from ..engine.tasks import SegmentationTask
-    from ..workflow.build import build_datasets
-    from ..models import build_from_config
+    from ..workflow.build import build_datasets, build_model
+    from .steps import _trainer
 
     cfg_path, out_path, steps, gb = argv[0], argv[1], int(argv[2]), int(argv[3])
     grad_mode = len(argv) > 4 and argv[4] == "grad"
@@ -38,26 +39,24 @@ def _ddp_worker(argv):
     ws, rk = du.world_size(), du.rank()
     ds = build_datasets(cfg, splits=("train",))["train"]
     torch.manual_seed(0)
-    task = SegmentationTask(build_from_config(cfg))
-    wrapped = torch.nn.parallel.DistributedDataParallel(task) if ws > 1 else task
+    model = build_model(cfg)
     mine = [i for i in range(gb) if i % ws == rk]
     batch = collate([ds[i % len(ds)] for i in mine])
     if grad_mode:
-        task.eval()
+        task = SegmentationTask(model).eval()
+        wrapped = torch.nn.parallel.DistributedDataParallel(task) if ws > 1 else task
         losses, _ = wrapped(batch)
         sum(losses.values()).backward()
         if rk == 0:
             torch.save({n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}, out_path)
         du.cleanup()
         return
-    opt = torch.optim.SGD(task.parameters(), lr=1e-3)
-    task.train()
+    base = from_dict(cfg.to_dict())  # the point-only task's training step, wrapped in DDP by build_trainer
+    base.distill.teacher_ckpt, base.distill.experts = "", ""
+    trainer = _trainer(base, model, torch.device("cpu"), {"train": ds}, steps + 1)
 
     def step():
-        losses, _ = wrapped(batch)
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
+        trainer.run_step(batch)
 
     step()  # warm-up
     du.barrier()

@@ -10,19 +10,21 @@ from .common import env_info
 
 
 def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
-    """Per training step: time waiting for the DataLoader's next batch vs the step itself."""
+    """Per training step: time waiting for the DataLoader's next batch vs the step itself (``Trainer.run_step`` of
+    the config's point-only task: distillation settings are dropped, the loader is what is measured)."""
+    from ..config import from_dict
     from ..data.transforms import collate
-    from ..engine.tasks import SegmentationTask
-    from ..workflow.build import build_datasets, build_optimizer
-    from ..models import build_from_config
+    from ..workflow.build import build_datasets, build_model
+    from .steps import _trainer
 
     torch.set_num_threads(threads)
     ds = build_datasets(cfg, splits=("train",))["train"]
     # One epoch must hold every timed batch: a new iterator would restart the worker process and time its start-up.
     ds.repeat = max(ds.repeat, -(-(steps + 1) * cfg.data.batch_size // len(ds.scenes)))
     torch.manual_seed(0)
-    task = SegmentationTask(build_from_config(cfg)).train()
-    opt = build_optimizer(cfg, task.parameters())
+    base = from_dict(cfg.to_dict())
+    base.distill.teacher_ckpt, base.distill.experts = "", ""
+    trainer = _trainer(base, build_model(base), torch.device("cpu"), {"train": ds}, len(workers_list) * (steps + 1))
     rows = []
     for w in workers_list:
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, collate_fn=collate,
@@ -33,11 +35,7 @@ def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            losses, _ = task(batch)
-            total = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            trainer.run_step(batch)
             t2 = time.perf_counter()
             if n > 0:
                 waits.append(t1 - t0)

@@ -60,39 +60,41 @@ def _train_batches(cfg, n_batches, datasets=None):
     return datasets, [collate([ds[i] for i in ix]) for ix in idx]
 
 
-def _step_fn(task_cfg, device, n_batches=2):
+def _trainer(task_cfg, model, device, datasets, steps=100):
+    """The training step of ``task_cfg`` around ``model``: ``build_trainer``, what training builds, with the schedule
+    of a run of that config (the benchmark's steps use the learning rates a run starts with), lengthened to ``steps``
+    where the run would be shorter than the benchmark."""
+    from ..workflow.build import build_trainer, steps_per_epoch, train_sampler
+
+    per_epoch = steps_per_epoch(task_cfg, train_sampler(task_cfg, datasets["train"]))
+    trainer = build_trainer(task_cfg, model, datasets, device, max(task_cfg.train.epochs * per_epoch, steps))
+    trainer.task.train()
+    return trainer
+
+
+def _step_fn(task_cfg, device, n_batches=2, steps=100):
     """(step function, setup seconds, voxels per batch) of the task ``task_cfg`` describes, on fixed batches: one call
-    is a forward + backward + optimizer step."""
+    is ``Trainer.run_step`` (forward, finite-loss check, backward, gradient clip, optimizer and schedule step);
+    ``steps``: how many calls at most (the schedule must last that long)."""
     from ..engine.tasks import move_to
-    from ..engine.trainer import autocast, autocast_dtype
-    from ..workflow.build import build_datasets, build_optimizer, build_task
-    from ..models import build_from_config
+    from ..workflow.build import build_datasets, build_model
 
     torch.manual_seed(0)
     datasets = build_datasets(task_cfg, splits=("train",))
-    model = build_from_config(task_cfg).to(device)
+    model = build_model(task_cfg).to(device)
     t0 = time.perf_counter()
-    task = build_task(task_cfg, model, device, datasets).to(device)  # builds soft-label caches in cached mode
+    trainer = _trainer(task_cfg, model, device, datasets, steps)  # builds soft-label caches in cached mode
     setup_s = time.perf_counter() - t0
     _, batches = _train_batches(task_cfg, n_batches, datasets)
     batches = [move_to(b, device) for b in batches]
-    opt = build_optimizer(task_cfg, [p for p in task.parameters() if p.requires_grad])
-    task.train()
     state = {"i": 0}
-    amp = autocast_dtype(task_cfg, device)  # the trainer's mixed precision (optim.amp), scaler included
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     def step():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        with autocast(amp, device):
-            losses, _ = task(b)
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
+        trainer.run_step(b)
 
+    step.trainer = trainer  # what is timed, for a caller that checks it
     return step, setup_s, int(batches[0]["grid_coord"].shape[0])
 
 
@@ -104,14 +106,15 @@ def _step_times(task_cfgs: dict, device, runs, warmup, n_batches=2) -> dict:
 
     out = {}
     for n, c in task_cfgs.items():  # memory: one task alive at a time (its setup builds the soft-label caches)
-        step, setup_s, vox = _step_fn(c, device, n_batches)
+        step, setup_s, vox = _step_fn(c, device, n_batches, steps=n_batches)
         with PeakMemory(device) as mem:
             for _ in range(n_batches):
                 step()
         out[n] = {"setup_s": setup_s, "peak_mb": mem.mb, "voxels_per_batch": vox}
         del step
         gc.collect()
-    built = {n: _step_fn(c, device, n_batches)[0] for n, c in task_cfgs.items()}  # caches exist now: quick
+    steps = (warmup + runs) * n_batches
+    built = {n: _step_fn(c, device, n_batches, steps)[0] for n, c in task_cfgs.items()}  # caches exist now: quick
     names = list(built)
     for _ in range(warmup * n_batches):
         for n in names:
@@ -129,6 +132,16 @@ def _step_times(task_cfgs: dict, device, runs, warmup, n_batches=2) -> dict:
     return out
 
 
+def _no_hint_cache_without_cache(cfgs: dict) -> dict:
+    """``distill.hint_cache`` off in the rows without ``distill.cache``: the hint cache is only built with the
+    soft-label cache (an online teacher computes the hints itself), so this changes nothing that runs and every row
+    is a config that training accepts."""
+    for c in cfgs.values():
+        if not c.distill.cache:
+            c.distill.hint_cache = False
+    return cfgs
+
+
 def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
     """Baseline task vs HAS-KD (cached, online) on the same training batches, timed interleaved."""
     from ..config import from_dict
@@ -142,7 +155,7 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
         base["baseline_fp32"] = from_dict(base_cfg.to_dict())
         base["baseline_fp32"].optim.amp = False
     if not teacher and not snaps:
-        return _step_times(base, device, runs, warmup)
+        return _step_times(_no_hint_cache_without_cache(base), device, runs, warmup)
     with tempfile.TemporaryDirectory(prefix="haskd_bench_") as tmp:
         tmp = Path(tmp)
         kd = from_dict(cfg.to_dict())
@@ -159,7 +172,7 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
             other = "online" if kd.distill.hint_cache else "cached"
             cfgs[f"haskd_cached_hints_{other}"] = from_dict(kd.to_dict())
             cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache = not kd.distill.hint_cache
-        out = _step_times(cfgs, device, runs, warmup)
+        out = _step_times(_no_hint_cache_without_cache(cfgs), device, runs, warmup)
         out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints,
                               "hint_cache": hints and kd.distill.hint_cache}
     return out
