@@ -130,9 +130,10 @@ def part_tests(args, out: Path) -> dict:
 def _throughput_one(cfg, device, steps, warmup) -> dict:
     import torch
 
-    from haskd.bench.benchmark import PeakMemory, _step_fn, time_runs
+    from haskd.bench.common import PeakMemory, time_runs
+    from haskd.bench.steps import _step_fn
 
-    step, setup_s, voxels = _step_fn(cfg, device, n_batches=2)
+    step, setup_s, voxels = _step_fn(cfg, device, n_batches=2, steps=steps + warmup)
     with PeakMemory(device) as mem:
         t = time_runs(step, runs=steps, warmup=warmup, device=device)
     med = t["median"]
@@ -236,7 +237,7 @@ def part_pipeline(args, out: Path) -> dict:
 
 
 def part_benchmark(args, out: Path) -> dict:
-    from haskd.bench.benchmark import benchmark_models, to_markdown
+    from haskd.bench import benchmark_models, to_markdown
 
     demo, data, _ = _demo_paths(out, args.tiny)
     runs = sorted(p for p in demo.glob("*_seed*") if p.is_dir()) if demo.is_dir() else []

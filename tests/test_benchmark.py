@@ -91,7 +91,7 @@ def test_loading_benchmark_json(tiny_rooms, ckpts, tmp_path):
 def test_ddp_gradients_match_single_process(tiny_rooms, tmp_path):
     """2 gloo ranks (1 sample each, BN in eval mode: CPU BN statistics are per rank) vs one process on the same
     global batch of 2: the averaged gradients agree within float tolerance."""
-    from haskd.bench.benchmark import reference_grads, run_ddp
+    from haskd.bench.ddp import reference_grads, run_ddp
 
     cfg = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "data.batch_size=1"])
     out = tmp_path / "grads.pt"
@@ -139,3 +139,68 @@ def test_train_step_benchmark_times_mixed_precision_against_float32(tiny_rooms, 
     r = json.loads(out.read_text())
     assert set(r["train_step"]) >= {"baseline", "baseline_fp32", "haskd_cached", "haskd_online"}
     assert r["ratios"]["step_baseline_fp32_over_baseline"] > 0
+
+
+def _spy_run_step(monkeypatch):
+    """Record ``(trainer id, task class)`` of every ``Trainer.run_step`` call, then run the real step."""
+    from haskd.engine.trainer import Trainer
+
+    calls, real = [], Trainer.run_step
+
+    def spy(self, batch):
+        calls.append((id(self), type(self.task).__name__))
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", spy)
+    return calls
+
+
+def test_train_step_benchmark_times_the_trainers_run_step(tiny_rooms, ckpts, tmp_path, monkeypatch):
+    """Every configuration's step is ``Trainer.run_step``: the baseline (point-only task) and both HAS-KD rows
+    (distillation task), each in its memory pass and its timed pass (2 fixed batches each, runs=1, warmup=0)."""
+    calls = _spy_run_step(monkeypatch)
+    out = tmp_path / "s.json"
+    assert main(["benchmark", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms), "--teacher",
+                 str(ckpts["teacher"]), "--runs", "1", "--warmup", "0", "--max-scenes", "1", "--out", str(out)]) == 0
+    rows = [k for k, v in json.loads(out.read_text())["train_step"].items() if "median" in v]
+    assert rows == ["baseline", "haskd_cached", "haskd_online"]
+    per_trainer = {}
+    for tid, kind in calls:
+        per_trainer.setdefault(tid, []).append(kind)
+    kinds = sorted(ks[0] for ks in per_trainer.values())
+    assert len(per_trainer) == 2 * len(rows) and all(len(ks) == 2 for ks in per_trainer.values())
+    assert kinds == ["DistillTask"] * 4 + ["SegmentationTask"] * 2
+
+
+def test_loading_benchmark_times_the_trainers_run_step(tiny_rooms, ckpts, tmp_path, monkeypatch):
+    calls = _spy_run_step(monkeypatch)
+    assert main(["benchmark", "--loading", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms),
+                 "--steps", "1", "--out", str(tmp_path / "d.json")]) == 0
+    assert len(calls) == 2 * (1 + 1)  # workers 0 and 1, the untimed first batch included
+
+
+def test_benchmark_step_is_the_training_step(tiny_rooms):
+    """From the same state, one benchmark step (gradient clipping on) and one training step (``build_trainer`` with
+    the run's schedule, as ``haskd train`` builds it) give the same weights, digit for digit; clipping changes them."""
+    from haskd.bench.steps import _step_fn, _train_batches
+    from haskd.workflow.build import build_datasets, build_model, build_trainer, steps_per_epoch, train_sampler
+
+    def training_step(cfg, batch):
+        torch.manual_seed(0)
+        datasets = build_datasets(cfg, splits=("train",))
+        trainer = build_trainer(cfg, build_model(cfg), datasets, torch.device("cpu"),
+                                cfg.train.epochs * steps_per_epoch(cfg, train_sampler(cfg, datasets["train"])))
+        trainer.task.train()
+        return trainer.run_step(batch), trainer.task.state_dict()
+
+    cfg = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "optim.clip_grad=0.05"])
+    step, _, _ = _step_fn(cfg, torch.device("cpu"), n_batches=1)
+    step()
+    bench = step.trainer.task.state_dict()
+    _, batches = _train_batches(cfg, 1, build_datasets(cfg, splits=("train",)))
+    _, trained = training_step(cfg, batches[0])
+    assert set(bench) == set(trained)
+    assert all(torch.equal(bench[k], trained[k]) for k in bench)
+    unclipped = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "optim.clip_grad=0"])
+    _, free = training_step(unclipped, batches[0])
+    assert any(not torch.equal(bench[k], free[k]) for k in bench if bench[k].is_floating_point())

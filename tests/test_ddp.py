@@ -6,7 +6,7 @@ import sys
 import torch
 
 from conftest import REPO
-from haskd.bench.benchmark import free_port
+from haskd.bench.ddp import free_port
 
 
 def test_two_process_ddp_keeps_ranks_identical(tiny_rooms, tmp_path):

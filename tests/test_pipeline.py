@@ -212,7 +212,7 @@ def test_ddp_distillation_with_hints_and_no_feature_term(pipeline_run, tiny_room
     import sys
 
     from conftest import REPO
-    from haskd.bench.benchmark import free_port
+    from haskd.bench.ddp import free_port
 
     out, _ = pipeline_run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -71,7 +71,7 @@ def _config(args):
 
 
 def run(args) -> int:
-    from ..bench import benchmark as B
+    from .. import bench as B
     from ..errors import HaskdError
 
     if args.runs < 1 or args.warmup < 0:
