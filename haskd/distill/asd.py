@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..config import CHOICES
 from ..errors import HaskdError, require
-from .ihd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, class_balance, information_weights,
+from .kd import (KD_TARGETS, TARGET_KINDS, TRUST_MODES, _check_choice, class_balance, information_weights,
                   kl_per_point, kl_per_point_nontarget, weighted_mean)
 
 SCHEDULES = CHOICES["train.snapshot_schedule"]
@@ -140,10 +140,10 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     ``"hard"`` keeps a labeled point only where its target's argmax is the label, ``"soft"`` weighs it by the
     target's probability of the label (the IHD trust, applied to the experts); unlabeled points keep weight 1;
     the mean is then weighted, ``sum(w * kl) / sum(w)``. ``kd_target="nontarget"`` (ours) distils only the
-    non-label classes of labeled points (:func:`haskd.distill.ihd.kl_per_point_nontarget`). ``point_mask`` (N,): 0 for
+    non-label classes of labeled points (:func:`haskd.distill.kd.kl_per_point_nontarget`). ``point_mask`` (N,): 0 for
     points whose class the teacher supervises instead (:func:`teacher_route`); they leave the sum, not the
-    normaliser (:func:`haskd.distill.ihd.weighted_mean`). ``balance`` (ours, ``distill.class_balance``): each point
-    also weighs :func:`haskd.distill.ihd.class_balance` of its assigned class, so every class has the same share.
+    normaliser (:func:`haskd.distill.kd.weighted_mean`). ``balance`` (ours, ``distill.class_balance``): each point
+    also weighs :func:`haskd.distill.kd.class_balance` of its assigned class, so every class has the same share.
     Targets are detached: the experts are frozen and never receive gradients.
     """
     _check_choice("unlabeled", unlabeled, UNLABELED_MODES)

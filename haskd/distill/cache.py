@@ -30,6 +30,11 @@ Mapping to voxels: :func:`gather_to_voxels` averages point values over each voxe
 (:func:`topk_probs` at the training tau) rather than logits with ``-inf``: a voxel whose points have different
 top-k sets would otherwise get ``-inf`` for most classes (or NaN for all). For an unaugmented batch whose
 voxels match the teacher's, every point of a voxel carries the same values and both give the online target.
+
+This module owns the whole cache: the file format (:func:`write_scene_cache`, :func:`load_scene_cache`), building a
+folder once and deciding when it is stale (:func:`build_cache`, :func:`build_hint_cache`, :func:`build_expert_cache`,
+what a frozen model gives per point: :func:`scene_outputs`), and reading it onto a batch's voxels
+(:class:`CacheReader`).
 """
 from __future__ import annotations
 
@@ -332,3 +337,254 @@ def gather_to_voxels(point_values, inverse, num_voxels: Optional[int] = None, di
     view = [1] * x.dim()
     view[dim] = n
     return total / count.reshape(view)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def batch_coords(batch):
+    """``(N, 4)`` ``[batch, x, y, z]`` of a collated batch's voxels (as :meth:`SparseTensor.from_batch` builds)."""
+    from ..sparse import SparseTensor
+
+    return SparseTensor.from_batch(batch["grid_coord"], batch["grid_coord"][:, :1], batch["offset"]).coords
+
+
+@torch.no_grad()
+def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=0.0) -> dict:
+    """Per-original-point outputs of a frozen model on one unaugmented scene: ``logits`` (P,C) and, when the
+    model gives them, ``feat`` (P,D) and ``visible`` (P,). With ``hint_model`` (the teacher's 3D branch), also
+    ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``."""
+    from ..data.transforms import collate
+    from ..engine.evaluate import scene_sample
+    from ..engine.tasks import move_to
+    from .hints import run_with_hints
+    from .ihd import image_gain, image_right
+
+    sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal, angle=angle)
+    if extra is not None:
+        sample = extra(sample)
+    batch = move_to(collate([sample]), device)
+    if hint_model is model:
+        out, tap = run_with_hints(model, batch)
+    else:
+        out = model(batch)
+    inv = batch["inverse"]
+    res = {"logits": out["logits"].float()[inv].cpu()}
+    if hint_model is not None:
+        if hint_model is not model:
+            tap = run_with_hints(hint_model, batch)[1]
+        c0 = batch_coords(batch).cpu()
+        res["hints"] = [(f.float().cpu(), level_rows(c.cpu(), c0, s)[inv.cpu()])
+                        for f, c, s in zip(tap.feats, tap.coords, tap.strides)]
+    if "visible" in out:
+        res["visible"] = out["visible"][inv].cpu() > 0.5
+        res["feat"] = out["feat"].float()[inv].cpu()
+    if "logits_3d" in out and scene.segment is not None:
+        z3, seg = out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment)
+        res["gain"] = image_gain(res["logits"], z3, seg)
+        res["image_right"] = image_right(res["logits"], z3, seg) > 0
+    return res
+
+
+def cache_dir_for(src, cfg, kind="teacher") -> Path:
+    """Where the cache of ``kind`` built from ``src`` (a checkpoint or an experts JSON) lives: beside it."""
+    split = cfg.data.train_split
+    return Path(src).parent / f"soft_labels_{kind}_{split}_v{cfg.data.voxel_size:g}"
+
+
+def _stamp(src) -> str:
+    st = Path(src).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _stamp_of(sources, content: str) -> str:
+    return ";".join(_stamp(s) for s in sources) + (f"|{content}" if content else "")
+
+
+def _fresh(cache_dir, names, stamp: str) -> bool:
+    """A cache is reused only when it was built from these very checkpoints, with this content (what each scene
+    file holds: both in ``stamp``), and holds every scene."""
+    cache_dir = Path(cache_dir)
+    sf = cache_dir / "source.txt"
+    return sf.is_file() and sf.read_text() == stamp and read_manifest(cache_dir) is not None \
+        and all(_scene_file(cache_dir, n).is_file() for n in names)
+
+
+def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
+    """Build a cache folder once: ``write_scene(folder, i, scene)`` for every scene, into a private folder that is
+    renamed into place when complete. Two runs that start from the same checkpoint at once (two students of one
+    teacher) both build, and whichever finishes second keeps the first one's folder: no run ever reads or deletes
+    a folder another is writing (they once did, and a run failed on a scene file deleted under it)."""
+    import shutil
+
+    from ..progress import progress
+
+    cache_dir = Path(cache_dir)
+    names = [s.name for s in scenes]
+    stamp = _stamp_of(sources, content)
+    if _fresh(cache_dir, names, stamp):
+        return cache_dir
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".building", dir=cache_dir.parent))
+    try:
+        for i, scene in enumerate(progress(scenes, desc=desc, unit="scene", leave=False)):
+            write_scene(tmp, i, scene)
+        (tmp / "source.txt").write_text(stamp)
+        if not _fresh(cache_dir, names, stamp):  # nobody else finished first: replace the stale folder
+            old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".stale", dir=cache_dir.parent))
+            try:
+                os.replace(cache_dir, old / "cache")
+            except FileNotFoundError:
+                pass
+            try:
+                os.replace(tmp, cache_dir)
+            except OSError:  # another run put its (equal) folder there in between
+                if not _fresh(cache_dir, names, stamp):
+                    raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
+
+
+def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
+    """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
+    def write(folder, i, scene):
+        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None)
+        write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
+                          visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"))
+
+    return _build(cache_dir, dataset.scenes, sources, "teacher logits, features, visibility, image gain, image right",
+                  "teacher soft labels", write)
+
+
+def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), views=1) -> Path:
+    """Per-level hints of the teacher's 3D branch (points only, no frames needed) for every scene, once. The
+    file also holds the branch's logits (the cache format's required part; not used as targets).
+
+    ``views`` > 1 (``distill.hint_cache_views``): each level's features are the mean over the scene z-rotated by
+    ``2 pi k / views``, ``k = 0..views-1``, each view's per-point features averaged into the unrotated scene's
+    level-l voxels. A sparse conv net is not rotation-equivariant, and the student sees every batch at a random
+    rotation: the mean over rotations is the part of the teacher's features it can match without knowing the angle.
+    """
+    def write(folder, i, scene):
+        o = scene_outputs(backbone, scene, cfg, device, hint_model=backbone)
+        hints = [[f, r] for f, r in o["hints"]]
+        for k in range(1, views):
+            v = scene_outputs(backbone, scene, cfg, device, hint_model=backbone, angle=2 * np.pi * k / views)
+            for h, (f, r) in zip(hints, v["hints"]):
+                h[0] = h[0] + torch.sparse.mm(pair_mean_matrix(h[1], r, h[0].shape[0], f.shape[0]), f)
+        write_scene_cache(folder, scene.name, o["logits"], topk=1, hints=[(f / views, r) for f, r in hints])
+
+    return _build(cache_dir, dataset.scenes, sources, f"3D-branch logits, per-level hints over {views} z-rotations",
+                  "teacher hints", write)
+
+
+def build_expert_cache(experts, dataset, cfg, device, cache_dir, topk=8, sources=()) -> Path:
+    """The snapshot experts' soft labels per original point of every scene, all experts in one file, once."""
+    def write(folder, i, scene):
+        z = torch.stack([scene_outputs(m, scene, cfg, device)["logits"] for m in experts])
+        write_scene_cache(folder, scene.name, z, topk=topk)
+
+    return _build(cache_dir, dataset.scenes, sources, "", "expert soft labels", write)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class CacheReader:
+    """Reads one cache folder onto batches: each scene's file is read once (kept in memory, as probabilities at
+    ``tau``), and per batch the per-point rows are averaged onto the batch's (augmented, cropped) voxels through the
+    point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the mean over the points of each voxel."""
+
+    def __init__(self, cache_dir, num_classes: int, tau: float):
+        self.cache_dir = Path(cache_dir)
+        self.num_classes = int(num_classes)
+        self.tau = tau
+        self._mem = {}
+
+    def scene(self, name) -> dict:
+        """One scene's cache as tensors, read once: the probabilities at ``tau`` (float16; the softmax is done here,
+        not per batch), dense in class order when the cache kept every class, else top-k with their class ids; and
+        feat / visible / gain / image_right / hints when stored."""
+        if name not in self._mem:
+            c = load_scene_cache(self.cache_dir, name)
+            p = torch.softmax(torch.from_numpy(c["topk_logits"]).float() / self.tau, -1)
+            idx = torch.from_numpy(c["topk_index"]).long()
+            if idx.shape[-1] >= self.num_classes:  # every class kept: dense, class-ordered, points first, no index
+                d = torch.zeros((*p.shape[:-1], self.num_classes)).scatter_(-1, idx, p)
+                t = {"dense": (d.permute(1, 0, 2) if d.dim() == 3 else d).contiguous().half()}
+            else:
+                t = {"probs": p.half(), "index": idx.short()}
+            for k in ("feat", "visible", "gain", "image_right"):
+                if k in c:
+                    t[k] = torch.from_numpy(c[k])
+            levels = sorted(int(k[4:]) for k in c if k.startswith("hint") and k[4:].isdigit())
+            if levels:
+                t["hints"] = [(torch.from_numpy(c[f"hint{l}"]), torch.from_numpy(c[f"hint_rows{l}"]).long())
+                              for l in levels]
+            self._mem[name] = t
+        return self._mem[name]
+
+    def voxels(self, batch) -> dict:
+        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain / image_right
+        when stored. Always computed in float32, outside any autocast of the training step (``optim.amp``)."""
+        with torch.autocast("cpu", enabled=False):
+            return self._voxels_fp32(batch)
+
+    def _voxels_fp32(self, batch):
+        inv = batch["inverse"].cpu()
+        N = batch["grid_coord"].shape[0]
+        starts = [0] + batch["point_offset"].tolist()[:-1]
+        ends = batch["point_offset"].tolist()
+        parts = [self.scene(name) for name in batch["scene"]]
+        # points cropped away carry -1: they go to a dump row N, dropped at the end (no masked copies)
+        i = inv[starts[0]:ends[-1]]
+        rows = torch.where(i >= 0, i, torch.full_like(i, N))
+        cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in parts[0]
+               if k != "hints"}
+        reducer = mean_reducer(rows, N)  # one per batch, shared by every target below
+
+        def mean(x):  # (P, ...) per point -> (N, ...) per voxel, float32
+            return torch.sparse.mm(reducer, x.reshape(x.shape[0], -1).float()).reshape(N, *x.shape[1:])
+
+        dev = batch["grid_coord"].device
+        if "dense" in cat:
+            probs = mean(cat["dense"])
+            probs = probs.permute(1, 0, 2) if probs.dim() == 3 else probs  # experts: (N, M, C) -> (M, N, C)
+        else:
+            probs = topk_to_voxels(cat["probs"], cat["index"], rows, N, self.num_classes)
+        out = {"probs": probs.to(dev)}
+        if "feat" in cat:
+            out["feat"] = mean(cat["feat"]).to(dev)
+        if "visible" in cat:
+            out["visible"] = (mean(cat["visible"]) > 0.5).float().to(dev)
+        if "gain" in cat:
+            out["gain"] = mean(cat["gain"]).to(dev)
+        if "image_right" in cat:  # per voxel: the share of its points where only the images made the teacher right
+            out["image_right"] = mean(cat["image_right"]).to(dev)
+        return out
+
+    def hints(self, batch, level_coords, strides) -> list:
+        """Per-level cached hints for the voxels of a student's levels (``level_coords``: each level's ``(N_l, 4)``
+        voxel coords, at ``strides``): the cached level-l features of the unaugmented scene averaged over the points
+        of each student voxel of that level. Float32, outside any autocast."""
+        with torch.autocast("cpu", enabled=False):
+            return self._hints_fp32(batch, level_coords, strides)
+
+    def _hints_fp32(self, batch, level_coords, strides):
+        parts = [self.scene(name)["hints"] for name in batch["scene"]]
+        n0 = batch["grid_coord"].shape[0]
+        inv = batch["inverse"].cpu()
+        rows0 = torch.where(inv >= 0, inv, torch.full_like(inv, n0))  # cropped points: dropped
+        c0 = batch_coords(batch).cpu()
+        dev = batch["grid_coord"].device
+        out = []
+        for lvl, (coords, stride) in enumerate(zip(level_coords, strides)):
+            n = coords.shape[0]
+            vrow = torch.cat([level_rows(coords.cpu(), c0, stride), torch.tensor([n])])
+            feats, trows, base = [], [], 0
+            for p in parts:  # scenes in batch order: their points are consecutive in ``inverse``
+                f, r = p[lvl]
+                feats.append(f)
+                trows.append(r + base)
+                base += f.shape[0]
+            m = pair_mean_matrix(vrow[rows0], torch.cat(trows), n, base)
+            out.append(torch.sparse.mm(m, torch.cat(feats).float()).to(dev))
+        return out

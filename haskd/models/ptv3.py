@@ -287,6 +287,20 @@ class PointTransformerV3(nn.Module):
             self.dec.append(nn.ModuleList([Block(dec_channels[i], dec_num_heads[i], mlp_ratio, 0.0, backend)
                                            for _ in range(dec_depths[i])]))
         self.head = nn.Linear(self.feat_dim, num_classes)
+        self._enc_channels, self._dec_channels = tuple(enc_channels), tuple(dec_channels)
+
+    def hint_levels(self) -> list:
+        """The levels the hint term of IHD aligns (:mod:`haskd.distill.hints`): ``(module, stride, dim)`` for the
+        deepest encoder stage, then every decoder stage, coarse to fine (the last one's features are ``feat``). Each
+        module is the stage's last :class:`Block`; its call receives the stage's ``_Level``, whose ``coords`` are
+        the level's voxels (input grid // stride, batch first). A stage without blocks has nothing to capture."""
+        s = len(self.enc)
+        stages = [(self.enc[-1], 2 ** (s - 1), self._enc_channels[-1])]
+        stages += [(self.dec[i], 2 ** i, self._dec_channels[i]) for i in reversed(range(len(self.dec)))]
+        if any(len(blocks) == 0 for blocks, _, _ in stages):
+            raise HaskdError("ptv3: a stage of depth 0 gives no per-level features for hints "
+                             "(set distill.hint_weight=0)")
+        return [(blocks[-1], stride, dim) for blocks, stride, dim in stages]
 
     def set_backend(self, backend: str) -> "PointTransformerV3":
         """Run the CPE/stem sparse convs with ``backend`` from now on (weights unchanged)."""

@@ -119,12 +119,23 @@ class SpUNet(nn.Module):
             prev = cout
         self.feat_dim = prev
         self.head = nn.Linear(prev, num_classes)
-        # Widths of the per-level features that ``forward`` adds as ``hints`` when ``return_hints`` is set
-        # (the deepest encoder level, then every decoder level, coarse to fine): targets of the hint term of IHD.
-        # ``hint_coords`` holds each level's voxel coords (a level of stride s: the input voxel coords // s).
-        self.hint_dims = (channels[-1], *dec_channels)
-        self.hint_strides = (2 ** n, *(2 ** (n - 1 - j) for j in range(n)))
-        self.return_hints = False
+        self._hint_strides = (2 ** n, *(2 ** (n - 1 - j) for j in range(n)))
+        self._hint_dims = (channels[-1], *dec_channels)
+
+    def hint_levels(self) -> list:
+        """The levels the hint term of IHD aligns (:mod:`haskd.distill.hints`): ``(module, stride, dim)`` for the
+        deepest encoder level, then every decoder level, coarse to fine (the last one's features are ``feat``).
+        Each module returns a :class:`SparseTensor` whose coords are that level's voxels (input coords // stride)."""
+        mods = [self.enc[-1], *self.dec]
+        return list(zip(mods, self._hint_strides, self._hint_dims))
+
+    @property
+    def hint_dims(self) -> tuple:
+        return tuple(d for _, _, d in self.hint_levels())
+
+    @property
+    def hint_strides(self) -> tuple:
+        return tuple(s for _, s, _ in self.hint_levels())
 
     def set_backend(self, backend: str) -> "SpUNet":
         """Run every sparse conv with ``backend`` from now on (weights unchanged)."""
@@ -138,18 +149,11 @@ class SpUNet(nn.Module):
             x = enc(down(x))
             skips.append(x)
         skips.pop()  # the deepest level is x itself
-        hints, coords = [x.feats], [x.coords]
         for up, dec in zip(self.up, self.dec):
             x = up(x)
             skip = skips.pop()
             x = dec(x.replace_feats(torch.cat([x.feats, skip.feats], 1)))
-            hints.append(x.feats)
-            coords.append(x.coords)
-        out = {"logits": self.head(x.feats), "feat": x.feats}
-        if self.return_hints:
-            out["hints"] = hints
-            out["hint_coords"] = coords  # (N_l, 4) [batch, x, y, z] of each level, in that level's voxels
-        return out
+        return {"logits": self.head(x.feats), "feat": x.feats}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -130,9 +130,9 @@ def build_task(cfg: Config, model, device, datasets):
     if role == "teacher":
         return TeacherTask(model, cfg.teacher.loss_3d, cfg.teacher.loss_2d)
     if role == "distilled":
-        from ..distill.task import DistillTask
+        from ..distill.setup import build_distill_task
 
-        task = DistillTask.from_config(model, cfg, device, datasets)
+        task = build_distill_task(model, cfg, device, datasets["train"])
     else:
         task = SegmentationTask(model)
     return WithLovasz(task, cfg.train.lovasz_weight) if cfg.train.lovasz_weight > 0 else task
