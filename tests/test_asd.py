@@ -172,7 +172,7 @@ def test_asd_nontarget_uses_the_non_label_classes():
     import torch
 
     from haskd.distill.asd import asd_loss
-    from haskd.distill.ihd import kl_per_point_nontarget
+    from haskd.distill.kd import kl_per_point_nontarget
 
     z = torch.tensor([[[math.log(3.0), 0.0, 0.5]], [[0.0, 2.0, 0.0]]])  # 2 snapshots, 1 point, 3 classes
     s = torch.tensor([[0.3, -0.2, 0.1]])
@@ -198,7 +198,7 @@ def test_teacher_route_gives_each_point_one_logit_source():
     """The IHD logit term and ASD split the points by class; together they are one KD term over every point: the
     masked sums keep the whole normaliser, and a point's gradient comes only from its class's source."""
     from haskd.distill.asd import teacher_route
-    from haskd.distill.ihd import kd_kl
+    from haskd.distill.kd import kd_kl
 
     classes = torch.tensor([True, False])          # class 0: the teacher; class 1: its snapshot expert
     y = torch.tensor([0, 1, -1, -1])

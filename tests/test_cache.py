@@ -10,7 +10,8 @@ from haskd.distill.asd import asd_loss
 from haskd.distill.cache import (dense_logits_from_topk, gather_to_voxels, load_scene_cache, read_manifest, topk_probs,
                          write_scene_cache)
 from haskd.errors import HaskdError, InputError
-from haskd.distill.ihd import IHDLoss, kd_kl
+from haskd.distill.ihd import IHDLoss
+from haskd.distill.kd import kd_kl
 
 
 def test_topk_truncation_hand_values(tmp_path):
@@ -166,8 +167,8 @@ def test_mean_reducer_matches_gather_to_voxels():
 
 @pytest.mark.parametrize("k", [4, 2])  # every class kept (dense path) and a true top-k
 def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
-    """DistillTask._cached (two scenes in one batch, cropped points dropped) equals the per-point reference."""
-    from haskd.distill.task import DistillTask
+    """CacheReader.voxels (two scenes in one batch, cropped points dropped) equals the per-point reference."""
+    from haskd.distill.cache import CacheReader
 
     g = torch.Generator().manual_seed(4)
     c, m, tau = 4, 3, 2.0
@@ -185,16 +186,15 @@ def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
     inverse = torch.cat([torch.where(drop_a, -1, inv_a), inv_b + n_a])
     batch = {"inverse": inverse, "grid_coord": torch.zeros(n_a + n_b, 4), "scene": ["a", "b"],
              "point_offset": torch.tensor([inv_a.numel(), inv_a.numel() + inv_b.numel()])}
-    task = DistillTask(torch.nn.Linear(1, 1), cache_dirs={"experts": tmp_path / "e", "teacher": tmp_path / "t"},
-                       num_classes=c, tau=tau)
+    readers = {kind: CacheReader(tmp_path / kind[0], num_classes=c, tau=tau) for kind in ("experts", "teacher")}
     keep = inverse >= 0
     for kind, logits in (("experts", torch.cat([la, lb], 1)), ("teacher", torch.cat([la[0], lb[0]]))):
         vals, idx = logits.topk(k, dim=-1)
         want = gather_to_voxels(topk_probs(vals, idx, c, tau=tau)[..., keep, :], inverse[keep], n_a + n_b, dim=-2)
-        got = task._cached(kind, batch)
+        got = readers[kind].voxels(batch)
         assert torch.allclose(got["probs"], want, atol=2e-3), kind
     want_f = gather_to_voxels(torch.cat([fa, fb])[keep], inverse[keep], n_a + n_b)
-    assert torch.allclose(task._cached("teacher", batch)["feat"], want_f, atol=2e-3)
+    assert torch.allclose(readers["teacher"].voxels(batch)["feat"], want_f, atol=2e-3)
 
 
 def test_level_rows_finds_each_voxel_in_its_coarse_level():
@@ -227,7 +227,7 @@ def test_two_runs_building_one_cache_at_once_both_get_it_whole(tmp_path):
     import time
     from types import SimpleNamespace
 
-    from haskd.distill.task import _build
+    from haskd.distill.cache import _build
 
     src = tmp_path / "teacher.pt"
     src.write_bytes(b"x")

@@ -101,10 +101,10 @@ def test_every_choice_error_names_the_allowed_values():
 
 def test_choice_sets_are_the_ones_the_code_uses():
     from haskd.config import CHOICES
-    from haskd.distill import asd, ihd
+    from haskd.distill import asd, kd
     from haskd.sparse import BACKENDS
 
-    assert ihd.IHD_TRUST_MODES == ihd.TRUST_MODES + ihd.IMAGE_TRUST_MODES == CHOICES["distill.trust"]
+    assert kd.IHD_TRUST_MODES == kd.TRUST_MODES + kd.IMAGE_TRUST_MODES == CHOICES["distill.trust"]
     assert asd.UNLABELED_MODES == CHOICES["distill.asd_unlabeled"] and BACKENDS == CHOICES["model.backend"]
 
 

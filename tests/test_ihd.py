@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from haskd.distill.ihd import IHDLoss, Projector, feature_loss, information_weights, kd_kl
+from haskd.distill.ihd import IHDLoss
+from haskd.distill.kd import Projector, feature_loss, information_weights, kd_kl
 
 LN3 = math.log(3.0)
 KL_075 = 0.13081203594113697
@@ -173,7 +174,7 @@ def test_image_gain_weights_the_ihd_terms():
 
 def test_hint_loss_hand_value_identity_init_and_gradient():
     """HintLoss: mean over levels of the normalised squared distance; identity projectors where widths agree."""
-    from haskd.distill.ihd import HintLoss
+    from haskd.distill.hints import HintLoss
 
     h = HintLoss((2, 3), (2, 4), weight=2.0)
     assert torch.equal(h.projectors[0].linear.weight, torch.eye(2))  # same width: identity to start
@@ -200,7 +201,7 @@ def test_hint_loss_hand_value_identity_init_and_gradient():
 def test_nontarget_kl_hand_value_and_label_gradient():
     """kd_target=nontarget (ours): KL over the non-label classes, both sides renormalised; unlabeled rows keep the
     full KL; the label's own logit gets no gradient from it (CE alone moves it)."""
-    from haskd.distill.ihd import kl_per_point, kl_per_point_nontarget
+    from haskd.distill.kd import kl_per_point, kl_per_point_nontarget
 
     s = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]], requires_grad=True)
     t = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
@@ -233,7 +234,7 @@ def test_unused_feature_projector_is_frozen():
 
 
 def test_class_balance_hand_values_and_ihd_weights():
-    from haskd.distill.ihd import class_balance
+    from haskd.distill.kd import class_balance
 
     # classes [0, 0, 0, 1]: N = 4, K = 2 -> 4 / (2 * 3) for class 0, 4 / (2 * 1) for class 1; mean 1
     b = class_balance(torch.tensor([0, 0, 0, 1]), 3)

@@ -62,7 +62,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
     """The soft-label cache gives the same IHD + ASD losses as running the frozen models online."""
     from haskd.config import load_config
     from haskd.data.transforms import collate
-    from haskd.distill.task import DistillTask
+    from haskd.distill.setup import build_distill_task
     from haskd.engine.evaluate import scene_sample
     from haskd.workflow.build import build_datasets
     from haskd.models import build_from_config
@@ -82,7 +82,7 @@ def test_cached_and_online_distillation_agree_on_unaugmented_batch(pipeline_run,
         cfg.distill.teacher_expert = cache in ("route", "online-route")  # the table holds the teacher's row
         ds = build_datasets(cfg)
         torch.manual_seed(1)  # same projector initialisation in both tasks
-        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+        task = build_distill_task(student, cfg, "cpu", ds["train"]).eval()
         scene = ds["train"].scenes[0]
         sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
         if not cfg.distill.cache:
@@ -232,7 +232,7 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     hands the classes the snapshots score to them (the IHD logit term drops those points, ASD takes them); a table
     without the teacher's row gets a one-line error."""
     from haskd.data.transforms import collate
-    from haskd.distill.task import DistillTask
+    from haskd.distill.setup import build_distill_task
     from haskd.engine.evaluate import scene_sample
     from haskd.workflow.build import build_datasets
     from haskd.errors import HaskdError
@@ -270,7 +270,7 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
         p.write_text(json.dumps({**table, "teacher_iou": None if t_iou is None else [t_iou] * len(teacher_iou)}))
         cfg = load_config("scannet20_haskd", [*base, f"distill.experts={p}", f"distill.teacher_expert={routed}"])
         ds = build_datasets(cfg)
-        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+        task = build_distill_task(student, cfg, "cpu", ds["train"]).eval()
         s = ds["train"].scenes[0]
         with torch.no_grad():
             return task(collate([scene_sample(s, cfg.data.voxel_size, cfg.data.num_classes, True)]))[0]
@@ -288,7 +288,8 @@ def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, t
     scene, averaged over each student voxel's points) are the online hints on an unaugmented batch, level for level;
     an augmented, cropped training run with them trains and writes the hint cache in its own folder."""
     from haskd.data.transforms import collate
-    from haskd.distill.task import DistillTask, _with_hints
+    from haskd.distill.hints import run_with_hints
+    from haskd.distill.setup import build_distill_task
     from haskd.engine.evaluate import scene_sample
     from haskd.workflow.build import build_datasets
     from haskd.workflow.train import train
@@ -305,14 +306,14 @@ def test_cached_hints_equal_online_hints_on_an_unaugmented_batch(pipeline_run, t
         cfg.distill.hint_cache = cached
         ds = build_datasets(cfg)
         torch.manual_seed(1)
-        task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
-        assert ("teacher_hints" in task.cache_dirs) == cached
+        task = build_distill_task(student, cfg, "cpu", ds["train"]).eval()
+        assert (task.targets["hints"].cache is not None) == cached
         scenes = ds["train"].scenes[:2]
         batch = collate([scene_sample(s, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal)
                          for s in scenes])
         with torch.no_grad():
-            s_out = _with_hints(student, batch)
-            targets[cached] = task.teacher_hints(batch, s_out["hint_coords"])
+            _, tap = run_with_hints(student, batch)
+            targets[cached] = task.targets["hints"](batch, tap.coords, tap.strides)
             losses[cached], _ = task(batch)
     assert len(targets[True]) == len(targets[False]) == len(student.hint_dims)
     for a, b in zip(targets[True], targets[False]):
@@ -335,8 +336,7 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
     gather + voxel mean), in a folder of its own."""
     import numpy as np
 
-    from haskd.distill.cache import gather_to_voxels, load_scene_cache
-    from haskd.distill.task import build_hint_cache, scene_outputs
+    from haskd.distill.cache import build_hint_cache, gather_to_voxels, load_scene_cache, scene_outputs
     from haskd.engine.checkpoint import load_model
     from haskd.workflow.build import build_datasets
 
@@ -680,7 +680,7 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
     (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the online ones."""
     from haskd.distill.cache import read_manifest
     from haskd.data.transforms import collate
-    from haskd.distill.task import DistillTask
+    from haskd.distill.setup import build_distill_task
     from haskd.engine.evaluate import scene_sample
     from haskd.workflow.build import build_datasets
     from haskd.models import build_from_config
@@ -696,9 +696,9 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
             cfg.distill.cache, cfg.distill.trust = cache, trust
             ds = build_datasets(cfg)
             torch.manual_seed(1)
-            task = DistillTask.from_config(student, cfg, "cpu", ds).eval()
+            task = build_distill_task(student, cfg, "cpu", ds["train"]).eval()
             if cache:
-                assert read_manifest(task.cache_dirs["teacher"])["has_image_right"] is True
+                assert read_manifest(task.targets["teacher"].cache.cache_dir)["has_image_right"] is True
             sample = scene_sample(ds["train"].scenes[0], cfg.data.voxel_size, cfg.data.num_classes,
                                   cfg.data.use_normal)
             if not cache:
@@ -706,7 +706,7 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
             batch = collate([sample])
             with torch.no_grad():
                 losses[trust, cache], _ = task(batch)
-                t = task.teacher_targets(batch)
+                t = task.targets["teacher"](batch)
                 rules[trust, cache] = t["image_right" if trust == "image" else "gain"]
         # per point vs per voxel labels (a voxel of mixed classes) and float16 storage: close, not equal
         assert torch.allclose(rules[trust, True], rules[trust, False], atol=2e-2), trust

@@ -85,10 +85,11 @@ def test_backends_agree():
 
 
 def test_hints_are_per_level_features_in_a_shared_voxel_hierarchy():
-    """return_hints: one feature per level (deepest first, the last is ``feat``); two networks built from the same
-    batch have the same rows at every level, which the hint term of IHD relies on."""
+    """hint_levels + HintTap: one feature per level (deepest first, the last is ``feat``); two networks built from
+    the same batch have the same rows at every level, which the hint term of IHD relies on."""
     import torch
 
+    from haskd.distill.hints import HintTap
     from haskd.models import build_model
 
     torch.manual_seed(0)
@@ -97,10 +98,13 @@ def test_hints_are_per_level_features_in_a_shared_voxel_hierarchy():
     batch = {"grid_coord": g, "feat": torch.rand(len(g), 6), "offset": torch.tensor([len(g)])}
     a = build_model("spunet", 6, 5, preset="tiny", backend="torch").eval()
     b = build_model("spunet", 6, 5, preset="tiny", backend="torch").eval()
-    assert "hints" not in a(batch)
-    a.return_hints = b.return_hints = True
-    ha, hb = a(batch)["hints"], b(batch)["hints"]
+    assert set(a(batch)) == {"logits", "feat"}
+    with HintTap(a) as ta, HintTap(b) as tb:
+        out = a(batch)
+        b(batch)
+    ha, hb = ta.feats, tb.feats
     assert [h.shape[1] for h in ha] == list(a.hint_dims)
-    assert [h.shape[0] for h in ha] == [h.shape[0] for h in hb]
+    assert ta.strides == a.hint_strides == (16, 8, 4, 2, 1)
+    assert [h.shape[0] for h in ha] == [h.shape[0] for h in hb] == [c.shape[0] for c in ta.coords]
     assert ha[-1].shape[0] == len(g) and ha[0].shape[0] < len(g)
-    assert torch.equal(ha[-1], a(batch)["feat"])
+    assert torch.equal(ha[-1], out["feat"])
