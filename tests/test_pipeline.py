@@ -180,7 +180,8 @@ def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms
 
 def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeline_run, tiny_rooms, tmp_path):
     """distill.hint_weight: the per-level hint loss is logged, the teacher is untouched, the saved student has the
-    baseline's tensors (the hint projectors stay in the task); a student without per-level features is refused."""
+    baseline's tensors (the hint projectors stay in the task); a student whose levels do not match the teacher's 3D
+    branch (a PTv3 student, a SpUNet teacher) is refused with a one-line error."""
     from haskd.workflow.train import train
     from haskd.errors import HaskdError
 
@@ -200,7 +201,7 @@ def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeli
     bad = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.epochs=1", "model.name=ptv3",
                                           "model.preset=tiny", f"distill.teacher_ckpt={teacher_ckpt}",
                                           "distill.hint_weight=1"])
-    with pytest.raises(HaskdError, match="per-level features"):
+    with pytest.raises(HaskdError, match="hint levels differ"):
         train(bad, tmp_path / "bad", progress=False)
 
 

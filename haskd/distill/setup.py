@@ -47,6 +47,11 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
                                           hint_dims(teacher.backbone, "the teacher's 3D branch"), d.hint_weight)
             except ValueError as e:  # a 3D branch of another depth: no level-to-level match
                 raise HaskdError(f"{d.teacher_ckpt}: distill.hint_weight: {e}") from None
+            if not (d.cache and d.hint_cache) and type(student) is not type(teacher.backbone):
+                raise HaskdError(f"{d.teacher_ckpt}: distill.hint_weight: online hints pair the student's voxels with "
+                                 f"the teacher's 3D branch's row by row, which needs one network family (student "
+                                 f"{type(student).__name__}, 3D branch {type(teacher.backbone).__name__}); "
+                                 "the cached hints (distill.hint_cache=true) match them by position")
         frames = FrameProvider.for_run(tcfg, Path(d.teacher_ckpt).parent)
         hint_cache = None
         if d.cache:
