@@ -6,6 +6,8 @@
 frozen model online or a cache). The losses (and their training-only projectors) are registered, the sources are
 not: DDP wraps only the student and the projectors; the saved model is the student alone (same network as the
 baseline). :func:`haskd.distill.setup.build_distill_task` builds one from a config; nothing here reads files.
+A training loop of its own runs the student (:meth:`DistillTask.run_student`) and adds :meth:`DistillTask.terms`
+to its loss.
 
 With ``teacher_classes`` (``distill.teacher_expert``, ours) the teacher is one more expert: each class's logit target
 comes from the teacher or from its snapshot expert, whichever was better on val
@@ -43,14 +45,27 @@ class DistillTask(nn.Module):
             setattr(self, name, losses.get(name))
         self.targets = dict(targets)  # plain objects: frozen models inside are not registered
 
-    def forward(self, batch):
+    @property
+    def losses(self) -> dict:
+        """The distillation loss modules in use, by name (their parameters: the training-only projectors)."""
+        return {name: getattr(self, name) for name in LOSSES if getattr(self, name) is not None}
+
+    def run_student(self, batch):
+        """``(out, tap)``: the student's output, with its per-level features in ``tap`` when a hint loss is used
+        (a :class:`~haskd.distill.hints.HintTap`; else None)."""
         if self.hint is not None:
-            out, tap = run_with_hints(self.model, batch, "the student")
-        else:
-            out = self.model(batch)
+            return run_with_hints(self.model, batch, "the student")
+        return self.model(batch), None
+
+    def terms(self, batch, out, tap=None) -> dict:
+        """The distillation terms (no CE) for the student's ``out`` on ``batch``: ``ihd_hint`` (needs ``tap``),
+        ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given. For a training loop that runs the student
+        itself (``examples/library_distill.py``)."""
         y = batch["segment"]
-        losses = {"ce": ce_loss(out["logits"], y)}
+        losses = {}
         if self.hint is not None:
+            if tap is None:
+                raise ValueError("the hint loss needs the student's per-level features: run it inside a HintTap")
             t_hints = self.targets["hints"](batch, tap.coords, tap.strides)
             losses.update(self.hint(tap.feats, t_hints))
         ex = self.targets["experts"](batch) if self.asd is not None else None
@@ -65,4 +80,10 @@ class DistillTask(nn.Module):
             losses.update(self.ihd(out, t, y, logit_mask=route))
         if ex is not None:
             losses.update(self.asd(out, ex, y, point_mask=None if route is None else 1.0 - route))
+        return losses
+
+    def forward(self, batch):
+        out, tap = self.run_student(batch)
+        losses = {"ce": ce_loss(out["logits"], batch["segment"])}
+        losses.update(self.terms(batch, out, tap))
         return losses, out
