@@ -212,6 +212,11 @@ CHOICES = {
 }
 
 
+def listed(choices) -> str:
+    """``a, b, ""``: a closed set as an error shows it."""
+    return ", ".join(c if c else '""' for c in choices)
+
+
 # Keys that were in the schema once and did nothing: still accepted (configs inside old checkpoints and run folders
 # hold them), and dropped when read.
 REMOVED_KEYS = ("train.log_every",)
@@ -232,8 +237,7 @@ def _set(cfg: Config, key: str, value, source: str):
         raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
     value = _coerce(value, getattr(obj, name), key)
     if key in CHOICES and value not in CHOICES[key]:
-        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(map(repr, CHOICES[key]))}, "
-                         f"got {value!r}")
+        raise HaskdError(f"{source}: config key '{key}' must be one of {listed(CHOICES[key])}, got {value!r}")
     setattr(obj, name, value)
 
 
@@ -360,7 +364,7 @@ def check_config(cfg: Config) -> Config:
 
     def one_of(key, value, choices):
         if value not in choices:
-            bad(key, f"must be one of {', '.join(choices)}", value)
+            bad(key, f"must be one of {listed(choices)}", value)
 
     d, m, o, t, te, di = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.teacher, cfg.distill
     for key, choices in CHOICES.items():  # again here: a Config built in code has not been through _set
