@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -212,6 +213,11 @@ CHOICES = {
 }
 
 
+def listed(choices) -> str:
+    """``a, b, ""``: a closed set as an error shows it."""
+    return ", ".join(c if c else '""' for c in choices)
+
+
 # Keys that were in the schema once and did nothing: still accepted (configs inside old checkpoints and run folders
 # hold them), and dropped when read.
 REMOVED_KEYS = ("train.log_every",)
@@ -232,8 +238,7 @@ def _set(cfg: Config, key: str, value, source: str):
         raise HaskdError(f"{source}: unknown config key '{key}'; valid keys: {', '.join(_valid_keys(cfg))}")
     value = _coerce(value, getattr(obj, name), key)
     if key in CHOICES and value not in CHOICES[key]:
-        raise HaskdError(f"{source}: config key '{key}' must be one of {', '.join(map(repr, CHOICES[key]))}, "
-                         f"got {value!r}")
+        raise HaskdError(f"{source}: config key '{key}' must be one of {listed(CHOICES[key])}, got {value!r}")
     setattr(obj, name, value)
 
 
@@ -360,7 +365,7 @@ def check_config(cfg: Config) -> Config:
 
     def one_of(key, value, choices):
         if value not in choices:
-            bad(key, f"must be one of {', '.join(choices)}", value)
+            bad(key, f"must be one of {listed(choices)}", value)
 
     d, m, o, t, te, di = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.teacher, cfg.distill
     for key, choices in CHOICES.items():  # again here: a Config built in code has not been through _set
@@ -447,12 +452,17 @@ TEACHER_KEYS = tuple(f"distill.{f.name}" for f in dataclasses.fields(DistillConf
 
 def check_run(cfg: Config) -> Config:
     """Rules of one training run (not of a recipe: `haskd pipeline` reads a config whose teacher-side keys it hands
-    to the stages that have a teacher): a key that acts on the teacher needs one."""
-    if cfg.role == "student" and not cfg.distill.teacher_ckpt:
-        for key in TEACHER_KEYS:
-            if get(cfg, key) != get(Config(), key):
-                raise HaskdError(f"config key '{key}' needs distill.teacher_ckpt (it acts on the teacher; "
-                                 "`haskd pipeline` sets the checkpoint for its distilled stages)")
+    to the stages that have a teacher). A student distilled from snapshot experts alone refuses a key that acts on
+    the teacher; a point-only student (a baseline trained from a HAS-KD preset) says in one line that they are off."""
+    if cfg.role != "student" or cfg.distill.teacher_ckpt:
+        return cfg
+    keys = [k for k in TEACHER_KEYS if get(cfg, k) != get(Config(), k)]
+    if keys and cfg.distill.experts:
+        raise HaskdError(f"config key '{keys[0]}' needs distill.teacher_ckpt (it acts on the teacher; this run "
+                         "distils from snapshot experts only; `haskd pipeline` sets the checkpoint for its stages)")
+    if keys:
+        logging.getLogger(__name__).info("point-only student: %s act on a teacher and are off in this run",
+                                         ", ".join(keys))
     return cfg
 
 

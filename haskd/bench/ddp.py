@@ -25,7 +25,7 @@ def _ddp_worker(argv):
     ``grad`` mode: one backward with the model in eval mode (BatchNorm statistics are per rank on CPU, so BN must
     not normalise with batch statistics for the gradients to match), rank 0 writes the averaged gradients.
     """
-    from ..config import from_dict
+    from ..config import from_dict, point_only
     from ..data.transforms import collate
     from ..engine import distributed as du
     from ..engine.tasks import SegmentationTask
@@ -51,8 +51,7 @@ def _ddp_worker(argv):
             torch.save({n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}, out_path)
         du.cleanup()
         return
-    base = from_dict(cfg.to_dict())  # the point-only task's training step, wrapped in DDP by build_trainer
-    base.distill.teacher_ckpt, base.distill.experts = "", ""
+    base = point_only(cfg)  # the point-only task's training step, wrapped in DDP by build_trainer
     trainer = _trainer(base, model, torch.device("cpu"), {"train": ds}, steps + 1)
 
     def step():

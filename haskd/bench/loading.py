@@ -12,7 +12,7 @@ from .common import env_info
 def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
     """Per training step: time waiting for the DataLoader's next batch vs the step itself (``Trainer.run_step`` of
     the config's point-only task: distillation settings are dropped, the loader is what is measured)."""
-    from ..config import from_dict
+    from ..config import point_only
     from ..data.transforms import collate
     from ..workflow.build import build_datasets, build_model
     from .steps import _trainer
@@ -22,8 +22,7 @@ def benchmark_loading(cfg, steps=4, workers_list=(0, 1), threads=1) -> dict:
     # One epoch must hold every timed batch: a new iterator would restart the worker process and time its start-up.
     ds.repeat = max(ds.repeat, -(-(steps + 1) * cfg.data.batch_size // len(ds.scenes)))
     torch.manual_seed(0)
-    base = from_dict(cfg.to_dict())
-    base.distill.teacher_ckpt, base.distill.experts = "", ""
+    base = point_only(cfg)
     trainer = _trainer(base, build_model(base), torch.device("cpu"), {"train": ds}, len(workers_list) * (steps + 1))
     rows = []
     for w in workers_list:

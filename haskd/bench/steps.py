@@ -144,22 +144,20 @@ def _no_hint_cache_without_cache(cfgs: dict) -> dict:
 
 def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
     """Baseline task vs HAS-KD (cached, online) on the same training batches, timed interleaved."""
-    from ..config import from_dict
-
+    from ..config import from_dict, point_only, with_teacher
     from ..engine.trainer import autocast_dtype
 
-    base_cfg = from_dict(cfg.to_dict())
-    base_cfg.distill.teacher_ckpt, base_cfg.distill.experts = "", ""
-    base = {"baseline": base_cfg}
+    base = {"baseline": point_only(cfg)}
     if autocast_dtype(cfg, device) is not None:  # training runs mixed precision here: what it saves, same run
-        base["baseline_fp32"] = from_dict(base_cfg.to_dict())
+        base["baseline_fp32"] = point_only(cfg)
         base["baseline_fp32"].optim.amp = False
     if not teacher and not snaps:
         return _step_times(_no_hint_cache_without_cache(base), device, runs, warmup)
     with tempfile.TemporaryDirectory(prefix="haskd_bench_") as tmp:
         tmp = Path(tmp)
-        kd = from_dict(cfg.to_dict())
-        kd.distill.teacher_ckpt = _copy_ckpt(teacher, tmp, "teacher") if teacher else ""
+        kd = point_only(cfg)
+        if teacher:
+            with_teacher(kd, cfg, _copy_ckpt(teacher, tmp, "teacher"))
         kd.distill.experts = _experts_table(snaps, cfg.data.num_classes, tmp) if snaps else ""
         cfgs = dict(base)
         for mode, cache in (("haskd_cached", True), ("haskd_online", False)):

@@ -18,6 +18,13 @@ from ..errors import HaskdError
 log = logging.getLogger(__name__)
 
 
+# Why the render step exists (its --help): training never renders.
+RENDER_WHY = ("The prepare step for scenes without frames (S3DIS without 2D-3D-S, point-only scans): render virtual "
+              "RGB-D\nviews of each frameless scene from its coloured points, so the teacher has images to look at. "
+              "Training never\nrenders: a teacher on a scene with neither frames nor rendered views stops with one "
+              "line; `haskd pipeline`\nruns this step itself before its teacher.")
+
+
 def _common(p):
     p.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
     p.add_argument("--split", default="train", help="split folder whose scenes are processed")
@@ -47,19 +54,6 @@ def register(subparsers):
     s.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(func=run_select)
-    r = sub.add_parser("render", help="render virtual views for scenes without RGB-D frames (before the teacher)",
-                       description=(
-        "The prepare step for scenes without frames (S3DIS without 2D-3D-S, point-only scans): render virtual RGB-D\n"
-        "views of each frameless scene from its coloured points, so the teacher has images to look at. Training\n"
-        "never renders: a teacher on a scene with neither frames nor rendered views stops with one line.\n\n"
-        "Reads:  <DATA>/<split>/<scene>/ points (scenes with frames/ or frames_virtual/ are left alone).\n"
-        "Writes: rendered views into a cache folder ($HASKD_CACHE, else ~/.cache/haskd); the data are never\n"
-        "        written to. `haskd pipeline` runs this step itself before its teacher.\n"
-        "Prints: how many scenes were rendered."))
-    r.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
-    r.add_argument("--splits", default="train,val", help="comma-separated split folders")
-    r.add_argument("--num-views", type=int, default=20, help="views per scene (the config's teacher.virtual_views)")
-    r.set_defaults(func=run_render)
     c = sub.add_parser("coverage", help="point coverage of frame policies at several K -> Markdown + JSON",
                        description=(
         "Point coverage (share of points seen by the chosen frames) of frame policies at several K.\n\n"
@@ -72,6 +66,15 @@ def register(subparsers):
     c.add_argument("--seeds", default="0,1,2,3,4", help="seeds averaged for the random policies")
     c.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
     c.set_defaults(func=run_coverage)
+    r = sub.add_parser("render", help="render virtual views for scenes without RGB-D frames (before the teacher)",
+                       description=(
+        f"{RENDER_WHY}\n\nReads:  <DATA>/<split>/<scene>/ points (scenes with frames/ or frames_virtual/ are left "
+        "alone).\nWrites: rendered views into a cache folder ($HASKD_CACHE, else ~/.cache/haskd); the data are never "
+        "written to.\nPrints: how many scenes were rendered."))
+    r.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
+    r.add_argument("--splits", default="train,val", help="comma-separated split folders")
+    r.add_argument("--num-views", type=int, default=20, help="views per scene (the config's teacher.virtual_views)")
+    r.set_defaults(func=run_render)
 
 
 def run(args) -> int:

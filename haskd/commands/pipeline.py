@@ -5,7 +5,7 @@ import copy
 import logging
 from pathlib import Path
 
-from ..cli import add_common, config_from_args, positive_int
+from .args import add_common, config_from_args, positive_int
 
 log = logging.getLogger(__name__)
 
