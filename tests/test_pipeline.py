@@ -181,7 +181,7 @@ def test_student_warm_starts_from_the_teacher_3d_branch(pipeline_run, tiny_rooms
 def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeline_run, tiny_rooms, tmp_path):
     """distill.hint_weight: the per-level hint loss is logged, the teacher is untouched, the saved student has the
     baseline's tensors (the hint projectors stay in the task); a student whose levels do not match the teacher's 3D
-    branch (a PTv3 student, a SpUNet teacher) is refused with a one-line error."""
+    branch (a PTv3 student, a SpUNet teacher: other levels, or as many but online) is refused in one line."""
     from haskd.workflow.train import train
     from haskd.errors import HaskdError
 
@@ -203,6 +203,10 @@ def test_hint_term_trains_only_the_student_and_saves_the_baseline_network(pipeli
                                           "distill.hint_weight=1"])
     with pytest.raises(HaskdError, match="hint levels differ"):
         train(bad, tmp_path / "bad", progress=False)
+    # as many levels (5-stage PTv3) but another family: online hints would pair unrelated rows
+    bad.model.preset = "base"
+    with pytest.raises(HaskdError, match="needs one network family"):
+        train(bad, tmp_path / "bad2", progress=False)
 
 
 def test_ddp_distillation_with_hints_and_no_feature_term(pipeline_run, tiny_rooms, tmp_path):
