@@ -4,7 +4,7 @@ import torch
 from haskd.config import load_config
 from haskd.data.transforms import collate
 from haskd.workflow.build import build_datasets
-from haskd.models.teacher import MultiModalTeacher
+from haskd.models import build_from_config
 
 from conftest import TINY
 
@@ -48,7 +48,7 @@ def test_selected_training_frames_are_the_chosen_ones(tiny_rooms):
 def test_residual_fusion_adds_the_head_to_the_3d_logits(tiny_rooms):
     cfg = _cfg(tiny_rooms, "teacher.fusion=residual")
     ds = build_datasets(cfg, ("val",))["val"]
-    model = MultiModalTeacher.from_config(cfg, in_channels=ds[0]["feat"].shape[1]).eval()
+    model = build_from_config(cfg).eval()
     batch = collate([ds[0]])
     with torch.no_grad():
         out = model(batch)
@@ -73,7 +73,7 @@ def test_bad_fusion_and_train_frames_values_are_one_line_errors(tiny_rooms):
     cfg = _cfg(tiny_rooms)
     cfg.teacher.fusion = "sum"  # and by the network itself when a config is built in code
     with pytest.raises(HaskdError, match="teacher.fusion"):
-        MultiModalTeacher.from_config(cfg, in_channels=6)
+        build_from_config(cfg)
 
 
 def test_reused_teacher_keeps_weights_and_sees_the_policy_frames(tiny_rooms, tmp_path):

@@ -154,7 +154,7 @@ def test_expert_explanation_says_what_the_teacher_everywhere_means():
 
 
 def test_predict_prints_per_class_counts():
-    from haskd.cli import class_counts_text
+    from haskd.commands.train import class_counts_text
 
     text = class_counts_text({"wall": 1500, "floor": 3500}, 5000)
     assert text.splitlines()[0].split() == ["floor", "3,500", "points", "70.0%"]

@@ -1,11 +1,9 @@
-"""What every command's parser shares: the parser and help classes, the common training options
-(``--config --data --out --epochs --seed --device key=value``) and the config they give. Used by ``haskd.cli`` and by
-the command modules (which ``cli`` imports: they import this module, never ``cli``)."""
+"""What every command's parser shares: the parser and help classes, whole-number arguments, the scene layout line.
+Used by ``haskd.cli`` and by the command modules (which ``cli`` imports: they import this module, never ``cli``)."""
 from __future__ import annotations
 
 import argparse
 
-from ..config import CHOICES, load_config
 
 
 def positive_int(text: str) -> int:
@@ -46,31 +44,3 @@ class Parser(argparse.ArgumentParser):
 
 # Shown under every training/eval command's options.
 SCENES_IN = "scene folders <DATA>/<split>/<scene>/ (coord.npy, color.npy, segment20.npy or segment.npy, ...)"
-
-
-def add_common(p, data_required=False, out_default=None):
-    p.add_argument("--config", default=None, help="YAML config or preset name from haskd/configs/ (default: "
-                   "scannet20_student for train; each command's description names its own)")
-    p.add_argument("--data", default=None, required=data_required,
-                   help="data root holding <split>/<scene>/ (default: the config's data.root)")
-    p.add_argument("--out", default=None, help=f"output folder (default: {out_default or 'the command default'})")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the config's train.epochs)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's train.seed)")
-    p.add_argument("--device", default=None, choices=CHOICES["train.device"],
-                   help="default: the config's train.device (auto: cuda when available)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. optim.lr=0.01 model.preset=tiny (an unknown key lists the valid ones)")
-
-
-def config_from_args(args):
-
-    cfg = load_config(args.config, args.overrides)
-    if getattr(args, "data", None):
-        cfg.data.root = args.data
-    if getattr(args, "epochs", None) is not None:
-        cfg.train.epochs = args.epochs
-    if getattr(args, "seed", None) is not None:
-        cfg.train.seed = args.seed
-    if getattr(args, "device", None):
-        cfg.train.device = args.device
-    return cfg

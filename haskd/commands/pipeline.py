@@ -5,7 +5,8 @@ import copy
 import logging
 from pathlib import Path
 
-from .args import add_common, config_from_args, positive_int
+from .args import positive_int
+from .train import add_common, config_from_args
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from .asd import ASDLoss, iou_array, teacher_classes
 from .cache import CacheReader, build_cache, build_expert_cache, build_hint_cache, cache_dir_for
 from .hints import HintLoss, hint_dims
 from .ihd import IHDLoss
-from .targets import ExpertTargets, TeacherHints, TeacherTargets, frozen
-from .task import DistillTask
+from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
 
 
 def build_distill_task(student, cfg, device, train_set) -> DistillTask:

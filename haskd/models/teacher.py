@@ -13,7 +13,6 @@ import torch.nn as nn
 from ..errors import HaskdError
 from ..images.lifting import lift
 from .image_unet import ImageUNet, TimmUNet
-from .registry import build_model
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,12 @@ class MultiModalTeacher(nn.Module):
         self.depth_tau = depth_tau
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int, pretrained: bool = True):
-        """``pretrained``: load the 2D branch's starting weights (``teacher.image_weights`` /
-        ``teacher.image_pretrained``); off when a checkpoint's own weights follow (no file, no network needed)."""
-        m, t = cfg.model, cfg.teacher
-        backbone = build_model(m.name, in_channels, cfg.data.num_classes, preset=m.preset, backend=m.backend,
-                               **m.kwargs)
+    def from_config(cls, cfg, backbone, pretrained: bool = True):
+        """The teacher of ``cfg`` around ``backbone``, its 3D branch (built by
+        :func:`haskd.models.registry.build_from_config`, from the same registry as a student). ``pretrained``: load
+        the 2D branch's starting weights (``teacher.image_weights`` / ``teacher.image_pretrained``); off when a
+        checkpoint's own weights follow (no file, no network needed)."""
+        t = cfg.teacher
         num_2d = cfg.data.num_classes if t.loss_2d > 0 else None
         if t.image_encoder:
             image_net = TimmUNet(t.image_encoder, t.image_channels, num_classes=num_2d,

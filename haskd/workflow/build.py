@@ -22,7 +22,7 @@ from ..engine import distributed as dist_utils
 from ..engine.tasks import SegmentationTask, TeacherTask, WithLovasz
 from ..engine.trainer import Trainer, autocast_dtype
 from ..errors import HaskdError, InputError
-from ..models import build_from_config
+from ..models.registry import build_from_config
 
 log = logging.getLogger(__name__)
 
