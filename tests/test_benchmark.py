@@ -204,3 +204,23 @@ def test_benchmark_step_is_the_training_step(tiny_rooms):
     unclipped = load_config(None, TINY + [f"data.root={tiny_rooms}", "data.max_voxels=2000", "optim.clip_grad=0"])
     _, free = training_step(unclipped, batches[0])
     assert any(not torch.equal(bench[k], free[k]) for k in bench if bench[k].is_floating_point())
+
+
+def test_ddp_benchmark_alternates_setups_and_reports_medians_against_one_core(monkeypatch):
+    """--ddp runs its setups in turn, round after round, and compares each setup's median to 1 process x 1 thread
+    (the timing itself is stubbed: no timing is asserted)."""
+    from haskd.bench import ddp
+
+    order, rate = [], {(1, 1): [1.0, 3.0, 2.0], (2, 1): [3.0, 3.6, 4.0], (1, 2): [2.0, 2.2, 2.4]}
+
+    def fake(cfg, out, nproc, threads, steps, global_batch):
+        order.append((nproc, threads))
+        return {"world": nproc, "threads": threads, "wall_s": 1.0, "steps": steps,
+                "samples_per_s": rate[(nproc, threads)][order.count((nproc, threads)) - 1]}
+
+    monkeypatch.setattr(ddp, "run_ddp", fake)
+    r = ddp.benchmark_ddp(None, steps=2, rounds=3)
+    assert order == [(1, 1), (2, 1), (1, 2)] * 3
+    assert [row["samples_per_s"] for row in r["ddp"]] == [2.0, 3.6, 2.2]
+    assert r["speedup_2proc_over_1core"] == 1.8 and r["speedup_2threads_over_1core"] == 1.1
+    assert abs(r["speedup_2proc_over_2threads"] - 3.6 / 2.2) < 1e-12

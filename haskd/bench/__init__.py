@@ -6,7 +6,7 @@ returning a JSON-ready dict:
 - :mod:`.layers` (:func:`benchmark_layers`): sparse conv per level vs dense matmul, whole UNet torch vs spconv;
 - :mod:`.chunked` (:func:`benchmark_chunked`): chunked vs one-shot inference on a tiled room;
 - :mod:`.loading` (:func:`benchmark_loading`): DataLoader share of a training step;
-- :mod:`.ddp` (:func:`benchmark_ddp`): torchrun 2 x 1 thread vs 1 process x 2 threads.
+- :mod:`.ddp` (:func:`benchmark_ddp`): 1 core vs 2 (torchrun 2 x 1 thread, 1 process x 2 threads).
 
 :mod:`.common` holds the timing and memory helpers, :mod:`.report` the Markdown tables.
 """

@@ -1,4 +1,5 @@
-"""``haskd benchmark --ddp``: samples/s of 2 torchrun processes (1 thread each) vs 1 process with 2 threads; the
+"""``haskd benchmark --ddp``: samples/s of 2 torchrun processes (1 thread each) and of 1 process with 2 threads, each
+against 1 process with 1 thread (what the second core buys); the
 worker entry point (``python -m haskd.bench.ddp ddp-worker ...``) and the single-process reference gradients."""
 from __future__ import annotations
 
@@ -122,15 +123,31 @@ def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port
     return None if grad else json.loads(Path(out_json).read_text())
 
 
-def benchmark_ddp(cfg, steps=3, global_batch=4) -> dict:
-    """Samples/s of 2 processes x 1 thread (torchrun, gloo) vs 1 process x 2 threads, same global batch."""
-    rows = []
+# The setups timed by ``--ddp``: (name, processes, threads per process); the first is the 1-core reference.
+DDP_SETUPS = (("1 process x 1 thread", 1, 1), ("torchrun 2 processes x 1 thread", 2, 1),
+              ("1 process x 2 threads", 1, 2))
+
+
+def benchmark_ddp(cfg, steps=3, global_batch=4, rounds=1) -> dict:
+    """Samples/s of 2 processes x 1 thread (torchrun, gloo) and 1 process x 2 threads against 1 process x 1 thread,
+    same model, same global batch. ``rounds``: the setups run in turn that many times (A B C A B C ...), each
+    setup's median reported, so a machine whose speed drifts affects all of them alike."""
+    import statistics
+
+    runs = {name: [] for name, _, _ in DDP_SETUPS}
     with tempfile.TemporaryDirectory(prefix="haskd_ddp_") as tmp:
-        for setup, nproc, th in (("torchrun 2 processes x 1 thread", 2, 1), ("1 process x 2 threads", 1, 2)):
-            r = run_ddp(cfg, Path(tmp) / f"ddp{nproc}.json", nproc, th, steps, global_batch)
-            rows.append({"setup": setup, **r})
-    return {"env": env_info("cpu"), "ddp": rows, "global_batch": global_batch,
-            "speedup_2proc_over_2threads": rows[0]["samples_per_s"] / rows[1]["samples_per_s"]}
+        for _ in range(max(1, rounds)):
+            for name, nproc, th in DDP_SETUPS:
+                runs[name].append(run_ddp(cfg, Path(tmp) / f"ddp{nproc}x{th}.json", nproc, th, steps, global_batch))
+    rows = []
+    for name, _, _ in DDP_SETUPS:
+        r = sorted(runs[name], key=lambda x: x["samples_per_s"])[len(runs[name]) // 2]
+        rows.append({"setup": name, **r, "samples_per_s_all": [x["samples_per_s"] for x in runs[name]],
+                     "samples_per_s": statistics.median(x["samples_per_s"] for x in runs[name])})
+    one, procs, threads = (r["samples_per_s"] for r in rows)
+    return {"env": env_info("cpu"), "ddp": rows, "global_batch": global_batch, "rounds": max(1, rounds),
+            "speedup_2proc_over_1core": procs / one, "speedup_2threads_over_1core": threads / one,
+            "speedup_2proc_over_2threads": procs / threads}
 
 
 if __name__ == "__main__":  # the DDP worker entry point

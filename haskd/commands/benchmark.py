@@ -33,7 +33,7 @@ def register(sub):
     mode.add_argument("--layers", action="store_true", help="per-layer FLOP rate of the torch sparse conv")
     mode.add_argument("--loading", action="store_true", help="DataLoader share of a training step")
     mode.add_argument("--chunked", action="store_true", help="chunked vs one-shot inference on a tiled room")
-    mode.add_argument("--ddp", action="store_true", help="torchrun 2 x 1 thread vs 1 process x 2 threads")
+    mode.add_argument("--ddp", action="store_true", help="1 core vs 2: torchrun 2 x 1 thread, 1 process x 2 threads")
     p.add_argument("--scene", default=None, help="--layers: scene name (default: the first)")
     p.add_argument("--preset", default="small", help="--layers: SpUNet preset")
     p.add_argument("--voxels", type=int, default=50000, help="--layers: target voxel count of the room")
@@ -85,7 +85,7 @@ def run(args) -> int:
     elif args.loading:
         res = B.benchmark_loading(_config(args), steps=args.steps, threads=args.threads)
     elif args.ddp:
-        res = B.benchmark_ddp(_config(args), steps=args.steps)
+        res = B.benchmark_ddp(_config(args), steps=args.steps, rounds=args.runs)
     else:
         if not args.ckpt:
             raise HaskdError("haskd benchmark needs --ckpt STUDENT.pt (or one of --layers, --loading, --ddp)")
