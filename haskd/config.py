@@ -43,6 +43,8 @@ class DataConfig:
     crop_rate: float = 0.0               # > 0: sphere crop to this fraction first, then to max_voxels (PTv3 S3DIS: 0.6)
     shuffle: bool = False                # random voxel order (Pointcept's ShufflePoint)
     mix_prob: float = 0.0                # Mix3D: probability that a training batch is overlaid in pairs of scenes
+    balance_ranks: bool = False          # DDP: split each global batch across ranks by scene size (ours;
+                                         # haskd/data/sampler.py); off: Pointcept's DistributedSampler shards
     vote_augs: str = ""                  # test-time augmentations of `haskd eval --voting`: scannet (13) | s3dis (10)
                                          # | "" (by data.dataset)
 

@@ -211,16 +211,21 @@ def test_ddp_benchmark_alternates_setups_and_reports_medians_against_one_core(mo
     (the timing itself is stubbed: no timing is asserted)."""
     from haskd.bench import ddp
 
-    order, rate = [], {(1, 1): [1.0, 3.0, 2.0], (2, 1): [3.0, 3.6, 4.0], (1, 2): [2.0, 2.2, 2.4]}
+    from haskd.config import Config
+
+    order, rate = [], {(1, 1, False): [1.0, 3.0, 2.0], (2, 1, False): [3.0, 3.6, 4.0], (1, 2, False): [2.0, 2.2, 2.4],
+                       (2, 1, True): [3.9, 3.8, 3.7]}
 
     def fake(cfg, out, nproc, threads, steps, global_batch):
-        order.append((nproc, threads))
+        key = (nproc, threads, cfg.data.balance_ranks)
+        order.append(key)
         return {"world": nproc, "threads": threads, "wall_s": 1.0, "steps": steps,
-                "samples_per_s": rate[(nproc, threads)][order.count((nproc, threads)) - 1]}
+                "samples_per_s": rate[key][order.count(key) - 1]}
 
     monkeypatch.setattr(ddp, "run_ddp", fake)
-    r = ddp.benchmark_ddp(None, steps=2, rounds=3)
-    assert order == [(1, 1), (2, 1), (1, 2)] * 3
-    assert [row["samples_per_s"] for row in r["ddp"]] == [2.0, 3.6, 2.2]
+    r = ddp.benchmark_ddp(Config(), steps=2, rounds=3)
+    assert order == [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True)] * 3
+    assert [row["samples_per_s"] for row in r["ddp"]] == [2.0, 3.6, 2.2, 3.8]
     assert r["speedup_2proc_over_1core"] == 1.8 and r["speedup_2threads_over_1core"] == 1.1
+    assert r["speedup_2proc_balanced_over_1core"] == 1.9
     assert abs(r["speedup_2proc_over_2threads"] - 3.6 / 2.2) < 1e-12

@@ -41,8 +41,14 @@ def _ddp_worker(argv):
     ds = build_datasets(cfg, splits=("train",))["train"]
     torch.manual_seed(0)
     model = build_model(cfg)
-    mine = [i for i in range(gb) if i % ws == rk]
-    batch = collate([ds[i % len(ds)] for i in mine])
+    samples = [ds[i % len(ds)] for i in range(gb)]
+    if cfg.data.balance_ranks:  # the split training uses (data.balance_ranks), by this batch's voxels
+        from ..data.sampler import split_by_size
+
+        mine = split_by_size(range(gb), [s["grid_coord"].shape[0] for s in samples], ws, -(-gb // ws))[rk]
+    else:
+        mine = [i for i in range(gb) if i % ws == rk]
+    batch = collate([samples[i] for i in mine])
     if grad_mode:
         task = SegmentationTask(model).eval()
         wrapped = torch.nn.parallel.DistributedDataParallel(task) if ws > 1 else task
@@ -125,7 +131,7 @@ def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port
 
 # The setups timed by ``--ddp``: (name, processes, threads per process); the first is the 1-core reference.
 DDP_SETUPS = (("1 process x 1 thread", 1, 1), ("torchrun 2 processes x 1 thread", 2, 1),
-              ("1 process x 2 threads", 1, 2))
+              ("1 process x 2 threads", 1, 2), ("torchrun 2 processes x 1 thread, balanced ranks", 2, 1))
 
 
 def benchmark_ddp(cfg, steps=3, global_batch=4, rounds=1) -> dict:
@@ -138,16 +144,18 @@ def benchmark_ddp(cfg, steps=3, global_batch=4, rounds=1) -> dict:
     with tempfile.TemporaryDirectory(prefix="haskd_ddp_") as tmp:
         for _ in range(max(1, rounds)):
             for name, nproc, th in DDP_SETUPS:
-                runs[name].append(run_ddp(cfg, Path(tmp) / f"ddp{nproc}x{th}.json", nproc, th, steps, global_batch))
+                c = copy.deepcopy(cfg)
+                c.data.balance_ranks = name.endswith("balanced ranks")
+                runs[name].append(run_ddp(c, Path(tmp) / f"ddp{nproc}x{th}.json", nproc, th, steps, global_batch))
     rows = []
     for name, _, _ in DDP_SETUPS:
         r = sorted(runs[name], key=lambda x: x["samples_per_s"])[len(runs[name]) // 2]
         rows.append({"setup": name, **r, "samples_per_s_all": [x["samples_per_s"] for x in runs[name]],
                      "samples_per_s": statistics.median(x["samples_per_s"] for x in runs[name])})
-    one, procs, threads = (r["samples_per_s"] for r in rows)
+    one, procs, threads, balanced = (r["samples_per_s"] for r in rows)
     return {"env": env_info("cpu"), "ddp": rows, "global_batch": global_batch, "rounds": max(1, rounds),
             "speedup_2proc_over_1core": procs / one, "speedup_2threads_over_1core": threads / one,
-            "speedup_2proc_over_2threads": procs / threads}
+            "speedup_2proc_balanced_over_1core": balanced / one, "speedup_2proc_over_2threads": procs / threads}
 
 
 if __name__ == "__main__":  # the DDP worker entry point

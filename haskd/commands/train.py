@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..config import CHOICES, load_config
 from ..errors import HaskdError
@@ -107,6 +108,8 @@ def cmd_train(args):
         args.config = str(Path(out) / "config.yaml")  # a resume continues with the run's own settings
     cfg = config_from_args(args)
     metrics = train(cfg, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main process alone reports (the group is gone)
+        return 0
     if metrics:
         print(f"val mIoU {100 * metrics['miou']:.2f}%  mAcc {100 * metrics['macc']:.2f}%  "
               f"allAcc {100 * metrics['allacc']:.2f}%  -> {out}")

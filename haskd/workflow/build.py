@@ -191,7 +191,16 @@ def build_scheduler(cfg: Config, opt, total_steps: int):
 
 
 def train_sampler(cfg: Config, train_set):
-    """The train set's sampler: shuffled per epoch, sharded over DDP ranks."""
+    """The train set's sampler: shuffled per epoch, sharded over DDP ranks; with ``data.balance_ranks`` under DDP,
+    each step's global batch split across ranks by the points of its scenes
+    (:class:`haskd.data.sampler.BalancedRankSampler`)."""
+    if cfg.data.balance_ranks and dist_utils.world_size() > 1:
+        from ..data.sampler import BalancedRankSampler
+
+        n = len(train_set.scenes)
+        return BalancedRankSampler([train_set.scenes[i % n].num_points for i in range(len(train_set))],
+                                   dist_utils.world_size(), dist_utils.rank(), cfg.data.batch_size,
+                                   seed=cfg.train.seed)
     return torch.utils.data.DistributedSampler(train_set, num_replicas=dist_utils.world_size(),
                                                rank=dist_utils.rank(), shuffle=True, seed=cfg.train.seed,
                                                drop_last=False)
