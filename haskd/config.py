@@ -432,7 +432,7 @@ def check_config(cfg: Config) -> Config:
 def _check_together(cfg: Config) -> None:
     """Rules across keys, each a key that does nothing unless another is set: one line naming both (these were
     silently ignored before)."""
-    di, t = cfg.distill, cfg.train
+    di = cfg.distill
 
     def needs(key, other, why):
         raise HaskdError(f"config key '{key}' needs {other} ({why})")
@@ -441,8 +441,6 @@ def _check_together(cfg: Config) -> None:
         needs("distill.hint_cache", "distill.cache=true", "the cached hints are built beside the cached soft labels")
     if di.hint_cache_views > 1 and not di.hint_cache:
         needs("distill.hint_cache_views", "distill.hint_cache=true", "it sets how the cached hints are averaged")
-    if t.snapshot_schedule == "cycles" and cfg.optim.scheduler != "cyclic_cosine":
-        needs("train.snapshot_schedule=cycles", "optim.scheduler=cyclic_cosine", "a snapshot ends each cycle")
     if cfg.role == "teacher":
         for key in ("teacher_ckpt", "experts"):
             if getattr(di, key):
@@ -490,11 +488,8 @@ def with_teacher(c: Config, cfg: Config, ckpt) -> Config:
 
 
 def _put(cfg: Config, key: str, value) -> None:
-    *parents, name = key.split(".")
-    obj = cfg
-    for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, name, value)
+    parent, _, name = key.rpartition(".")
+    setattr(get(cfg, parent) if parent else cfg, name, value)
 
 
 def get(cfg: Config, key: str):

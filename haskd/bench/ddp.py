@@ -41,13 +41,14 @@ def _ddp_worker(argv):
     ds = build_datasets(cfg, splits=("train",))["train"]
     torch.manual_seed(0)
     model = build_model(cfg)
-    samples = [ds[i % len(ds)] for i in range(gb)]
     if cfg.data.balance_ranks:  # the split training uses (data.balance_ranks), by this batch's voxels
         from ..data.sampler import split_by_size
 
-        mine = split_by_size(range(gb), [s["grid_coord"].shape[0] for s in samples], ws, -(-gb // ws))[rk]
-    else:
+        samples = {i: ds[i % len(ds)] for i in range(gb)}
+        mine = split_by_size(range(gb), [s["grid_coord"].shape[0] for s in samples.values()], ws, -(-gb // ws))[rk]
+    else:  # round robin, as DistributedSampler: this rank loads its own samples only
         mine = [i for i in range(gb) if i % ws == rk]
+        samples = {i: ds[i % len(ds)] for i in mine}
     batch = collate([samples[i] for i in mine])
     if grad_mode:
         task = SegmentationTask(model).eval()

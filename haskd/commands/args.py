@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def positive_int(text: str) -> int:
     """argparse type for counts that must be at least 1 (``--epochs``)."""
     try:

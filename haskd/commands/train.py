@@ -26,7 +26,6 @@ def add_common(p, data_required=False, out_default=None):
 
 
 def config_from_args(args):
-
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "data", None):
         cfg.data.root = args.data
