@@ -2,8 +2,7 @@
 
 Under DDP every step waits for the slowest rank. ``DistributedSampler`` gives each rank every ``world``-th sample of
 a shuffled list, so one rank may get the two largest rooms of a step and the other two small ones: on the 2-core
-machine a rank's share took 3.54 s against 2.11 s for the other, and two processes ran 1.64x one core instead of
-close to 2x (docs/performance.md section 00). :class:`BalancedRankSampler` draws the same shuffled list on every rank,
+machine two processes ran 1.64x one core with that split and 1.84x with this one (docs/performance.md section 00). :class:`BalancedRankSampler` draws the same shuffled list on every rank,
 cuts it into global batches of ``world * batch_size`` samples, and splits each global batch by size
 (:func:`split_by_size`): the largest sample first, each to the rank with the least work so far that still has room.
 Every rank gets ``batch_size`` samples a step; the global batch, hence what the step averages over, is the one
