@@ -57,6 +57,7 @@ def _ddp_worker(argv):
         sum(losses.values()).backward()
         if rk == 0:
             torch.save({n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}, out_path)
+        del wrapped, losses  # DDP's reducer holds the process group: release it before the group is torn down
         du.cleanup()
         return
     base = point_only(cfg)  # the point-only task's training step, wrapped in DDP by build_trainer
@@ -75,6 +76,7 @@ def _ddp_worker(argv):
     if rk == 0:
         Path(out_path).write_text(json.dumps({"world": ws, "threads": torch.get_num_threads(), "wall_s": wall,
                                               "steps": steps, "samples_per_s": steps * gb / wall}))
+    del trainer  # holds the DDP model (see the grad branch)
     du.cleanup()
 
 
@@ -125,8 +127,10 @@ def run_ddp(cfg, out_json, nproc, threads, steps, global_batch, grad=False, port
     else:
         cmd = [sys.executable, "-m", "haskd.bench.ddp", "ddp-worker", *worker]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if r.returncode != 0:
-        raise HaskdError(f"DDP benchmark process failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+    if r.returncode != 0:  # the ranks' own messages first: torchrun's summary at the tail hides why a rank died
+        said = [ln for ln in r.stderr.splitlines() if any(k in ln for k in ("Error", "terminate", "what()"))]
+        raise HaskdError(f"DDP benchmark process failed (exit {r.returncode}): " + " | ".join(said[:8])
+                         + f" ... {r.stderr.strip()[-600:]}")
     return None if grad else json.loads(Path(out_json).read_text())
 
 

@@ -48,5 +48,9 @@ def barrier():
 
 
 def cleanup():
+    """Tear the process group down once every rank is done with its collectives (the barrier): a rank that
+    destroys its group while a peer still reads from it can abort that peer's process at exit."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
