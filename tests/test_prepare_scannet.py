@@ -54,7 +54,7 @@ def _write_scene(d: Path, name, coord, color, nyu=None, ins=None, align=np.eye(4
     faces = _triangulate(coord)
     _write_mesh(d / f"{name}_vh_clean_2.ply", coord, color, faces)
     (d / f"{name}.txt").write_text("axisAlignment = " + " ".join(f"{x:.6f}" for x in align.reshape(-1))
-                                   + f"\nsceneType = Test\n")
+                                   + "\nsceneType = Test\n")
     if not labeled:
         return
     _write_mesh(d / f"{name}_vh_clean_2.labels.ply", coord, color, faces, label=nyu)

@@ -1,10 +1,8 @@
 """What a person sees (issue 21): --help texts, log lines off a terminal, the printed tables, overall progress."""
 import argparse
-import json
 import logging
 import re
 
-import pytest
 
 from haskd.cli import build_parser, main
 

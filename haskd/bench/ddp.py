@@ -62,15 +62,11 @@ def _ddp_worker(argv):
         return
     base = point_only(cfg)  # the point-only task's training step, wrapped in DDP by build_trainer
     trainer = _trainer(base, model, torch.device("cpu"), {"train": ds}, steps + 1)
-
-    def step():
-        trainer.run_step(batch)
-
-    step()  # warm-up
+    trainer.run_step(batch)  # warm-up
     du.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        trainer.run_step(batch)
     du.barrier()
     wall = time.perf_counter() - t0
     if rk == 0:

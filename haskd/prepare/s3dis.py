@@ -139,7 +139,7 @@ def prepare_room(name: str, params: dict, out_dir: str) -> dict:
         if not frame_files:
             warnings.append(f"{name}: no 2D-3D-S frame of {area}/{room_name} under {params['frames_root']}")
 
-        def write_frames(frames_dir):
+        def export_frames(frames_dir):
             import shutil
 
             fi = export_room_frames(frame_files, frames_dir, params["frames_every"], params["image_size"], transform)
@@ -157,8 +157,8 @@ def prepare_room(name: str, params: dict, out_dir: str) -> dict:
                 shutil.rmtree(frames_dir, ignore_errors=True)
             info["frames"] = fi
 
-        if not frame_files:
-            write_frames = None
+        if frame_files:
+            write_frames = export_frames
     write_scene(out_dir, coord, np.concatenate(colors), segment=np.concatenate(segs),
                 instance=np.concatenate(insts), label_name="segment.npy", write_frames=write_frames)
     return {"num_points": int(coord.shape[0]), "info": info, "warnings": warnings}
