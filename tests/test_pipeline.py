@@ -619,6 +619,24 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
     assert ensemble_metrics(out / "stage1") == got  # cached
 
 
+
+def test_eval_ensemble_reports_the_snapshots_beside_the_checkpoint(pipeline_run, tmp_path, capsys):
+    """`haskd eval --ensemble`: the checkpoint's metrics, and under "ensemble" the mean softmax of the snapshots
+    beside it (the same numbers as ensemble_metrics); a run without snapshots is one line, no traceback."""
+    from haskd.cli import main
+    from haskd.workflow.runs import evaluate_ensemble, find_snapshots
+
+    out, _ = pipeline_run
+    js = tmp_path / "m.json"
+    assert main(["eval", "--ckpt", str(out / "stage1" / "last.pt"), "--ensemble", "--out", str(js),
+                 "--device", "cpu"]) == 0
+    got = json.loads(js.read_text())
+    ref = evaluate_ensemble(find_snapshots(out / "stage1"), split="val")
+    assert got["ensemble"]["miou"] == pytest.approx(ref["miou"]) and got["ensemble"]["members"] == ref["members"]
+    assert "ensemble of 2 snapshots" in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(out / "student" / "last.pt"), "--ensemble", "--device", "cpu"]) == 2
+    assert "no snapshots" in capsys.readouterr().err
+
 def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
     each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""

@@ -69,6 +69,9 @@ def register(sub):
     e.add_argument("--voting", action="store_true",
                    help="also report Pointcept's test: fragment voting over its test-time augmentations "
                         "(data.vote_augs; 13 for ScanNet, 10 for S3DIS), separately")
+    e.add_argument("--ensemble", action="store_true",
+                   help="also report the mean softmax of the run's snapshots (snapshots/epoch_*.pt beside --ckpt): "
+                        "do the snapshots ASD distils from know more together than the final model?")
     e.add_argument("--device", default=None, choices=CHOICES["train.device"], help="default: auto")
     e.add_argument("--module", default="", metavar="FILE_OR_MODULE",
                     help="your model's Python file or module, imported first (a checkpoint's own model.module is "
@@ -176,7 +179,20 @@ def cmd_eval(args):
             v = evaluate(model, ds, device, cfg.data.dataset, progress=True, voting=augs)
         result["voting"] = {k: v[k] for k in ("miou", "macc", "allacc", "per_class_iou", "min_votes",
                                               "augmentations")}
+    if args.ensemble:
+        from pathlib import Path
+
+        from ..workflow.runs import evaluate_ensemble, find_snapshots
+
+        snaps = find_snapshots(Path(args.ckpt).parent)
+        ens = evaluate_ensemble(snaps, root, args.split, str(device), progress=True)
+        result["ensemble"] = {k: ens[k] for k in ("miou", "macc", "allacc", "per_class_iou", "members")}
     print(format_metrics(result))
+    if "ensemble" in result:
+        en = result["ensemble"]
+        print(f"\nensemble of {len(en['members'])} snapshots (mean softmax): mIoU {100 * en['miou']:.2f}%  "
+              f"mAcc {100 * en['macc']:.2f}%  allAcc {100 * en['allacc']:.2f}%  "
+              f"({100 * (en['miou'] - result['miou']):+.2f} mIoU against --ckpt)")
     if "voting" in result:
         v = result["voting"]
         print(f"\nwith fragment voting ({v['augmentations']} augmentations, every point voted at least "
