@@ -619,7 +619,6 @@ def test_ensemble_metrics_are_the_mean_of_the_snapshots(pipeline_run):
     assert ensemble_metrics(out / "stage1") == got  # cached
 
 
-
 def test_eval_ensemble_reports_the_snapshots_beside_the_checkpoint(pipeline_run, tmp_path, capsys):
     """`haskd eval --ensemble`: the checkpoint's metrics, and under "ensemble" the mean softmax of the snapshots
     beside it (the same numbers as ensemble_metrics); a run without snapshots is one line, no traceback."""
@@ -636,6 +635,7 @@ def test_eval_ensemble_reports_the_snapshots_beside_the_checkpoint(pipeline_run,
     assert "ensemble of 2 snapshots" in capsys.readouterr().out
     assert main(["eval", "--ckpt", str(out / "student" / "last.pt"), "--ensemble", "--device", "cpu"]) == 2
     assert "no snapshots" in capsys.readouterr().err
+
 
 def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),

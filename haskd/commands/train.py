@@ -126,6 +126,8 @@ CHECKPOINT_FIXED = (("model", "name"), ("model", "preset"), ("model", "kwargs"),
 
 
 def cmd_eval(args):
+    from pathlib import Path
+
     import torch
 
     from ..data.dataset import SceneDataset
@@ -148,9 +150,12 @@ def cmd_eval(args):
             raise HaskdError(f"{args.ckpt}: {sec}.{key}={after[sec][key]!r} disagrees with the checkpoint's "
                              f"{before[sec][key]!r}; the network is rebuilt as stored (drop the override)")
     check_config(cfg)
-    if args.out:  # an unwritable --out fails now, not after the evaluation
-        from pathlib import Path
+    snaps = None
+    if args.ensemble:  # a run without snapshots fails now, not after the evaluation
+        from ..workflow.runs import find_snapshots
 
+        snaps = find_snapshots(Path(args.ckpt).parent)
+    if args.out:  # an unwritable --out fails now, not after the evaluation
         from ..io import make_dir
 
         make_dir(Path(args.out).parent)
@@ -179,12 +184,9 @@ def cmd_eval(args):
             v = evaluate(model, ds, device, cfg.data.dataset, progress=True, voting=augs)
         result["voting"] = {k: v[k] for k in ("miou", "macc", "allacc", "per_class_iou", "min_votes",
                                               "augmentations")}
-    if args.ensemble:
-        from pathlib import Path
+    if snaps:
+        from ..workflow.runs import evaluate_ensemble
 
-        from ..workflow.runs import evaluate_ensemble, find_snapshots
-
-        snaps = find_snapshots(Path(args.ckpt).parent)
         ens = evaluate_ensemble(snaps, root, args.split, str(device), progress=True)
         result["ensemble"] = {k: ens[k] for k in ("miou", "macc", "allacc", "per_class_iou", "members")}
     print(format_metrics(result))
