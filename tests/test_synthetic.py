@@ -149,6 +149,29 @@ def test_hard_objects_plain_in_images():
     assert centre_patch.std() > 12
 
 
+def test_scan_blur_hides_the_fine_pattern_from_the_points_only(room):
+    """Version 2: the same room (geometry, labels, frames), but the hard objects' point colours are blurred as a
+    fused scan's are, so their fine pattern is almost gone from the points while the frames keep it."""
+    from haskd.data.synthetic import VERSIONS
+
+    blurred = make_room(3, **SMALL, **VERSIONS[2])
+    for k in ("coord", "segment", "segment_clean", "normal"):
+        np.testing.assert_array_equal(blurred[k], room[k])
+    for a, b in zip(blurred["frames"], room["frames"]):
+        np.testing.assert_array_equal(a.color, b.color)
+    clean = room["segment_clean"]
+    wall = clean == CLS["wall"]
+    for lab in HARD_LABELS:
+        m = clean == lab
+        sharp, soft = (r["color"][m].astype(float).std(0).mean() for r in (room, blurred))
+        assert soft < 0.5 * sharp
+        # the mean colour, the weak cue the points keep, moves by less than the sensor noise
+        shift = np.abs(blurred["color"][m].astype(float).mean(0) - room["color"][m].astype(float).mean(0)).max()
+        assert shift < 5
+    # plain walls change little: their texture is smooth at 3 cm
+    assert abs(blurred["color"][wall].astype(float).std(0).mean() - room["color"][wall].astype(float).std(0).mean()) < 3
+
+
 def test_write_dataset_roundtrip(tmp_path):
     kw = dict(points_per_m2=60.0, num_frames=2, image_size=(30, 40))
     s = write_dataset(tmp_path, num_train=1, num_val=1, seed=5, progress=False, **kw)
@@ -175,6 +198,11 @@ def test_write_dataset_roundtrip(tmp_path):
         assert (list_scenes(tmp_path, sp)[0] / "coord.npy").read_bytes() == before[sp]
     (test_room,) = list_scenes(tmp_path, "test")
     assert (test_room / "coord.npy").read_bytes() != before["val"]
+    # the generator version is part of the settings: a version-1 root is not silently extended with version 2
+    with pytest.raises(HaskdError, match="other settings"):
+        write_dataset(tmp_path, num_train=1, num_val=1, seed=5, progress=False, version=2, **kw)
+    with pytest.raises(HaskdError, match="version 9"):
+        write_dataset(tmp_path / "v9", num_train=1, progress=False, version=9, **kw)
 
 
 def test_cli_synthetic(tmp_path, capsys):

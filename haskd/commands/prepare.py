@@ -39,7 +39,8 @@ def run_synthetic(args) -> int:
 
     kw = {"points_per_m2": args.points_per_m2, "num_frames": args.frames, "image_size": tuple(args.image_size)}
     s = write_dataset(args.out, num_train=args.train, num_val=args.val, seed=args.seed, overwrite=args.overwrite,
-                      progress=not args.no_progress, num_test=args.test, jobs=max(1, args.jobs), **kw)
+                      progress=not args.no_progress, num_test=args.test, jobs=max(1, args.jobs),
+                      version=args.version, **kw)
     test = f", test {len(s['test'])}" if s["test"] else ""
     print(f"synthetic: train {len(s['train'])}, val {len(s['val'])}{test}; written {s['written']}, "
           f"already there {s['skipped']} -> {args.out}")
@@ -113,6 +114,9 @@ def register(subparsers):
     y.add_argument("--test", type=int, default=0, help="number of held-out test rooms (read only by "
                    "`haskd eval --split test` and `haskd ablate --split test`)")
     y.add_argument("--seed", type=int, default=0, help="generator seed")
+    y.add_argument("--version", type=int, default=1, choices=(1, 2), help="generator version: 1 (default) points "
+                   "coloured by the exact texture; 2 points coloured as a fused scan is, blurred over 3 cm, so the "
+                   "hard classes' fine pattern shows in the frames only")
     y.add_argument("--points-per-m2", type=float, default=400.0, help="surface sampling density")
     y.add_argument("--frames", type=int, default=12, help="RGB-D frames per room")
     y.add_argument("--image-size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"), help="frame size")

@@ -526,6 +526,24 @@ def _shade_prims(lay: _Layout, p, axis, prim) -> np.ndarray:
     return col
 
 
+def _scan_colors(lay: _Layout, p, axis, prim, blur: float, rng, samples: int = 16) -> np.ndarray:
+    """Point colours as a reconstructed scan holds them: the texture averaged over a Gaussian footprint of std
+    ``blur`` metres in the surface plane (Monte Carlo, ``samples`` draws per point). Real scans fuse many frames
+    into mesh vertex colours, which low-passes fine texture; the frames themselves stay sharp. ``blur`` 0: the exact
+    texture at the point (generator version 1)."""
+    if blur <= 0:
+        return _shade_prims(lay, p, axis, prim)
+    col = np.zeros((len(p), 3))
+    rows = np.arange(len(p))
+    for _ in range(samples):
+        q = p.copy()
+        off = rng.normal(0.0, blur, (len(p), 2))
+        q[rows, (axis + 1) % 3] += off[:, 0]
+        q[rows, (axis + 2) % 3] += off[:, 1]
+        col += _shade_prims(lay, q, axis, prim)
+    return col / samples
+
+
 def boundary_label_noise(coord, segment, rng, band=0.04, prob=0.5, k=8) -> np.ndarray:
     """Swap labels near class boundaries, as human annotation of over-segmented meshes does.
 
@@ -669,8 +687,8 @@ def render(lay: _Layout, pose, K, image_size):
 def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, image_size=(240, 320),
               ceiling_density: float = 0.25, color_noise: float = 5.0, position_noise: float = 0.002,
               label_noise_band: float = 0.04, label_noise_prob: float = 0.5, hard_relief=(0.008, 0.02),
-              hard_color_shift=(4.0, 10.0), hard_texture_amp=(30.0, 50.0), name: Optional[str] = None,
-              poses: Optional[list] = None) -> dict:
+              hard_color_shift=(4.0, 10.0), hard_texture_amp=(30.0, 50.0), scan_blur: float = 0.0,
+              name: Optional[str] = None, poses: Optional[list] = None) -> dict:
     """One synthetic room, fully determined by ``seed`` (see the module docstring for the returned keys).
 
     ``poses``: camera-to-world 4x4 matrices to render instead of the default camera path (the room itself does
@@ -678,11 +696,15 @@ def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, ima
 
     ``points_per_m2`` sets the surface sampling density (400 gives roughly 30-60k points); ``hard_*`` control how
     weakly the hard classes show in the points: relief (m), mean colour shift (levels) and pattern amplitude.
+    ``scan_blur`` (m): the points' colours are the texture blurred over that footprint, as a fused scan's are; the
+    frames stay sharp (see :func:`_scan_colors`; 0 = exact colours, generator version 1).
     """
     rng = np.random.default_rng(seed)
     lay = build_layout(rng, hard_relief, hard_color_shift, hard_texture_amp)
     coord, axis, sign, prim = _sample_points(lay, rng, points_per_m2, ceiling_density)
-    color = _shade_prims(lay, coord, axis, prim)            # exact texture at the exact surface point
+    # texture at the exact surface point (blurred as a scan's colours are when scan_blur > 0); the blur draws from
+    # its own stream, so the rest of the room is the same with and without it
+    color = _scan_colors(lay, coord, axis, prim, scan_blur, np.random.default_rng([seed, 7]))
     normal = np.zeros_like(coord)
     normal[np.arange(len(coord)), axis] = sign
     # sensor noise after shading: the images see the noise-free surface, as a real camera sees the real surface
@@ -731,6 +753,12 @@ def write_room(room: dict, path, frame_quality: int = 95) -> Path:
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
+# Generator versions: room settings that differ from make_room's defaults. A dataset records its version, and
+# every version stays, so a table made on one can be remade. 2: the points' colours are blurred over a 3 cm
+# footprint, as a fused scan's vertex colours are, while the frames stay sharp; the hard classes' fine pattern
+# then shows in the images only (docs/data.md).
+VERSIONS = {1: {}, 2: {"scan_blur": 0.03}}
+
 
 def _scene_seed(seed: int, split: str, index: int) -> int:
     # disjoint seeds for train, val and test rooms; stable when the number of rooms of any split changes
@@ -745,7 +773,8 @@ def _make_and_write(job):
 
 
 def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, overwrite: bool = False,
-                  progress: bool = True, num_test: int = 0, jobs: int = 1, **room_kwargs) -> dict:
+                  progress: bool = True, num_test: int = 0, jobs: int = 1, version: int = 1,
+                  **room_kwargs) -> dict:
     """Write ``<root>/{train,val,test}/<scene>/`` scene folders with frames; returns a summary dict.
 
     ``test`` (``num_test`` rooms, none by default) is a held-out split: nothing in the pipeline reads it, so a
@@ -755,11 +784,15 @@ def write_dataset(root, num_train: int = 8, num_val: int = 4, seed: int = 0, ove
     they are complete) unless ``overwrite``; a root made with other settings is refused unless ``overwrite``.
     Summary keys: ``root``, ``train`` / ``val`` / ``test`` (scene names), ``written``, ``skipped``, ``num_points``.
     ``jobs`` > 1 makes the rooms in that many processes: every room has its own seed, so the files are the same.
+    ``version`` picks the generator settings of :data:`VERSIONS`; ``room_kwargs`` override them.
     """
     from ..progress import progress as progress_bar
 
+    if version not in VERSIONS:
+        raise HaskdError(f"synthetic generator version {version}: unknown (known: {sorted(VERSIONS)})")
+    room_kwargs = {**VERSIONS[version], **room_kwargs}
     root = Path(root)
-    settings = {"generator": "haskd.data.synthetic", "version": 1, "seed": seed,
+    settings = {"generator": "haskd.data.synthetic", "version": version, "seed": seed,
                 "room_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(room_kwargs.items())}}
     meta = root / "synthetic.json"
     if meta.is_file() and not overwrite:
