@@ -219,6 +219,52 @@ def test_pair_mean_matrix_averages_over_points_and_drops_the_dump_row():
     assert m._nnz() == 3  # the two (0, 1) points and the two (1, 2) points are one entry each
 
 
+def test_cached_hints_read_level_by_level_equal_the_per_point_pair_means(tmp_path):
+    """CacheReader.hints reduces fine to coarse through both nets' parent maps; every level must equal the direct
+    per-level mean over the points (pair_mean_matrix), with two scenes, a random shift between the teacher's and
+    the student's voxels (augmentation) and cropped points."""
+    from haskd.distill.cache import CacheReader, batch_coords, level_rows, pair_mean_matrix, write_scene_cache
+
+    g = torch.Generator().manual_seed(0)
+    strides = (4, 2, 1)                                   # coarse to fine, as a HintTap lists them
+    grid, inverse, offset, teacher_rows, names = [], [], [], [], []
+    for s, n_pts in enumerate((300, 200)):
+        pts = torch.rand(n_pts, 3, generator=g) * 12
+        tv, tinv = torch.unique(pts.floor().long(), dim=0, return_inverse=True)   # the teacher's voxels
+        hints, rows = [], []
+        for st in strides:
+            lv, r = torch.unique(torch.div(tv, st, rounding_mode="floor"), dim=0, return_inverse=True)
+            hints.append((torch.randn(len(lv), 3, generator=g), r[tinv]))
+            rows.append(r[tinv])
+        write_scene_cache(tmp_path, f"s{s}", torch.randn(n_pts, 5), topk=1, hints=hints)
+        teacher_rows.append(rows)
+        sv, sinv = torch.unique((pts + torch.rand(3, generator=g)).floor().long() + 1, dim=0, return_inverse=True)
+        sinv[torch.rand(n_pts, generator=g) < 0.1] = -1   # cropped points
+        inverse.append(torch.where(sinv >= 0, sinv + sum(len(x) for x in grid), sinv))
+        grid.append(sv)
+        offset.append(sum(len(x) for x in grid))
+        names.append(f"s{s}")
+    batch = {"grid_coord": torch.cat(grid), "offset": torch.tensor(offset), "inverse": torch.cat(inverse),
+             "scene": names}
+    c0 = batch_coords(batch)
+    level_coords = []
+    for st in strides:
+        q = c0.clone()
+        q[:, 1:] = torch.div(q[:, 1:], st, rounding_mode="floor")
+        level_coords.append(torch.unique(q, dim=0)[torch.randperm(len(torch.unique(q, dim=0)), generator=g)])
+    reader = CacheReader(tmp_path, 5, 1.0)
+    got = reader.hints(batch, level_coords, strides)
+    inv = batch["inverse"]
+    for lvl, (coords, st) in enumerate(zip(level_coords, strides)):
+        n = len(coords)
+        a = torch.cat([level_rows(coords, c0, st), torch.tensor([n])])[torch.where(inv >= 0, inv, len(c0))]
+        b = torch.cat([teacher_rows[0][lvl], teacher_rows[1][lvl] + len(reader.scene("s0")["hints"][lvl][0])])
+        feats = torch.cat([reader.scene(nm)["hints"][lvl][0] for nm in names]).float()
+        want = torch.sparse.mm(pair_mean_matrix(a, b, n, len(feats)), feats)
+        assert got[lvl].shape == want.shape
+        assert torch.allclose(got[lvl], want, atol=1e-6), lvl
+
+
 def test_two_runs_building_one_cache_at_once_both_get_it_whole(tmp_path):
     """Two students of one teacher started together both build its cache: each writes a private folder and the
     one finishing second keeps the first's, so neither reads or deletes files the other is writing; a changed

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -569,22 +570,74 @@ class CacheReader:
             return self._hints_fp32(batch, level_coords, strides)
 
     def _hints_fp32(self, batch, level_coords, strides):
-        parts = [self.scene(name)["hints"] for name in batch["scene"]]
+        # Fine to coarse, every level's (student voxel, teacher voxel) pairs come from the next finer level's pairs
+        # through both nets' parent maps (a voxel hierarchy: a level-l voxel lies in one voxel of every coarser
+        # level): one pass over the points at the finest level, then passes over the far fewer pairs. The same
+        # CSR matrices as pair_mean_matrix per level from the points, several times cheaper on a 5-level UNet.
+        names = list(batch["scene"])
         n0 = batch["grid_coord"].shape[0]
         inv = batch["inverse"].cpu()
-        rows0 = torch.where(inv >= 0, inv, torch.full_like(inv, n0))  # cropped points: dropped
         c0 = batch_coords(batch).cpu()
         dev = batch["grid_coord"].device
-        out = []
-        for lvl, (coords, stride) in enumerate(zip(level_coords, strides)):
+        order = sorted(range(len(strides)), key=lambda l: int(strides[l]))
+        out = [None] * len(order)
+        a = torch.where(inv >= 0, inv, torch.full_like(inv, n0))  # student row per point; cropped: dropped
+        prev = None  # (coords, stride, teacher rows, level) of the next finer level
+        for lvl in order:
+            coords, stride = level_coords[lvl].cpu(), int(strides[lvl])
             n = coords.shape[0]
-            vrow = torch.cat([level_rows(coords.cpu(), c0, stride), torch.tensor([n])])
-            feats, trows, base = [], [], 0
-            for p in parts:  # scenes in batch order: their points are consecutive in ``inverse``
-                f, r = p[lvl]
-                feats.append(f)
-                trows.append(r + base)
-                base += f.shape[0]
-            m = pair_mean_matrix(vrow[rows0], torch.cat(trows), n, base)
-            out.append(torch.sparse.mm(m, torch.cat(feats).float()).to(dev))
+            feats = [self.scene(nm)["hints"][lvl][0] for nm in names]
+            nb = sum(f.shape[0] for f in feats)
+            if prev is None:  # finest level: from the points
+                if stride == 1 and torch.equal(coords.long(), c0.long()):
+                    srow = torch.arange(n)
+                else:
+                    srow = level_rows(coords, c0, stride)
+                a = torch.cat([srow, torch.tensor([n])])[a]
+                b = self._teacher_rows(names, lvl)
+                keep = a < n
+                a, b = a[keep], b[keep]
+                key, count = torch.unique(a * nb + b, return_counts=True)
+            else:  # coarser: parents of the finer level's pairs, equal pairs merged with their counts summed
+                pcoords, pstride, pnb, plvl = prev
+                if stride % pstride:
+                    raise ValueError(f"strides {pstride} and {stride} do not nest")
+                spar = level_rows(coords, pcoords, stride // pstride)
+                tpar = self._teacher_parents(names, plvl, lvl)
+                key, where = torch.unique(spar[key // pnb] * nb + tpar[key % pnb], return_inverse=True)
+                count = torch.zeros(len(key), dtype=count.dtype).index_add_(0, where, count)
+            a, b = torch.div(key, nb, rounding_mode="floor"), key % nb
+            per_a = torch.zeros(n).index_add_(0, a, count.float()).clamp_min(1)
+            crow = torch.zeros(n + 1, dtype=torch.int64)
+            crow[1:] = torch.cumsum(torch.bincount(a, minlength=n), 0)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
+                warnings.simplefilter("ignore")
+                m = torch.sparse_csr_tensor(crow, b, count.float() / per_a[a], size=(n, nb))
+            out[lvl] = torch.sparse.mm(m, torch.cat(feats).float()).to(dev)
+            prev = (coords, stride, nb, lvl)
         return out
+
+    def _teacher_rows(self, names, lvl) -> torch.Tensor:
+        """Every point's teacher voxel at level ``lvl``, the batch's scenes stacked (rows offset per scene)."""
+        rows, base = [], 0
+        for nm in names:
+            f, r = self.scene(nm)["hints"][lvl]
+            rows.append(r + base)
+            base += f.shape[0]
+        return torch.cat(rows)
+
+    def _teacher_parents(self, names, fine, coarse) -> torch.Tensor:
+        """The teacher's level-``coarse`` voxel holding each of its level-``fine`` voxels, the batch's scenes
+        stacked; per scene from its points' rows at both levels, once."""
+        parts, base = [], 0
+        for nm in names:
+            t = self.scene(nm)
+            memo = t.setdefault("hint_parents", {})
+            if (fine, coarse) not in memo:
+                (ff, rf), rc = t["hints"][fine], t["hints"][coarse][1]
+                par = torch.zeros(ff.shape[0], dtype=torch.int64)
+                par[rf] = rc
+                memo[(fine, coarse)] = par
+            parts.append(memo[(fine, coarse)] + base)
+            base += t["hints"][coarse][0].shape[0]
+        return torch.cat(parts)
