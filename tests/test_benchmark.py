@@ -73,10 +73,26 @@ def test_layers_benchmark_json(tiny_rooms, tmp_path):
     kinds = set(r["layer_types"])
     assert {"subm L0", "down L0->L1", "inverse L1->L0"} <= kinds
     assert all(v["gflop"] > 0 and v["fwd_gflops"] > 0 for v in r["layer_types"].values())
+    assert r["copy_gbps"] > 0
+    for v in r["layer_types"].values():  # the roofline: the limit is the longer of compute and memory time
+        assert v["fwd_bound"] in ("memory", "compute") and v["fwd_fraction_of_roofline"] > 0
+        assert v["fwd_gb"] > 0 and v["bwd_gb"] > v["fwd_gb"]
     backends = [(u["backend"], u["threads"]) for u in r["unet"]]
     assert ("torch", 1) in backends and ("torch", 2) in backends
     spc = [u for u in r["unet"] if u["backend"] == "spconv"]
     assert spc and (spc[0]["threads"] is None or spc[0]["mismatch_rows"] == 0)  # forced 1 thread is right
+
+
+def test_conv_bytes_counts_every_pass_of_the_torch_backend():
+    from haskd.bench.layers import conv_bytes
+
+    # 10 pairs, 4 input rows (2 ch), 3 output rows (3 ch), float32, int64 index, no centre offset.
+    # fwd: gather 10 * (2*2*4 + 8) = 240, GEMM 10 * (2 + 3) * 4 = 200, reduction 10 * (3*4 + 8 + 4) + 3*3*4 = 276
+    # bwd: gather grad 10 * (2*3*4 + 8) = 320, GEMM 200, reduction 10 * (2*4 + 12) + 4*2*4 = 232, x again 240,
+    #      weight-gradient GEMM 200
+    assert conv_bytes(10, 0, 4, 3, 2, 3) == (716.0, 1192.0)
+    # a submanifold centre over 3 rows adds one GEMM reading x and reading + writing the output: 3 * (2 + 6) * 4
+    assert conv_bytes(10, 3, 4, 3, 2, 3)[0] == 716.0 + 96.0
 
 
 def test_loading_benchmark_json(tiny_rooms, ckpts, tmp_path):

@@ -53,6 +53,42 @@ def _dense_gflops(m, k, n, reps=3) -> float:
     return 2.0 * m * k * n / t / 1e9
 
 
+def _stream_gbps(mib=256, reps=5) -> float:
+    """Memory bandwidth of this run's threads (GB/s): a ``mib``-MiB tensor copy, read + write counted, best of
+    ``reps``. The roofline's slope: no layer that streams its bytes can beat it."""
+    src = torch.ones(mib * 2 ** 18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time_runs(lambda: dst.copy_(src), reps, 1)["min"]
+    return 2.0 * src.numel() * 4 / t / 1e9
+
+
+def conv_bytes(pairs, identity_rows, n_in, n_out, cin, cout, elem=4, index=8):
+    """Bytes one sparse conv moves through memory, forward and backward (input + weight gradient), as the torch
+    backend runs it (:mod:`haskd.sparse.torch_backend`): every gather reads its rows and index and writes the
+    gathered copy, every per-offset GEMM reads its operands and writes its product, every CSR reduction reads the
+    pair rows, its column index and values and writes the summed rows; the centre offset of a submanifold map is
+    one plain GEMM. Caches are ignored (a lower bound on traffic, so an upper bound on the attainable rate), and the
+    weights are too small to count. Returns ``(fwd_bytes, bwd_bytes)``."""
+    p, e = float(pairs), float(elem)
+
+    def gather(c):
+        return p * (2 * c * e + index)
+
+    def gemm(ci, co, rows):
+        return rows * (ci + co) * e
+
+    def reduce(c, rows):
+        return p * (c * e + index + e) + rows * c * e
+
+    ident_f = gemm(cin, 2 * cout, identity_rows)            # addmm reads and writes the output too
+    fwd = gather(cin) + gemm(cin, cout, p) + reduce(cout, n_out) + ident_f
+    ident_b = gemm(cout, 2 * cin, identity_rows) + gemm(cout, cin, identity_rows)
+    bwd = (gather(cout) + gemm(cout, cin, p) + reduce(cin, n_in)    # input gradient
+           + gather(cin) + gemm(cout, cin, p) + ident_b)            # weight gradient (x gathered again)
+    return fwd, bwd
+
+
 def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target_voxels=50000,
                      unet=True) -> dict:
     """Per-layer FLOP rate of the torch sparse conv on a real room, plus the whole-UNet backend comparison."""
@@ -101,26 +137,41 @@ def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target
         shape = (max(1, pairs // groups), cin, cout)
         if shape not in dense_cache:
             dense_cache[shape] = _dense_gflops(*shape)
+        fb, bb = conv_bytes(kmap.in_idx.numel(), kmap.n_out if kmap.identity_k is not None else 0, kmap.n_in,
+                            kmap.n_out, cin, cout)
         per_layer.append({"type": kind, "cin": cin, "cout": cout, "rows_in": kmap.n_in, "rows_out": kmap.n_out,
-                          "pairs": pairs, "gflop": flop / 1e9, "fwd_s": fwd, "bwd_s": bwd,
+                          "pairs": pairs, "gflop": flop / 1e9, "fwd_s": fwd, "bwd_s": bwd, "fwd_gb": fb / 1e9,
+                          "bwd_gb": bb / 1e9,
                           "fwd_gflops": flop / fwd / 1e9, "bwd_gflops": 2 * flop / bwd / 1e9,
                           "dense_gflops_same_shape": dense_cache[shape]})
         t = types.setdefault(kind, {"layers": 0, "pairs": 0, "gflop": 0.0, "fwd_s": 0.0, "bwd_s": 0.0,
-                                    "_dense_s": 0.0})
+                                    "fwd_gb": 0.0, "bwd_gb": 0.0, "_dense_s": 0.0})
         t["layers"] += 1
         t["pairs"] += pairs
         t["gflop"] += flop / 1e9
         t["fwd_s"] += fwd
         t["bwd_s"] += bwd
+        t["fwd_gb"] += fb / 1e9
+        t["bwd_gb"] += bb / 1e9
         t["_dense_s"] += flop / 1e9 / dense_cache[shape]
+    bw = _stream_gbps()
     for t in types.values():
         t["fwd_gflops"] = t["gflop"] / t["fwd_s"]
         t["bwd_gflops"] = 2 * t["gflop"] / t["bwd_s"]  # backward = input grad + weight grad: twice the flops
-        t["fwd_fraction_of_dense"] = t.pop("_dense_s") / t["fwd_s"]
+        dense_s = t.pop("_dense_s")
+        t["fwd_fraction_of_dense"] = dense_s / t["fwd_s"]
+        t["bwd_fraction_of_dense"] = 2 * dense_s / t["bwd_s"]
+        # roofline: the time the layer needs at least, compute (the dense rate of its shapes) or memory (its bytes
+        # at the copy bandwidth), whichever is longer; the fraction of that limit the layer reaches
+        for d, f in (("fwd", 1), ("bwd", 2)):
+            need = max(f * dense_s, t[f"{d}_gb"] / bw)
+            t[f"{d}_bound"] = "memory" if t[f"{d}_gb"] / bw > f * dense_s else "compute"
+            t[f"{d}_fraction_of_roofline"] = need / t[f"{d}_s"]
     peak = _dense_gflops(4096, 256, 256)
     res = {"env": env_info("cpu"), "scene": sc.name, "points": sc.num_points, "voxel_size": vs,
            "voxels": int(batch["grid_coord"].shape[0]), "preset": preset, "threads": threads,
-           "dense_gflops_peak": peak, "flop_rule": "2 x pairs x Cin x Cout (backward: twice that)",
+           "dense_gflops_peak": peak, "copy_gbps": bw, "flop_rule": "2 x pairs x Cin x Cout (backward: twice that)",
+           "byte_rule": "conv_bytes: gathers, per-offset GEMMs and CSR reductions as run, caches ignored",
            "layer_types": types, "layers": per_layer,
            "total": {"gflop_fwd": sum(t["gflop"] for t in types.values()),
                      "fwd_s": sum(t["fwd_s"] for t in types.values()),

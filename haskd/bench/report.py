@@ -38,13 +38,17 @@ def to_markdown(res: dict) -> str:
         lines += _head("ratio", "value")
         lines += [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
     if "layer_types" in res:
-        lines += ["", f"dense matmul peak {res['dense_gflops_peak']:.1f} GFLOP/s; room {res['voxels']} voxels",
+        lines += ["", f"dense matmul peak {res['dense_gflops_peak']:.1f} GFLOP/s, copy bandwidth "
+                      f"{res['copy_gbps']:.1f} GB/s; room {res['voxels']} voxels",
                   *_head("layer type", "layers", "pairs", "GFLOP fwd", "fwd s", "fwd GFLOP/s", "bwd s", "bwd GFLOP/s",
-                         "fwd / dense same shape")]
+                         "fwd / dense", "bwd / dense", "GB fwd / bwd", "bound fwd / bwd", "fwd / roofline",
+                         "bwd / roofline")]
         for k, v in res["layer_types"].items():
             lines.append(f"| {k} | {v['layers']} | {v['pairs']} | {v['gflop']:.2f} | {v['fwd_s']:.4f} | "
                          f"{v['fwd_gflops']:.1f} | {v['bwd_s']:.4f} | {v['bwd_gflops']:.1f} | "
-                         f"{v['fwd_fraction_of_dense']:.2f} |")
+                         f"{v['fwd_fraction_of_dense']:.2f} | {v['bwd_fraction_of_dense']:.2f} | "
+                         f"{v['fwd_gb']:.3f} / {v['bwd_gb']:.3f} | {v['fwd_bound']} / {v['bwd_bound']} | "
+                         f"{v['fwd_fraction_of_roofline']:.2f} | {v['bwd_fraction_of_roofline']:.2f} |")
     if "unet" in res:
         lines += _head("whole UNet", "threads", "forward s", "step s", "mismatching rows", "note")
         for v in res["unet"]:
