@@ -236,7 +236,6 @@ def mean_reducer(rows, num_voxels: int) -> torch.Tensor:
     rows: (P,) int64 voxel of every point; ``rows >= num_voxels`` drops the point. One sparse product per target is
     several times faster on CPU than ``index_add_`` + a division, and the matrix is shared by every target of a batch.
     """
-    import warnings
 
     rows = _as_tensor(rows).long().reshape(-1)
     n = int(num_voxels)
@@ -280,14 +279,17 @@ def pair_mean_matrix(rows_a, rows_b, n_a: int, n_b: int) -> torch.Tensor:
     share both rows collapse into one entry (their count), so the product costs the distinct pairs, not the points:
     for coarse voxel levels far fewer than P.
     """
-    import warnings
-
     ra, rb = _as_tensor(rows_a).long().reshape(-1), _as_tensor(rows_b).long().reshape(-1)
     keep = ra < n_a
-    ra, rb = ra[keep], rb[keep]
-    pair, count = torch.unique(ra * n_b + rb, return_counts=True)  # sorted: row-major CSR order
+    pair, count = torch.unique(ra[keep] * n_b + rb[keep], return_counts=True)  # sorted: row-major CSR order
+    return _pair_csr(pair, count, n_a, n_b)
+
+
+def _pair_csr(pair, count, n_a: int, n_b: int) -> torch.Tensor:
+    """The mean matrix of :func:`pair_mean_matrix` from its sorted distinct pairs ``a * n_b + b`` and their point
+    counts: entry ``(a, b)`` is ``count / (points of row a)``."""
     a, b = torch.div(pair, n_b, rounding_mode="floor"), pair % n_b
-    per_a = torch.bincount(ra, minlength=n_a).clamp_min(1).float()
+    per_a = torch.zeros(n_a).index_add_(0, a, count.float()).clamp_min(1)
     crow = torch.zeros(n_a + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(a, minlength=n_a), 0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
@@ -606,14 +608,7 @@ class CacheReader:
                 tpar = self._teacher_parents(names, plvl, lvl)
                 key, where = torch.unique(spar[key // pnb] * nb + tpar[key % pnb], return_inverse=True)
                 count = torch.zeros(len(key), dtype=count.dtype).index_add_(0, where, count)
-            a, b = torch.div(key, nb, rounding_mode="floor"), key % nb
-            per_a = torch.zeros(n).index_add_(0, a, count.float()).clamp_min(1)
-            crow = torch.zeros(n + 1, dtype=torch.int64)
-            crow[1:] = torch.cumsum(torch.bincount(a, minlength=n), 0)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": only CSR @ dense is used
-                warnings.simplefilter("ignore")
-                m = torch.sparse_csr_tensor(crow, b, count.float() / per_a[a], size=(n, nb))
-            out[lvl] = torch.sparse.mm(m, torch.cat(feats).float()).to(dev)
+            out[lvl] = torch.sparse.mm(_pair_csr(key, count, n, nb), torch.cat(feats).float()).to(dev)
             prev = (coords, stride, nb, lvl)
         return out
 
