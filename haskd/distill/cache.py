@@ -236,7 +236,6 @@ def mean_reducer(rows, num_voxels: int) -> torch.Tensor:
     rows: (P,) int64 voxel of every point; ``rows >= num_voxels`` drops the point. One sparse product per target is
     several times faster on CPU than ``index_add_`` + a division, and the matrix is shared by every target of a batch.
     """
-
     rows = _as_tensor(rows).long().reshape(-1)
     n = int(num_voxels)
     counts = torch.bincount(rows.clamp(max=n), minlength=n + 1)[:n]
