@@ -87,6 +87,9 @@ class TrainConfig:
     lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
     parallel_stages: bool = True         # pipeline: the baseline trains in a process of its own beside the teacher
                                          # (both independent), each with half the cores; off under torchrun
+    targets_ahead: bool = True           # distillation: the frozen models that run online (teacher, its 3D branch
+                                         # for hints, experts) run on the next batch in a thread while this one
+                                         # trains; the same numbers, the time of a second core
 
 
 @dataclass

@@ -104,3 +104,52 @@ def test_ptv3_names_its_levels_with_their_voxel_coords():
 def test_a_network_naming_no_levels_is_one_line_error():
     with pytest.raises(HaskdError, match="gives no per-level features"):
         HintTap(torch.nn.Linear(3, 3), "the student")
+
+
+def _train_with_hints(ahead: bool, threads: int):
+    """Four steps of a student distilled from a frozen teacher's online hints; returns the student's weights and
+    the names of the threads that ran the teacher."""
+    import threading
+
+    from haskd.distill.hints import HintLoss
+    from haskd.distill.task import DistillTask, TeacherHints, frozen
+    from haskd.engine.trainer import Trainer
+
+    class Recorded(TeacherHints):
+        def __call__(self, batch, *args):
+            ran.append(threading.current_thread().name)
+            return super().__call__(batch, *args)
+
+    ran = []
+    torch.manual_seed(0)
+    student, teacher = (build_model("spunet", 6, 5, preset="tiny", backend="torch") for _ in range(2))
+    teacher = frozen(teacher)
+    task = DistillTask(student, {"hint": HintLoss(hint_dims(student), hint_dims(teacher))},
+                       {"hints": Recorded(backbone=teacher)})
+    opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = Trainer(task, opt, sched, "cpu", ahead=ahead)
+    batches = []
+    for seed in range(4):
+        b = _batch(seed)
+        b["segment"] = torch.randint(0, 5, (len(b["grid_coord"]),), generator=torch.Generator().manual_seed(seed))
+        batches.append(b)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trainer.fit(lambda epoch: batches, 0, 1)
+    finally:
+        torch.set_num_threads(old)
+    return {k: v.clone() for k, v in student.state_dict().items()}, ran
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_targets_ahead_run_the_teacher_in_a_worker_with_the_same_numbers(threads):
+    """train.targets_ahead: the frozen teacher runs on the next batch in a worker thread while the student trains,
+    and the student ends with the very same weights (the teacher's ops keep the step's intra-op thread count)."""
+    plain, ran_plain = _train_with_hints(False, threads)
+    ahead, ran_ahead = _train_with_hints(True, threads)
+    assert ran_plain == ["MainThread"] * 4
+    assert len(ran_ahead) == 4 and all(n.startswith("haskd-ahead") for n in ran_ahead)
+    for k in plain:
+        assert torch.equal(plain[k], ahead[k]), k

@@ -172,6 +172,42 @@ def test_scan_blur_hides_the_fine_pattern_from_the_points_only(room):
     assert abs(blurred["color"][wall].astype(float).std(0).mean() - room["color"][wall].astype(float).std(0).mean()) < 3
 
 
+def _local_contrast(img):
+    """Mean absolute difference of each pixel to its 3x3 neighbourhood's mean, per pixel (H, W)."""
+    from scipy.ndimage import uniform_filter
+
+    img = img.astype(float)
+    return np.abs(img - np.stack([uniform_filter(img[..., c], 3) for c in range(3)], -1)).mean(-1)
+
+
+def test_version3_picture_pattern_survives_small_frames_but_not_the_points(room):
+    """Version 3: as version 2, with a coarser picture pattern. In frames downscaled 2x as the teacher of the
+    converged candidate loads them (PIL bilinear, 240x320 -> 120x160), version 2's picture pattern is gone and
+    version 3's stays; in the points both are blurred away."""
+    from PIL import Image
+
+    from haskd.data.synthetic import VERSIONS
+
+    kw = dict(points_per_m2=150.0, num_frames=12, image_size=(240, 320))
+    v2, v3 = (make_room(3, **kw, **VERSIONS[v]) for v in (2, 3))
+    for k in ("coord", "segment", "segment_clean"):
+        np.testing.assert_array_equal(v2[k], v3[k])
+    contrast = {2: [], 3: []}
+    for a, b in zip(v2["frames"], v3["frames"]):
+        moved = (a.color != b.color).any(-1)  # only the picture's pattern differs between the versions
+        small = np.asarray(Image.fromarray(moved.astype(np.uint8) * 255).resize((160, 120), Image.NEAREST)) > 0
+        for v, fr in ((2, a), (3, b)):
+            down = np.asarray(Image.fromarray(fr.color).resize((160, 120), Image.BILINEAR))
+            contrast[v].append(_local_contrast(down)[small])
+    c2, c3 = (np.concatenate(contrast[v]).mean() for v in (2, 3))
+    assert sum(len(c) for c in contrast[3]) > 500  # the picture is in view
+    assert c3 > 2 * c2
+    pic = v2["segment_clean"] == CLS["picture"]
+    sharp = room["color"][pic].astype(float).std(0).mean()
+    for r in (v2, v3):
+        assert r["color"][pic].astype(float).std(0).mean() < 0.5 * sharp
+
+
 def test_write_dataset_roundtrip(tmp_path):
     kw = dict(points_per_m2=60.0, num_frames=2, image_size=(30, 40))
     s = write_dataset(tmp_path, num_train=1, num_val=1, seed=5, progress=False, **kw)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 from .args import positive_int
@@ -171,7 +172,8 @@ def run_demo(args) -> int:
     data = out / f"data_{n_train}_{n_val}_{room_seed}"
     if not (data / "val").is_dir():
         print(f"generating {n_train} + {n_val} synthetic rooms -> {data}", flush=True)
-        write_dataset(data, num_train=n_train, num_val=n_val, seed=room_seed)
+        # one process per core (each room has its own seed, so the files are those of one process)
+        write_dataset(data, num_train=n_train, num_val=n_val, seed=room_seed, jobs=os.cpu_count() or 1)
         log.info("rooms ready: elapsed %s", duration(time.time() - t0))
     cfg.data.root = str(data)
     cfg.train.seed = args.seed
@@ -220,7 +222,6 @@ def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int, flags=()) -> None:
     """Train every seed of an ablation in its own ``haskd ablate --seeds S,`` process, ``jobs`` at a time, each with
     ``cores // jobs`` torch threads. The runs land where a sequential ablation puts them, so the caller's
     ``run_ablation`` then only reads them. A seed that fails stops the ablation with one line naming its log."""
-    import os
     import subprocess
     import sys
     import time

@@ -114,9 +114,10 @@ def register(subparsers):
     y.add_argument("--test", type=int, default=0, help="number of held-out test rooms (read only by "
                    "`haskd eval --split test` and `haskd ablate --split test`)")
     y.add_argument("--seed", type=int, default=0, help="generator seed")
-    y.add_argument("--version", type=int, default=1, choices=(1, 2), help="generator version: 1 (default) points "
-                   "coloured by the exact texture; 2 points coloured as a fused scan is, blurred over 3 cm, so the "
-                   "hard classes' fine pattern shows in the frames only")
+    y.add_argument("--version", type=int, default=1, choices=(1, 2, 3), help="generator version: 1 (default) "
+                   "points coloured by the exact texture; 2 points coloured as a fused scan is, blurred over 3 cm, so "
+                   "the hard classes' fine pattern shows in the frames only; 3 as 2 with a coarser picture pattern "
+                   "(7-10 cm) that 120x160 frames still resolve")
     y.add_argument("--points-per-m2", type=float, default=400.0, help="surface sampling density")
     y.add_argument("--frames", type=int, default=12, help="RGB-D frames per room")
     y.add_argument("--image-size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"), help="frame size")

@@ -129,7 +129,7 @@ def shade(tex: _Tex, p: np.ndarray, axis: np.ndarray) -> np.ndarray:
 class _Layout:
     """Random room: planes + boxes, placed with rejection sampling so that objects do not intersect."""
 
-    def __init__(self, rng: np.random.Generator, hard_relief, hard_shift, hard_amp):
+    def __init__(self, rng: np.random.Generator, hard_relief, hard_shift, hard_amp, picture_period=(0.02, 0.05)):
         self.rng = rng
         W, D = rng.uniform(4.0, 7.0, size=2)
         H = rng.uniform(2.6, 3.0)
@@ -138,6 +138,7 @@ class _Layout:
         self.objects: list = []
         self.keepout: list = []      # (lo, hi) regions nothing else may use (door swing, chair space)
         self.hard_relief, self.hard_shift, self.hard_amp = hard_relief, hard_shift, hard_amp
+        self.picture_period = picture_period
         self.wall_tex = _Tex(base=rng.uniform(125, 200) + rng.uniform(-12, 12, 3), low_amp=rng.uniform(3, 7),
                              low_freq=rng.uniform(-0.8, 0.8, (2, 2)), low_phase=rng.uniform(0, 6.3, 2),
                              speck_amp=rng.uniform(4, 9), speck_freq=rng.uniform(8, 25, (2, 2)))
@@ -257,7 +258,8 @@ class _Layout:
         kind = "panes" if name == "window" else self._pick(["stripes", "checker", "stripes"])
         cdir = np.ones(3) if r.random() < 0.5 else np.clip(_unit(r.uniform(0.2, 1.0, 3)) * 1.6, 0.2, 1.0)
         return _Tex(base=base, low_amp=2.0, low_freq=r.uniform(-1, 1, (2, 2)), low_phase=r.uniform(0, 6.3, 2),
-                    kind=kind, amp=amp, period=r.uniform(0.02, 0.05) if kind != "panes" else r.uniform(0.08, 0.2),
+                    kind=kind, amp=amp,
+                    period=r.uniform(*self.picture_period) if kind != "panes" else r.uniform(0.08, 0.2),
                     angle=r.uniform(0, np.pi), phase=r.uniform(0, 6.3), cdir=cdir)
 
     # -- furniture (local frame: x along the wall, y into the room, z up)
@@ -437,9 +439,10 @@ def _furniture_parts(name, r, wood, tex):
     raise ValueError(name)  # pragma: no cover
 
 
-def build_layout(rng, hard_relief=(0.008, 0.02), hard_shift=(4.0, 10.0), hard_amp=(30.0, 50.0)) -> _Layout:
+def build_layout(rng, hard_relief=(0.008, 0.02), hard_shift=(4.0, 10.0), hard_amp=(30.0, 50.0),
+                 picture_period=(0.02, 0.05)) -> _Layout:
     """Random furnished room. Hard wall objects are placed first so that every room has at least one of each."""
-    lay = _Layout(rng, hard_relief, hard_shift, hard_amp)
+    lay = _Layout(rng, hard_relief, hard_shift, hard_amp, picture_period)
     lay.wall_object("door")
     for name in HARD_CLASSES:
         lay.wall_object(name)
@@ -688,7 +691,7 @@ def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, ima
               ceiling_density: float = 0.25, color_noise: float = 5.0, position_noise: float = 0.002,
               label_noise_band: float = 0.04, label_noise_prob: float = 0.5, hard_relief=(0.008, 0.02),
               hard_color_shift=(4.0, 10.0), hard_texture_amp=(30.0, 50.0), scan_blur: float = 0.0,
-              name: Optional[str] = None, poses: Optional[list] = None) -> dict:
+              picture_period=(0.02, 0.05), name: Optional[str] = None, poses: Optional[list] = None) -> dict:
     """One synthetic room, fully determined by ``seed`` (see the module docstring for the returned keys).
 
     ``poses``: camera-to-world 4x4 matrices to render instead of the default camera path (the room itself does
@@ -697,10 +700,11 @@ def make_room(seed: int, points_per_m2: float = 400.0, num_frames: int = 12, ima
     ``points_per_m2`` sets the surface sampling density (400 gives roughly 30-60k points); ``hard_*`` control how
     weakly the hard classes show in the points: relief (m), mean colour shift (levels) and pattern amplitude.
     ``scan_blur`` (m): the points' colours are the texture blurred over that footprint, as a fused scan's are; the
-    frames stay sharp (see :func:`_scan_colors`; 0 = exact colours, generator version 1).
+    frames stay sharp (see :func:`_scan_colors`; 0 = exact colours, generator version 1). ``picture_period`` (m):
+    the range of the picture pattern's period (stripes, checker).
     """
     rng = np.random.default_rng(seed)
-    lay = build_layout(rng, hard_relief, hard_color_shift, hard_texture_amp)
+    lay = build_layout(rng, hard_relief, hard_color_shift, hard_texture_amp, tuple(picture_period))
     coord, axis, sign, prim = _sample_points(lay, rng, points_per_m2, ceiling_density)
     # texture at the exact surface point (blurred as a scan's colours are when scan_blur > 0); the blur draws from
     # its own stream, so the rest of the room is the same with and without it
@@ -756,8 +760,11 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 # Generator versions: room settings that differ from make_room's defaults. A dataset records its version, and
 # every version stays, so a table made on one can be remade. 2: the points' colours are blurred over a 3 cm
 # footprint, as a fused scan's vertex colours are, while the frames stay sharp; the hard classes' fine pattern
-# then shows in the images only (docs/data.md).
-VERSIONS = {1: {}, 2: {"scan_blur": 0.03}}
+# then shows in the images only (docs/data.md). 3: as 2, with the picture pattern's period at 7-10 cm instead of
+# 2-5 cm, so that frames of 120x160 (about 1.8 cm a pixel at 3 m) still resolve it while the 3 cm blur keeps at most
+# a sixth of its contrast in the points (version 2's pattern was too fine for the small frames: docs/benchmarks.md
+# 6c).
+VERSIONS = {1: {}, 2: {"scan_blur": 0.03}, 3: {"scan_blur": 0.03, "picture_period": (0.07, 0.10)}}
 
 
 def _scene_seed(seed: int, split: str, index: int) -> int:

@@ -70,24 +70,41 @@ class DistillTask(nn.Module):
             return run_with_hints(self.model, batch, "the student")
         return self.model(batch), None
 
+    def ahead(self, batch) -> dict:
+        """The targets that depend on ``batch`` alone, computed now: those of the frozen models run online (the
+        teacher, its 3D branch for hints, the experts), by source name; cached targets are left to :meth:`terms`
+        (cheap, and cached hints need the student's voxels). A trainer may run this on the next batch while the
+        student trains on this one and hand the result back as ``batch["ahead"]`` (a dict or a future of one:
+        :meth:`haskd.engine.trainer.Trainer.look_ahead`)."""
+        return {SOURCES[name]: self.targets[SOURCES[name]](batch) for name, loss in self.losses.items()
+                if getattr(self.targets[SOURCES[name]], "cache", None) is None}
+
     def terms(self, batch, out, tap=None) -> dict:
         """The distillation terms (no CE) for the student's ``out`` on ``batch``: ``ihd_hint`` (needs ``tap``),
         ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given. For a training loop that runs the student
-        itself (``examples/library_distill.py``)."""
+        itself (``examples/library_distill.py``). Targets in ``batch["ahead"]`` (:meth:`ahead`) are not computed
+        again."""
         y = batch["segment"]
+        pre = batch.get("ahead") or {}
+        if not isinstance(pre, dict):
+            pre = pre.result()
+
+        def target(source, *args):
+            return pre[source] if source in pre else self.targets[source](batch, *args)
+
         losses = {}
         if self.hint is not None:
             if tap is None:
                 raise ValueError("the hint loss needs the student's per-level features: run it inside a HintTap")
-            t_hints = self.targets["hints"](batch, tap.coords, tap.strides)
+            t_hints = target("hints", tap.coords, tap.strides)
             losses.update(self.hint(tap.feats, t_hints))
-        ex = self.targets["experts"](batch) if self.asd is not None else None
+        ex = target("experts") if self.asd is not None else None
         route = None
         if self.teacher_classes is not None:  # one logit source per point: the teacher or its class's snapshot
             fp = ex["final_pred"] if "final_pred" in ex else ex["logits"][-1].argmax(-1)
             route = teacher_route(self.teacher_classes, y, fp, self.asd.unlabeled, self.asd.ignore_index)
         if self.ihd is not None:
-            t = self.targets["teacher"](batch)
+            t = target("teacher")
             if "feat" in t and self.ihd.feat_weight == 0:
                 t = {k: v for k, v in t.items() if k != "feat"}
             losses.update(self.ihd(out, t, y, logit_mask=route))

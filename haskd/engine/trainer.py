@@ -25,10 +25,12 @@ class Trainer:
 
     ``wrapped``: what the step calls (the task under DDP, else the task itself); ``params``: the parameters the
     gradient clip sees (``clip_grad`` > 0: the global norm is clipped to it); ``amp_dtype``: autocast dtype of the
-    forward (None: float32; float16 adds a gradient scaler)."""
+    forward (None: float32; float16 adds a gradient scaler); ``ahead``: for a task with an ``ahead(batch)`` method
+    (:class:`haskd.distill.task.DistillTask`), run it on the next batch in a second thread while this batch trains
+    (:meth:`look_ahead`)."""
 
     def __init__(self, task, optimizer, scheduler, device, params=None, wrapped=None, clip_grad: float = 0.0,
-                 amp_dtype=None, hooks=()):
+                 amp_dtype=None, hooks=(), ahead: bool = False):
         self.task = task
         self.wrapped = wrapped if wrapped is not None else task
         self.optimizer = optimizer
@@ -39,6 +41,7 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.hooks = list(hooks)
+        self.ahead = bool(ahead) and callable(getattr(task, "ahead", None))
         self.step = 0           # optimizer steps taken, over the whole run (a resumed run starts where it was)
         self.epoch = 0          # the epoch running (0-based), then the number of epochs done
         self.loader = None      # the epoch's batches (a hook may wrap them, e.g. in a progress bar)
@@ -78,7 +81,7 @@ class Trainer:
             self.task.train()
             self._call("before_epoch")
             t0, sums, n = time.perf_counter(), {}, 0
-            for batch in self.loader:
+            for batch in (self.look_ahead(self.loader) if self.ahead else self.loader):
                 losses = self.run_step(batch)
                 n += 1
                 for k, v in losses.items():
@@ -92,6 +95,30 @@ class Trainer:
         self.epoch = epochs
         self._call("after_train")
         return self.metrics
+
+    def look_ahead(self, batches):
+        """Yield ``batches`` (moved to the device) one late, each carrying ``batch["ahead"]``: a future of
+        ``task.ahead(batch)`` (the targets that frozen models compute from the batch alone), submitted to a worker
+        thread when the batch is fetched. So the frozen teacher runs on batch t+1 while the student trains on batch
+        t: on a CPU whose second core a second intra-op thread barely uses, that core does the teacher's work.
+        Every op runs with the same intra-op thread count as in the step, so the numbers are the same as without
+        (tests/test_train_e2e.py). The worker runs under the step's autocast."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def targets(batch):
+            with autocast(self.amp_dtype, self.device):
+                return self.task.ahead(batch)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="haskd-ahead") as pool:
+            held = None
+            for batch in batches:
+                batch = move_to(batch, self.device)
+                batch["ahead"] = pool.submit(targets, batch)
+                if held is not None:
+                    yield held
+                held = batch
+            if held is not None:
+                yield held
 
     def _call(self, what, *args):
         for h in self.hooks:

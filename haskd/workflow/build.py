@@ -224,7 +224,7 @@ def build_trainer(cfg: Config, model, datasets, device, total_steps: int, hooks=
     opt = build_optimizer(cfg, params, model)
     sched = build_scheduler(cfg, opt, total_steps)
     return Trainer(task, opt, sched, device, params=params, wrapped=wrapped, clip_grad=cfg.optim.clip_grad,
-                   amp_dtype=autocast_dtype(cfg, device), hooks=hooks)
+                   amp_dtype=autocast_dtype(cfg, device), hooks=hooks, ahead=cfg.train.targets_ahead)
 
 
 def snapshot_schedule(cfg: Config) -> list:
