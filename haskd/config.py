@@ -118,6 +118,8 @@ class TeacherConfig:
                                          # per-scene pool each step (more 2D data; caching still uses the K chosen)
     frame_pool: int = 24                 # pool size for train_frames=random (spread evenly over the frames)
     fusion: str = "concat"               # concat: logits = head(mlp[f3d, f2d, vis]) | residual: 3D logits + head(...)
+    overlap_branches: bool = True        # CPU: the image branch runs in a second thread beside the 3D branch (same
+                                         # numbers; haskd/threads.py)
 
 
 def _teacher_side(default):

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "haskd"
 
 # Lower number = lower layer; a module may import its own layer or lower ones (docs/architecture.md).
 LAYERS = {
-    "errors": 0, "io": 0, "classes": 0, "progress": 0,
+    "errors": 0, "io": 0, "classes": 0, "progress": 0, "threads": 0,
     "data": 1,
     "images": 2, "sparse": 2,
     "models": 3,

@@ -146,3 +146,35 @@ def test_per_class_table_averages_seeds_and_skips_absent_classes():
     assert md.splitlines()[0] == "| class | baseline | HAS-KD | teacher (IOF frames) |"
     assert "| wall | 85.0 +- 7.1 | 95.0 +- 7.1 | 100.0 +- 0.0 |" in md
     assert "sink" not in md
+
+
+def _teacher_step(cfg, batch, threads):
+    torch.manual_seed(0)
+    model = build_from_config(cfg).train()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = model(batch)
+        (out["logits"].square().mean() + out["feat"].mean()).backward()
+        with torch.no_grad():
+            model.eval()
+            ev = model(batch)["logits"]
+    finally:
+        torch.set_num_threads(old)
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ev
+
+
+def test_overlapped_branches_give_the_same_outputs_and_gradients(tiny_rooms):
+    """teacher.overlap_branches: the image branch in a second thread beside the 3D branch changes no number, in
+    training (random photometric jitter, gradients) and in evaluation (no grad), at 1 and 2 intra-op threads."""
+    ds = build_datasets(_cfg(tiny_rooms))["train"]
+    batch = collate([ds[0], ds[1]])
+    for threads in (1, 2):
+        ref = _teacher_step(_cfg(tiny_rooms, "teacher.overlap_branches=false"), batch, threads)
+        got = _teacher_step(_cfg(tiny_rooms), batch, threads)
+        for k in ("logits", "feat", "logits_3d", "visible"):
+            assert torch.equal(ref[0][k], got[0][k]), k
+        assert ref[1].keys() == got[1].keys() and len(ref[1]) > 10
+        for n in ref[1]:
+            assert torch.equal(ref[1][n], got[1][n]), n
+        assert torch.equal(ref[2], got[2])

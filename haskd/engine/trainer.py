@@ -102,9 +102,12 @@ class Trainer:
         thread when the batch is fetched. So the frozen teacher runs on batch t+1 while the student trains on batch
         t: on a CPU whose second core a second intra-op thread barely uses, that core does the teacher's work.
         Every op runs with the same intra-op thread count as in the step, so the numbers are the same as without
-        (tests/test_train_e2e.py). The worker runs under the step's autocast."""
+        (tests/test_hints.py). The worker runs under the step's autocast."""
         from concurrent.futures import ThreadPoolExecutor
 
+        from ..threads import in_this_context
+
+        @in_this_context
         def targets(batch):
             with autocast(self.amp_dtype, self.device):
                 return self.task.ahead(batch)

@@ -27,7 +27,7 @@ class MultiModalTeacher(nn.Module):
     features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
 
     def __init__(self, backbone: nn.Module, image_net: nn.Module, num_classes: int, hidden: int = 128,
-                 depth_tau: float = 0.1, fusion: str = "concat"):
+                 depth_tau: float = 0.1, fusion: str = "concat", overlap_branches: bool = True):
         super().__init__()
         if fusion not in ("concat", "residual"):
             raise HaskdError(f"teacher.fusion must be 'concat' or 'residual', got {fusion!r}")
@@ -44,6 +44,9 @@ class MultiModalTeacher(nn.Module):
         self.classifier = nn.Linear(hidden, num_classes)
         self.feat_dim = hidden
         self.depth_tau = depth_tau
+        # on CPU the image branch runs in a second thread while the 3D branch runs here (haskd.threads): the same
+        # numbers, about 13% less time a teacher step on 2 cores (docs/performance.md)
+        self.overlap_branches = overlap_branches
 
     @classmethod
     def from_config(cls, cfg, backbone, pretrained: bool = True):
@@ -57,16 +60,29 @@ class MultiModalTeacher(nn.Module):
             image_net = TimmUNet(t.image_encoder, t.image_channels, num_classes=num_2d,
                                  pretrained=t.image_pretrained if pretrained else "",
                                  out_indices=t.image_out_indices or None)
-            return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion)
+            return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion, t.overlap_branches)
         image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
                               num_classes=num_2d)
         if t.image_weights and pretrained:
             image_net.load_pretrained(t.image_weights)
-        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion)
+        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion, t.overlap_branches)
 
-    def lift_images(self, batch):
+    def photometric_jitter(self, batch):
+        """``(gain, bias)``, each (V, 1, 1, 1), for the batch's V training images, or None (evaluation, no frames):
+        per image brightness and contrast jitter. The points get colour jitter, the images get theirs, so the 2D
+        branch cannot memorise the few training rooms' exact colours. Drawn by :meth:`forward` before either branch
+        runs, so the random stream does not depend on which thread runs the image branch."""
+        imgs = [fr["color"] for fr in (batch.get("frames") or []) if fr is not None]
+        if not self.training or not imgs:
+            return None
+        v, device = sum(int(x.shape[0]) for x in imgs), imgs[0].device
+        gain = 1 + (torch.rand(v, 1, 1, 1, device=device) - 0.5) * 0.4
+        bias = (torch.rand(v, 1, 1, 1, device=device) - 0.5) * 0.2
+        return gain, bias
+
+    def lift_images(self, batch, jitter=None):
         """(N, C2d [+ num_classes]) lifted image features (+ 2D logits when the image net has a classifier) and
-        (N,) visibility."""
+        (N,) visibility. ``jitter``: :meth:`photometric_jitter`'s draw (training; drawn here when not given)."""
         world = batch["world"]
         N = world.shape[0]
         c = self.image_net.out_channels + (self.image_net.num_classes or 0)
@@ -80,12 +96,10 @@ class MultiModalTeacher(nn.Module):
         if not imgs:
             return f2d, vis
         x = torch.cat(imgs).float().div(255.0)
-        if self.training:
-            # Photometric jitter per image (brightness, contrast): the points get colour jitter, the images get
-            # theirs, so the 2D branch cannot memorise the few training rooms' exact colours.
-            v = x.shape[0]
-            gain = 1 + (torch.rand(v, 1, 1, 1, device=x.device) - 0.5) * 0.4
-            bias = (torch.rand(v, 1, 1, 1, device=x.device) - 0.5) * 0.2
+        if jitter is None:
+            jitter = self.photometric_jitter(batch)
+        if jitter is not None:
+            gain, bias = jitter
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = ((x - mean) * gain + mean + bias).clamp(0, 1)
         x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
@@ -106,8 +120,16 @@ class MultiModalTeacher(nn.Module):
         return f2d, vis
 
     def forward(self, batch):
-        out3 = self.backbone(batch)
-        lifted, vis = self.lift_images(batch)
+        jitter = self.photometric_jitter(batch)
+        if self.overlap_branches and batch["world"].device.type == "cpu":
+            from ..threads import submit
+
+            images = submit(self.lift_images, batch, jitter)
+            out3 = self.backbone(batch)
+            lifted, vis = images.result()
+        else:
+            out3 = self.backbone(batch)
+            lifted, vis = self.lift_images(batch, jitter)
         c2d = self.image_net.out_channels
         f2d, logits_2d = lifted[:, :c2d], lifted[:, c2d:]
         visf = vis.to(f2d.dtype)[:, None]
