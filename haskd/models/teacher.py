@@ -60,12 +60,14 @@ class MultiModalTeacher(nn.Module):
             image_net = TimmUNet(t.image_encoder, t.image_channels, num_classes=num_2d,
                                  pretrained=t.image_pretrained if pretrained else "",
                                  out_indices=t.image_out_indices or None)
-            return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion, t.overlap_branches)
+            return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
+                       t.overlap_branches)
         image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
                               num_classes=num_2d)
         if t.image_weights and pretrained:
             image_net.load_pretrained(t.image_weights)
-        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion, t.overlap_branches)
+        return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
+                       t.overlap_branches)
 
     def photometric_jitter(self, batch):
         """``(gain, bias)``, each (V, 1, 1, 1), for the batch's V training images, or None (evaluation, no frames):
