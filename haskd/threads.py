@@ -2,15 +2,16 @@
 
 On a CPU, a second intra-op thread barely speeds up this project's ops (docs/performance.md), but two independent
 pieces of work (the teacher's 3D branch and its image branch; the frozen teacher on the next batch and the student
-on this one) can each keep a core busy. Every op started in a worker runs with the same intra-op thread count as
-the caller's (PyTorch's setting is process-wide), so each op computes the same numbers it computes inline; what
-is thread-local (grad mode, inference mode, autocast) is carried over by :func:`in_this_context`.
+on this one) can each keep a core busy. An op computes the same numbers in any thread as long as it runs with the
+same intra-op thread count, so :func:`in_this_context` carries that count over with the rest of the caller's
+per-thread state (grad mode, inference mode, autocast). The count has to be set again in the worker: OpenMP keeps
+it per thread, and a worker made while the count was 1 stays at 1 after the caller sets 2 (a test caught it).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -44,8 +45,6 @@ def submit(fn, *args):
     the worker itself, it runs inline (a future already done), so nested use cannot wait on itself."""
     global _pool
     if threading.current_thread().name.startswith(_PREFIX):
-        from concurrent.futures import Future
-
         done = Future()
         done.set_result(fn(*args))
         return done

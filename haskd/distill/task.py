@@ -76,8 +76,8 @@ class DistillTask(nn.Module):
         (cheap, and cached hints need the student's voxels). A trainer may run this on the next batch while the
         student trains on this one and hand the result back as ``batch["ahead"]`` (a dict or a future of one:
         :meth:`haskd.engine.trainer.Trainer.look_ahead`)."""
-        return {SOURCES[name]: self.targets[SOURCES[name]](batch) for name, loss in self.losses.items()
-                if getattr(self.targets[SOURCES[name]], "cache", None) is None}
+        sources = [SOURCES[name] for name in self.losses]
+        return {src: self.targets[src](batch) for src in sources if getattr(self.targets[src], "cache", None) is None}
 
     def terms(self, batch, out, tap=None) -> dict:
         """The distillation terms (no CE) for the student's ``out`` on ``batch``: ``ihd_hint`` (needs ``tap``),

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..errors import HaskdError
 from ..images.lifting import lift
+from ..threads import submit
 from .image_unet import ImageUNet, TimmUNet
 
 log = logging.getLogger(__name__)
@@ -123,15 +124,10 @@ class MultiModalTeacher(nn.Module):
 
     def forward(self, batch):
         jitter = self.photometric_jitter(batch)
-        if self.overlap_branches and batch["world"].device.type == "cpu":
-            from ..threads import submit
-
-            images = submit(self.lift_images, batch, jitter)
-            out3 = self.backbone(batch)
-            lifted, vis = images.result()
-        else:
-            out3 = self.backbone(batch)
-            lifted, vis = self.lift_images(batch, jitter)
+        overlap = self.overlap_branches and batch["world"].device.type == "cpu"
+        images = submit(self.lift_images, batch, jitter) if overlap else None
+        out3 = self.backbone(batch)
+        lifted, vis = images.result() if overlap else self.lift_images(batch, jitter)
         c2d = self.image_net.out_channels
         f2d, logits_2d = lifted[:, :c2d], lifted[:, c2d:]
         visf = vis.to(f2d.dtype)[:, None]
