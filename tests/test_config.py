@@ -60,6 +60,17 @@ def test_every_shipped_config_loads():
         assert cfg.data.num_classes > 0
 
 
+def test_converged_preset_is_the_bench_preset_at_its_documented_size():
+    """synthetic_converged repeats synthetic_bench's values (one level of _base_): it may differ only where its
+    comments and docs/benchmarks.md say (rooms' voxel size, frame size, epochs of both models, validation, threads)."""
+    import dataclasses
+
+    size = ["data.voxel_size=0.08", "teacher.image_size=[120,160]", "train.epochs=120", "teacher.epochs=120",
+            "train.eval_every=4", "train.threads=1"]
+    assert dataclasses.asdict(load_config("synthetic_converged")) == dataclasses.asdict(
+        load_config("synthetic_bench", size))
+
+
 def test_ablate_seed_lists():
     import argparse
 
