@@ -678,9 +678,12 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
         assert c.optim == base.optim and c.model == base.model
     md = (tmp_path / "b" / "ablation.md").read_text()
     assert "| M-snapshot ensemble | 77.00" in md and "| baseline (3 epochs) |" in md
-    # training times: 2 epochs x 10 s (HAS-KD student), 2 x 5 s (baseline), 3 x 5 s (equal time)
-    assert table["train_seconds"] == {"baseline": [10.0], "HAS-KD": [20.0], "baseline (3 epochs)": [15.0]}
-    assert "HAS-KD student 20 s; baseline 10 s (0.50x), baseline (3 epochs) 15 s (0.75x)" in md
+    # training times: 2 epochs x 10 s (stage 1, the final student), 2 x 5 s (teacher, baseline), 3 x 5 s (equal
+    # time); the student's path is stage 1 + the final student
+    assert table["train_seconds"] == {pl.STUDENT_PATH: [40.0], "HAS-KD": [20.0], "teacher": [10.0],
+                                      "baseline": [10.0], "baseline (3 epochs)": [15.0]}
+    assert ("stage 1 + final, 40 s; final student (stage 2) 20 s (0.50x), teacher 10 s (0.25x), baseline 10 s "
+            "(0.25x), baseline (3 epochs) 15 s (0.38x). The whole pipeline with its teacher is 5.00x") in md
     assert "train_seconds" not in plain
     # a longer baseline of the baseline's own epochs is that row, not a second run
     trained.clear()
