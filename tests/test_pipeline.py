@@ -378,6 +378,8 @@ def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):
     seq = run_ablation(cfg, tmp_path / "seq", seeds=(1,), progress=False)  # one seed alone, in this process
     par = json.loads((tmp_path / "par" / "ablation.json").read_text())
     assert par["seeds"] == [0, 1]
+    # each process wrote its one-seed table in its seed folder, never over the table of all seeds
+    assert json.loads((tmp_path / "par" / "seed1" / "ablation.json").read_text())["seeds"] == [1]
     for part in ("rows", "teacher"):
         for r, v in seq[part].items():
             assert par[part][r]["miou"][1] == v["miou"][0], r

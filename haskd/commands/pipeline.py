@@ -1,6 +1,7 @@
 """``haskd pipeline``, ``haskd demo`` and ``haskd ablate``."""
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import os
@@ -76,6 +77,9 @@ def register(sub):
     a.add_argument("--equal-time-epochs", type=positive_int, default=None, metavar="N",
                    help="add the row 'baseline (N epochs)': the baseline trained N epochs (N set so its wall time "
                         "matches the HAS-KD student's: an equal-time baseline)")
+    # where a per-seed process of --jobs writes its one-seed table (its seed folder), so that it never overwrites
+    # the table of all seeds in --out, e.g. the val table while a --split test call runs
+    a.add_argument("--table-dir", default=None, help=argparse.SUPPRESS)
     a.set_defaults(func=run_ablate)
 
 
@@ -202,13 +206,15 @@ def run_ablate(args) -> int:
         run_seeds_in_parallel(cfg, out, args.seeds, args.jobs, _extra_row_flags(args))
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
-                         equal_time_epochs=args.equal_time_epochs)  # reuses the runs the processes finished
+                         equal_time_epochs=args.equal_time_epochs,  # reuses the runs the processes finished
+                         table_dir=args.table_dir)
     from ..workflow.pipeline import ablation_markdown, per_class_markdown
 
     print(ablation_markdown(table))
     print("\n" + per_class_markdown(table))
     name = f"ablation_{table['split']}" if table["split"] != cfg.data.val_split else "ablation"
-    print(f"\n{out / (name + '.md')}  {out / (name + '.json')}")
+    where = Path(args.table_dir or out)
+    print(f"\n{where / (name + '.md')}  {where / (name + '.json')}")
     return 0
 
 
@@ -243,7 +249,7 @@ def run_seeds_in_parallel(cfg, out: Path, seeds, jobs: int, flags=()) -> None:
             (out / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             logf = out / f"seed{seed}" / "ablate.log"
             cmd = [sys.executable, "-m", "haskd", "ablate", "--config", str(conf), "--out", str(out),
-                   "--seeds", f"{seed},", *flags]
+                   "--seeds", f"{seed},", "--table-dir", str(out / f"seed{seed}"), *flags]
             with open(logf, "w") as f:
                 running[seed] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), logf)
             print(f"seed {seed}: training in its own process ({child.train.threads} threads), log {logf}", flush=True)

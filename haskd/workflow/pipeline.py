@@ -247,7 +247,7 @@ def equal_time_row(epochs: int) -> str:
 
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
-                 double_baseline=False, equal_time_epochs=None) -> dict:
+                 double_baseline=False, equal_time_epochs=None, table_dir=None) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
@@ -259,7 +259,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
     ``split``: the split the table reports (default ``data.val_split``); every stage and the expert tables use val
-    whatever it is. Another split's table goes to ``ablation_<split>.md/json`` beside the val one.
+    whatever it is. Another split's table goes to ``ablation_<split>.md/json`` beside the val one, in ``table_dir``
+    (default ``out``).
     """
     import numpy as np
 
@@ -367,8 +368,10 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
     md = ablation_markdown(table) + "\n\n" + per_class_markdown(table)
     name = "ablation" if split == cfg.data.val_split else f"ablation_{split}"
-    (out / f"{name}.md").write_text(md + "\n")
-    (out / f"{name}.json").write_text(json.dumps(table, indent=1))
+    where = Path(table_dir or out)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{name}.md").write_text(md + "\n")
+    (where / f"{name}.json").write_text(json.dumps(table, indent=1))
     return table
 
 
