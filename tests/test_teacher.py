@@ -127,6 +127,8 @@ def test_ablation_table_shows_the_hard_classes_when_scored():
     assert "picture / window mean IoU" in md
     assert "| baseline | 40.00 +- 0.00 | +0.00 | 5.00 +- 0.00 |" in md
     assert "| teacher (IOF frames) | 45.00 +- 0.00 | +5.00 | 30.00 +- 0.00 |" in md
+    # the teacher's lead on those classes (30 - 5) and the share of it the student got (20 - 5 = 60%)
+    assert "On picture / window (mean IoU) the teacher leads by +25.00; HAS-KD gets 60% of it (+15.00)." in md
     table["rows"]["baseline"]["per_class_iou"] = [{"wall": 0.9}]
     for r in ("HAS-KD",):
         table["rows"][r]["per_class_iou"] = [{"wall": 0.9}]
