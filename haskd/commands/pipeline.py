@@ -76,7 +76,8 @@ def register(sub):
                    help="add the row 'baseline (2E)': the baseline trained twice train.epochs (has it plateaued?)")
     a.add_argument("--equal-time-epochs", type=positive_int, default=None, metavar="N",
                    help="add the row 'baseline (N epochs)': the baseline trained N epochs (N set so its wall time "
-                        "matches the HAS-KD student's: an equal-time baseline)")
+                        "matches the HAS-KD student's, stage 1 + final: an equal-time baseline); the table then "
+                        "gives every seed's training seconds and their ratios")
     # where a per-seed process of --jobs writes its one-seed table (its seed folder), so that it never overwrites
     # the table of all seeds in --out, e.g. the val table while a --split test call runs
     a.add_argument("--table-dir", default=None, help=argparse.SUPPRESS)
