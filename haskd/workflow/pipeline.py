@@ -479,10 +479,9 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
         frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
         lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
         if show_hard:  # the classes the images explain: does the teacher's lead there reach the student?
-            hard_mean = {r: float(np.nanmean(np.array(hard[r], float))) for r in ("baseline", "HAS-KD")}
-            hard_mean["teacher"] = float(np.nanmean(np.array(hard["teacher (IOF frames)"], float)))
-            lead = hard_mean["teacher"] - hard_mean["baseline"]
-            moved = hard_mean["HAS-KD"] - hard_mean["baseline"]
+            hard_mean = lambda r: float(np.nanmean(np.array(hard[r], float)))  # noqa: E731
+            lead = hard_mean("teacher (IOF frames)") - hard_mean("baseline")
+            moved = hard_mean("HAS-KD") - hard_mean("baseline")
             share = f"{100 * moved / lead:.0f}%" if lead > 0 else "n/a (the teacher does not lead there)"
             lines.append(f"On {' / '.join(hard_classes)} (mean IoU) the teacher leads by {lead:+.2f}; HAS-KD gets "
                          f"{share} of it ({moved:+.2f}).")
