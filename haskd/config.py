@@ -53,7 +53,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "spunet"                 # a key of haskd.models.REGISTRY
     preset: str = "small"
-    backend: str = "auto"                # sparse conv backend: auto | torch | spconv
+    backend: str = "auto"                # sparse conv backend: auto | torch | native | spconv
     kwargs: dict = field(default_factory=dict)
     module: str = ""                     # a Python file or module to import first (registers a user's network)
 
@@ -204,7 +204,7 @@ CHOICES = {
     "data.augment_recipe": ("cpu", "pointcept"),
     "data.grid_sample": ("mean", "random"),
     "data.vote_augs": ("", "scannet", "s3dis"),
-    "model.backend": ("auto", "torch", "spconv"),
+    "model.backend": ("auto", "torch", "native", "spconv"),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.scheduler": ("onecycle", "poly", "cosine", "cyclic_cosine"),
     "optim.amp_dtype": ("float16", "bfloat16"),

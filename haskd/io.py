@@ -106,3 +106,12 @@ def sweep_temp(folder, recursive: bool = True) -> list:
             except OSError:
                 pass
     return removed
+
+
+def cache_root() -> Path:
+    """haskd's cache folder (rendered views, compiled kernels): ``$HASKD_CACHE``, else ``$XDG_CACHE_HOME/haskd``, else
+    ``~/.cache/haskd``."""
+    if os.environ.get("HASKD_CACHE"):
+        return Path(os.environ["HASKD_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "haskd"

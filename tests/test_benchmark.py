@@ -95,6 +95,18 @@ def test_conv_bytes_counts_every_pass_of_the_torch_backend():
     assert conv_bytes(10, 3, 4, 3, 2, 3)[0] == 716.0 + 96.0
 
 
+def test_conv_bytes_of_the_native_kernel():
+    from haskd.bench.layers import conv_bytes
+
+    # same conv, fused: a pair reads its input row and both indices and reads + writes its output row
+    # fwd: 10 * ((2 + 2*3) * 4 + 2*8) = 480; bwd: input gradient 10 * ((3 + 2*2) * 4 + 16) = 440, weight gradient
+    # reads both rows and both indices once: 10 * ((2 + 3) * 4 + 16) = 360
+    assert conv_bytes(10, 0, 4, 3, 2, 3, native=True) == (480.0, 800.0)
+    # the centre offset over 3 rows: forward GEMM 3 * (2 + 6) * 4 = 96; backward input GEMM 3 * (3 + 4) * 4 = 84
+    # and weight GEMM 3 * (3 + 2) * 4 = 60
+    assert conv_bytes(10, 3, 4, 3, 2, 3, native=True) == (576.0, 944.0)
+
+
 def test_loading_benchmark_json(tiny_rooms, ckpts, tmp_path):
     out = tmp_path / "d.json"
     assert main(["benchmark", "--loading", "--ckpt", str(ckpts["student"]), "--data", str(tiny_rooms),

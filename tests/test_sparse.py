@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from haskd.errors import HaskdError
 from haskd.sparse import (SparseConv3d, SparseInverseConv3d, SparseTensor, SubMConv3d, resolve_backend, set_backend,
                           spconv_available)
+from haskd.sparse import native
 from haskd.sparse.torch_backend import build_subm_map
 
 GRID = 8  # even, so that stride-2 levels of the dense reference line up with the sparse ones
@@ -14,6 +15,9 @@ B = 2
 
 
 needs_spconv = pytest.mark.skipif(not spconv_available(), reason="spconv not installed")
+# the pure-torch passes and the fused C kernel (skipped where no C compiler builds it)
+MAP_BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"))]
 
 
 def random_coords(gen, n_per_batch=60, grid=GRID, batches=B):
@@ -61,11 +65,12 @@ def check_grads(sparse_out, dense_out_at, feats_s, feats_d, coords, layer, w_den
     torch.testing.assert_close(layer.weight.grad, w_dense.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 @pytest.mark.parametrize("kernel_size", [3, 1, 5])
-def test_subm_conv_matches_dense(kernel_size):
+def test_subm_conv_matches_dense(kernel_size, backend):
     gen = torch.Generator().manual_seed(1)
     coords, feats = make_input(1)
-    conv = SubMConv3d(3, 4, kernel_size, backend="torch")
+    conv = SubMConv3d(3, 4, kernel_size, backend=backend)
     fs = feats.clone().requires_grad_()
     out = conv(SparseTensor(fs, coords))
     assert torch.equal(out.coords, coords) and out.stride == 1
@@ -76,11 +81,12 @@ def test_subm_conv_matches_dense(kernel_size):
     check_grads(out.feats, ref, fs, fd, coords, conv, wd, gen)
 
 
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 @pytest.mark.parametrize("kernel_size,stride", [(2, 2), (3, 2)])
-def test_down_conv_matches_dense(kernel_size, stride):
+def test_down_conv_matches_dense(kernel_size, stride, backend):
     gen = torch.Generator().manual_seed(2)
     coords, feats = make_input(2)
-    conv = SparseConv3d(3, 5, kernel_size, stride, backend="torch")
+    conv = SparseConv3d(3, 5, kernel_size, stride, backend=backend)
     fs = feats.clone().requires_grad_()
     out = conv(SparseTensor(fs, coords))
     assert out.stride == stride
@@ -103,11 +109,12 @@ def test_down_conv_matches_dense(kernel_size, stride):
     check_grads(out.feats, ref, fs, fd, coords, conv, wd, gen)
 
 
-def test_inverse_conv_matches_dense_transpose():
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
+def test_inverse_conv_matches_dense_transpose(backend):
     gen = torch.Generator().manual_seed(3)
     coords, feats = make_input(3)
-    down = SparseConv3d(3, 6, 2, 2, key="d0", backend="torch")
-    up = SparseInverseConv3d(6, 4, 2, key="d0", backend="torch")
+    down = SparseConv3d(3, 6, 2, 2, key="d0", backend=backend)
+    up = SparseInverseConv3d(6, 4, 2, key="d0", backend=backend)
     x = SparseTensor(feats, coords)
     coarse = down(x)
     cf = coarse.feats.detach().clone().requires_grad_()
@@ -173,8 +180,11 @@ def test_empty_and_single_voxel():
     assert one.feats.grad.shape == (1, 2)
 
 
-def test_backend_names():
+def test_backend_names(monkeypatch):
     assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("native", "cpu") == "native"
+    assert resolve_backend("auto", "cpu") == ("native" if native.available() else "torch")
+    monkeypatch.setattr(native, "available", lambda: False)  # no compiler here: auto runs the torch backend
     assert resolve_backend("auto", "cpu") == "torch"
     with pytest.raises(HaskdError):
         resolve_backend("minkowski", "cpu")

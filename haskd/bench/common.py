@@ -101,8 +101,12 @@ def env_info(device="cpu") -> dict:
         except Exception as e:  # a broken install should not stop a benchmark
             spconv_version = f"import failed: {type(e).__name__}"
     info["spconv"] = spconv_version
-    info["sparse_backend"] = "spconv" if dev.type == "cuda" and spconv_version and "failed" not in spconv_version \
-        else "torch"
+    if dev.type == "cuda":
+        info["sparse_backend"] = "spconv" if spconv_version and "failed" not in spconv_version else "torch"
+    else:
+        from ..sparse import native
+
+        info["sparse_backend"] = "native" if native.available() else "torch"
     return info
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..sparse.native import MAX_CIN_COUT
 from .common import env_info, time_runs
 
 
@@ -63,14 +64,23 @@ def _stream_gbps(mib=256, reps=5) -> float:
     return 2.0 * src.numel() * 4 / t / 1e9
 
 
-def conv_bytes(pairs, identity_rows, n_in, n_out, cin, cout, elem=4, index=8):
+def conv_bytes(pairs, identity_rows, n_in, n_out, cin, cout, elem=4, index=8, native=False):
     """Bytes one sparse conv moves through memory, forward and backward (input + weight gradient), as the torch
     backend runs it (:mod:`haskd.sparse.torch_backend`): every gather reads its rows and index and writes the
     gathered copy, every per-offset GEMM reads its operands and writes its product, every CSR reduction reads the
     pair rows, its column index and values and writes the summed rows; the centre offset of a submanifold map is
-    one plain GEMM. Caches are ignored (a lower bound on traffic, so an upper bound on the attainable rate), and the
-    weights are too small to count. Returns ``(fwd_bytes, bwd_bytes)``."""
+    one plain GEMM. With ``native`` (:mod:`haskd.sparse.native`) a pair reads its input row and both indices and
+    reads and writes its output row (no pair buffers), and the weight gradient reads each pair's two rows and
+    indices once. Every access counts as memory traffic and the weights are too small to count. Returns
+    ``(fwd_bytes, bwd_bytes)``."""
     p, e = float(pairs), float(elem)
+    ident_f = identity_rows * (cin + 2 * cout) * e            # addmm reads and writes the output too
+    if native:
+        def fused(ci, co):
+            return p * ((ci + 2 * co) * e + 2 * index)
+
+        ident_b = identity_rows * (cout + 2 * cin) * e + identity_rows * (cout + cin) * e
+        return fused(cin, cout) + ident_f, fused(cout, cin) + p * ((cin + cout) * e + 2 * index) + ident_b
 
     def gather(c):
         return p * (2 * c * e + index)
@@ -81,7 +91,6 @@ def conv_bytes(pairs, identity_rows, n_in, n_out, cin, cout, elem=4, index=8):
     def reduce(c, rows):
         return p * (c * e + index + e) + rows * c * e
 
-    ident_f = gemm(cin, 2 * cout, identity_rows)            # addmm reads and writes the output too
     fwd = gather(cin) + gemm(cin, cout, p) + reduce(cout, n_out) + ident_f
     ident_b = gemm(cout, 2 * cin, identity_rows) + gemm(cout, cin, identity_rows)
     bwd = (gather(cout) + gemm(cout, cin, p) + reduce(cin, n_in)    # input gradient
@@ -90,12 +99,17 @@ def conv_bytes(pairs, identity_rows, n_in, n_out, cin, cout, elem=4, index=8):
 
 
 def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target_voxels=50000,
-                     unet=True) -> dict:
-    """Per-layer FLOP rate of the torch sparse conv on a real room, plus the whole-UNet backend comparison."""
+                     unet=True, backend="auto") -> dict:
+    """Per-layer FLOP rate of the sparse conv (``backend``: torch or native; auto = what training here uses) on a
+    real room, plus the whole-UNet backend comparison."""
     from ..models.spunet import SPUNET_PRESETS, SpUNet
-    from ..sparse import SparseConv3d, SparseInverseConv3d, SubMConv3d
+    from ..sparse import SparseConv3d, SparseInverseConv3d, SubMConv3d, resolve_backend
     from ..sparse.torch_backend import sparse_conv
 
+    backend = resolve_backend(backend, "cpu")
+    if backend not in ("torch", "native"):
+        raise InputError(backend, "--layers times the torch or native backend (spconv has no CPU backward)")
+    native = backend == "native"
     torch.set_num_threads(threads)
     sc = _load_real_scene(data, scene)
     vs, batch = _voxel_batch(sc, target_voxels)
@@ -129,8 +143,8 @@ def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target
         pairs = kmap.num_pairs
         flop = 2.0 * pairs * cin * cout
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        fwd = time_runs(lambda: sparse_conv(x, w, kmap), runs, 1)["median"]
-        y = sparse_conv(xg, wg, kmap)
+        fwd = time_runs(lambda: sparse_conv(x, w, kmap, native), runs, 1)["median"]
+        y = sparse_conv(xg, wg, kmap, native)
         g = torch.randn_like(y)
         bwd = time_runs(lambda: torch.autograd.grad(y, (xg, wg), g, retain_graph=True), runs, 1)["median"]
         groups = max(1, len(kmap.groups) + (kmap.identity_k is not None))
@@ -138,7 +152,7 @@ def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target
         if shape not in dense_cache:
             dense_cache[shape] = _dense_gflops(*shape)
         fb, bb = conv_bytes(kmap.in_idx.numel(), kmap.n_out if kmap.identity_k is not None else 0, kmap.n_in,
-                            kmap.n_out, cin, cout)
+                            kmap.n_out, cin, cout, native=native and cin * cout <= MAX_CIN_COUT)
         per_layer.append({"type": kind, "cin": cin, "cout": cout, "rows_in": kmap.n_in, "rows_out": kmap.n_out,
                           "pairs": pairs, "gflop": flop / 1e9, "fwd_s": fwd, "bwd_s": bwd, "fwd_gb": fb / 1e9,
                           "bwd_gb": bb / 1e9,
@@ -169,9 +183,9 @@ def benchmark_layers(data, scene=None, preset="small", threads=1, runs=3, target
             t[f"{d}_fraction_of_roofline"] = need / t[f"{d}_s"]
     peak = _dense_gflops(4096, 256, 256)
     res = {"env": env_info("cpu"), "scene": sc.name, "points": sc.num_points, "voxel_size": vs,
-           "voxels": int(batch["grid_coord"].shape[0]), "preset": preset, "threads": threads,
+           "voxels": int(batch["grid_coord"].shape[0]), "preset": preset, "threads": threads, "backend": backend,
            "dense_gflops_peak": peak, "copy_gbps": bw, "flop_rule": "2 x pairs x Cin x Cout (backward: twice that)",
-           "byte_rule": "conv_bytes: gathers, per-offset GEMMs and CSR reductions as run, caches ignored",
+           "byte_rule": "conv_bytes: the passes over memory as the backend runs them, caches ignored",
            "layer_types": types, "layers": per_layer,
            "total": {"gflop_fwd": sum(t["gflop"] for t in types.values()),
                      "fwd_s": sum(t["fwd_s"] for t in types.values()),
@@ -195,10 +209,11 @@ class _NoThreadChange:
 
 
 def unet_backends(batch, preset="small", runs=3, threads_list=(1, 2)) -> list:
-    """Whole-UNet forward and training step: torch backend at each thread count, spconv single- and multi-thread
-    (forward only on CPU: its backward needs CUDA). spconv outputs are compared with the torch backend's."""
+    """Whole-UNet forward and training step: torch and native backends at each thread count, spconv single- and
+    multi-thread (forward only on CPU: its backward needs CUDA). Native and spconv outputs are compared with the torch
+    backend's."""
     from ..models.spunet import SPUNET_PRESETS, SpUNet
-    from ..sparse import spconv_backend
+    from ..sparse import native, spconv_backend
 
     old = torch.get_num_threads()
     torch.manual_seed(0)
@@ -207,34 +222,46 @@ def unet_backends(batch, preset="small", runs=3, threads_list=(1, 2)) -> list:
     target = torch.randint(0, 20, (batch["grid_coord"].shape[0],))
     out = []
     try:
-        for th in threads_list:
-            torch.set_num_threads(th)
-            model.load_state_dict(state)
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for backend in ("torch", "native") if native.available() else ("torch",):
+            model.set_backend(backend)
+            for th in threads_list:
+                torch.set_num_threads(th)
+                model.load_state_dict(state)
+                model.train()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-            def step():
-                loss = torch.nn.functional.cross_entropy(model(batch)["logits"], target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                def step():
+                    loss = torch.nn.functional.cross_entropy(model(batch)["logits"], target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
 
-            step_t = time_runs(step, runs, 1)["median"]
-            model.load_state_dict(state)
-            model.eval()
-            with torch.no_grad():
-                fwd_t = time_runs(lambda: model(batch), runs, 1)["median"]
-            out.append({"backend": "torch", "threads": th, "forward": fwd_t, "step": step_t})
+                step_t = time_runs(step, runs, 1)["median"]
+                model.load_state_dict(state)
+                model.eval()
+                with torch.no_grad():
+                    fwd_t = time_runs(lambda: model(batch), runs, 1)["median"]
+                out.append({"backend": backend, "threads": th, "forward": fwd_t, "step": step_t})
+        model.set_backend("torch")
         # Compare in train mode (BN with batch statistics): activations are normalised as in a trained network.
         model.load_state_dict(state)
         model.train()
         with torch.no_grad():
             ref = model(batch)["logits"]
+        tol = 1e-4 * max(float(ref.abs().max()), 1.0)
+        if native.available():
+            model.set_backend("native")
+            with torch.no_grad():
+                got = model(batch)["logits"]
+            for row in out:
+                if row["backend"] == "native":
+                    row["mismatch_rows"] = int(((got - ref).abs() > tol).any(1).sum())
+                    row["max_abs_diff"], row["tolerance"] = float((got - ref).abs().max()), tol
+            model.set_backend("torch")
         if not spconv_backend.available():
             out.append({"backend": "spconv", "threads": None, "note": "spconv not installed"})
             return out
         model.set_backend("spconv")
-        tol = 1e-4 * max(float(ref.abs().max()), 1.0)
         single = None
         for th, forced in ((1, True), (max(threads_list), False)):
             torch.set_num_threads(th)

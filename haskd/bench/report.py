@@ -38,7 +38,7 @@ def to_markdown(res: dict) -> str:
         lines += _head("ratio", "value")
         lines += [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
     if "layer_types" in res:
-        lines += ["", f"dense matmul peak {res['dense_gflops_peak']:.1f} GFLOP/s, copy bandwidth "
+        lines += ["", f"{res.get('backend', 'torch')} backend; dense matmul peak {res['dense_gflops_peak']:.1f} GFLOP/s, copy bandwidth "
                       f"{res['copy_gbps']:.1f} GB/s; room {res['voxels']} voxels",
                   *_head("layer type", "layers", "pairs", "GFLOP fwd", "fwd s", "fwd GFLOP/s", "bwd s", "bwd GFLOP/s",
                          "fwd / dense", "bwd / dense", "GB fwd / bwd", "bound fwd / bwd", "fwd / roofline",

@@ -30,7 +30,7 @@ def register(sub):
     p.add_argument("--max-scenes", type=int, default=3, help="scenes of the split to time")
     p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--layers", action="store_true", help="per-layer FLOP rate of the torch sparse conv")
+    mode.add_argument("--layers", action="store_true", help="per-layer FLOP rate of the sparse conv (see --backend)")
     mode.add_argument("--loading", action="store_true", help="DataLoader share of a training step")
     mode.add_argument("--chunked", action="store_true", help="chunked vs one-shot inference on a tiled room")
     mode.add_argument("--ddp", action="store_true", help="1 core vs 2: torchrun 2 x 1 thread, 1 process x 2 threads")
@@ -38,6 +38,8 @@ def register(sub):
     p.add_argument("--preset", default="small", help="--layers: SpUNet preset")
     p.add_argument("--voxels", type=int, default=50000, help="--layers: target voxel count of the room")
     p.add_argument("--no-unet", action="store_true", help="--layers: skip the whole-UNet backend comparison")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "native"),
+                   help="--layers: sparse conv backend of the per-layer table (auto: native where it compiles)")
     p.add_argument("--grid", type=int, default=3, help="--chunked: grid x grid copies of the room")
     p.add_argument("--max-voxels", type=int, default=100000, help="--chunked: voxel budget per chunk")
     p.add_argument("--overlap", type=float, default=1.0, help="--chunked: chunk overlap (m)")
@@ -77,8 +79,8 @@ def run(args) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise HaskdError("--runs must be >= 1 and --warmup >= 0")
     if args.layers:
-        res = B.benchmark_layers(args.data, args.scene, args.preset, args.threads, runs=min(args.runs, 3),
-                                 target_voxels=args.voxels, unet=not args.no_unet)
+        res = B.benchmark_layers(args.data, args.scene, args.preset, args.threads, runs=args.runs,
+                                 target_voxels=args.voxels, unet=not args.no_unet, backend=args.backend)
     elif args.chunked:
         res = B.benchmark_chunked(args.data, args.ckpt, args.scene, args.grid, args.max_voxels, args.overlap,
                                   args.preset, threads=args.threads)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..data.frames import open_frames, write_frame, write_intrinsics
 from ..errors import InputError
+from ..io import cache_root
 from .lifting import project
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,6 @@ def render_views(coord, color, num_views: int = 20, image_size=(240, 320), fov_d
         c, d = splat(coord, color, pose, K, image_size, point_size, max_radius)
         views.append((c, d, pose, K))
     return views
-
-
-def cache_root() -> Path:
-    """Where rendered views are kept: ``$HASKD_CACHE``, else ``$XDG_CACHE_HOME/haskd``, else ``~/.cache/haskd``."""
-    if os.environ.get("HASKD_CACHE"):
-        return Path(os.environ["HASKD_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "haskd"
 
 
 def virtual_dir(scene_dir, num_views: int = 20, image_size=(240, 320), fov_deg: float = 70.0, seed: int = 0) -> Path:

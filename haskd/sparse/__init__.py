@@ -1,8 +1,14 @@
 """Sparse voxel tensors and 3D sparse convolutions with two interchangeable backends.
 
-- ``torch`` (default on CPU): pure PyTorch, see :mod:`haskd.sparse.torch_backend`.
+- ``torch``: pure PyTorch, see :mod:`haskd.sparse.torch_backend`.
+- ``native`` (default on CPU): the torch backend's kernel maps, with the CPU float32 convs of up to 128 x 128
+  channels run by a fused C kernel compiled at first use (:mod:`haskd.sparse.native`); elsewhere it is ``torch``.
 - ``spconv`` (optional, the usual choice on CUDA): spconv 2.x, see :mod:`haskd.sparse.spconv_backend`.
-- ``auto``: spconv when the tensor is on CUDA and spconv is installed, else torch.
+- ``auto``: spconv when the tensor is on CUDA and spconv is installed, else native when the kernel compiles here,
+  else torch.
+
+``torch`` and ``native`` give the same results up to float rounding (the sums run in another order) and share
+kernel maps, so a downsampling conv run by one can be inverted by the other.
 
 Both backends read the same weight tensor, stored in spconv 2.x layout ``(Cout, kx, ky, kz, Cin)``, so a state dict
 trained with one runs with the other. Kernel maps are built once per level and per forward and kept in the
@@ -17,9 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import HaskdError
-from . import spconv_backend, torch_backend
+from . import native, spconv_backend, torch_backend
 
-BACKENDS = ("auto", "torch", "spconv")
+BACKENDS = ("auto", "torch", "native", "spconv")
 
 __all__ = [
     "BACKENDS", "SparseTensor", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d", "resolve_backend",
@@ -32,12 +38,20 @@ def spconv_available() -> bool:
 
 
 def resolve_backend(name: str, device) -> str:
-    """``'auto'`` -> ``'spconv'`` on CUDA when installed, else ``'torch'``; other names are checked and returned."""
+    """``'auto'`` -> ``'spconv'`` on CUDA when installed, ``'native'`` on CPU when its kernel compiles, else
+    ``'torch'``; other names are checked and returned."""
     if name not in BACKENDS:
         raise HaskdError(f"unknown sparse backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "spconv" if torch.device(device).type == "cuda" and spconv_available() else "torch"
+        if torch.device(device).type == "cuda":
+            return "spconv" if spconv_available() else "torch"
+        return "native" if native.available() else "torch"
     return name
+
+
+def _maps_of(backend: str) -> str:
+    """Which kernel maps a backend uses: native runs on the torch backend's."""
+    return "torch" if backend == "native" else backend
 
 
 class SparseTensor:
@@ -97,6 +111,9 @@ class _SparseConv(nn.Module):
     def _backend(self, x: SparseTensor) -> str:
         return resolve_backend(self.backend, x.device)
 
+    def _native(self, x: SparseTensor) -> bool:
+        return self._backend(x) == "native"
+
     def _finish(self, x, feats, coords, stride, spatial_shape=None):
         if self.bias is not None:
             feats = feats + self.bias
@@ -122,8 +139,8 @@ class SubMConv3d(_SparseConv):
         key = ("subm", x.stride, self.kernel_size)
         if key not in x.cache:  # one map per level, shared by every conv of that level
             x.cache[key] = torch_backend.build_subm_map(x.coords, self.kernel_size)
-        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, x.cache[key]), x.coords, x.stride,
-                            x.spatial_shape)
+        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, x.cache[key], self._native(x)),
+                            x.coords, x.stride, x.spatial_shape)
 
 
 class SparseConv3d(_SparseConv):
@@ -140,7 +157,7 @@ class SparseConv3d(_SparseConv):
     def forward(self, x: SparseTensor) -> SparseTensor:
         key = self.key or f"s{x.stride}"
         out_stride = x.stride * self.stride
-        backend = self._backend(x)
+        backend = _maps_of(self._backend(x))
         rec = x.cache.get(("down", key))
         if rec is not None and (rec["backend"], rec["in_stride"]) != (backend, x.stride):
             raise HaskdError(f"sparse downsample key {key!r} reused for a different level or backend")
@@ -156,8 +173,8 @@ class SparseConv3d(_SparseConv):
                        in_coords=x.coords, out_coords=out_coords, kmap=kmap, shape=x.spatial_shape)
             x.cache[("down", key)] = rec
             x.cache.setdefault(("down_to", out_stride), key)
-        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, rec["kmap"]), rec["out_coords"],
-                            out_stride)
+        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, rec["kmap"], self._native(x)),
+                            rec["out_coords"], out_stride)
 
 
 class SparseInverseConv3d(_SparseConv):
@@ -179,15 +196,15 @@ class SparseInverseConv3d(_SparseConv):
         if rec["kernel_size"] != self.kernel_size or rec["out_stride"] != x.stride:
             raise HaskdError(f"inverse conv does not match downsample {key!r}: kernel {self.kernel_size} vs "
                              f"{rec['kernel_size']}, stride {x.stride} vs {rec['out_stride']}")
-        if self._backend(x) != rec["backend"]:
+        if _maps_of(self._backend(x)) != rec["backend"]:
             raise HaskdError("inverse conv must use the same sparse backend as its downsampling conv")
         if rec["backend"] == "spconv":
             f, c, shape = spconv_backend.conv(self, x, "inverse", f"down_{key}", rec["in_stride"])
             return self._finish(x, f, c, rec["in_stride"], shape)
         if "kmap_t" not in rec:
             rec["kmap_t"] = rec["kmap"].transposed()
-        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, rec["kmap_t"]), rec["in_coords"],
-                            rec["in_stride"], rec["shape"])
+        return self._finish(x, torch_backend.sparse_conv(x.feats, self.weight, rec["kmap_t"], self._native(x)),
+                            rec["in_coords"], rec["in_stride"], rec["shape"])
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:

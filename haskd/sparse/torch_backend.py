@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from . import native as _native
+
 
 def kernel_offsets(kernel_size: int, centered: bool, device=None) -> torch.Tensor:
     """Offsets of a cubic kernel, ``(K, 3)`` int64, x-major: ``-k//2..k//2`` if centered, else ``0..k-1``."""
@@ -96,10 +98,18 @@ class KernelMap:
 
     def __init__(self, n_in, n_out, in_idx, out_idx, groups, identity_k=None):
         self.n_in, self.n_out = int(n_in), int(n_out)
-        self.in_idx, self.out_idx = in_idx, out_idx
+        self.in_idx, self.out_idx = in_idx.contiguous(), out_idx.contiguous()  # the native kernel reads them raw
         self.groups = groups
         self.identity_k = identity_k
         self._csr = {}
+        self._group_table = None
+
+    @property
+    def group_table(self) -> torch.Tensor:
+        """``groups`` as a ``(G, 3)`` int64 CPU tensor (what the native kernel reads)."""
+        if self._group_table is None:
+            self._group_table = torch.tensor(self.groups, dtype=torch.int64).reshape(-1, 3)
+        return self._group_table
 
     @property
     def num_pairs(self) -> int:
@@ -110,6 +120,7 @@ class KernelMap:
         t = KernelMap(self.n_out, self.n_in, self.out_idx, self.in_idx, self.groups, self.identity_k)
         swap = {"in": "out", "out": "in"}
         t._csr = {(swap[side], dt): v for (side, dt), v in self._csr.items()}
+        t._group_table = self._group_table
         return t
 
     def reducer(self, side: str, dtype=torch.float32) -> torch.Tensor:
@@ -272,13 +283,21 @@ class SparseConvFunction(torch.autograd.Function):
     """``out (N_out, Cout) = conv(x (N_in, Cin), weight (Cout, K, Cin), kmap)`` with a hand-written backward.
 
     The backward reuses the forward's kernel map and does gather / GEMM / reduce directly, without recording an
-    autograd graph of many small ops; the gathered inputs are recomputed there rather than kept alive.
+    autograd graph of many small ops; the gathered inputs are recomputed there rather than kept alive. With
+    ``native`` (and a CPU float32 layer the kernel handles, :func:`haskd.sparse.native.handles`), the pairs are
+    summed by the fused C kernel instead of the three passes; the centre offset stays one GEMM either way.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, kmap: KernelMap):
+    def forward(ctx, x, weight, kmap: KernelMap, native: bool = False):
         ctx.kmap = kmap
+        ctx.native = native = native and _native.handles(x, weight)
         ctx.save_for_backward(x, weight)
+        if native:
+            out = _centre_or_zeros(x, weight, kmap.identity_k, kmap.n_out, forward=True)
+            _native.conv_pairs(x, weight.permute(1, 2, 0).contiguous(), kmap.in_idx, kmap.out_idx,
+                               kmap.group_table, out)
+            return out
         y = _per_offset_mm(_gather(x, kmap.in_idx, 0), kmap.groups, weight, True, 1)
         out = _reduce(kmap, "out", y)
         if kmap.identity_k is not None:  # centre of a submanifold kernel: a plain matmul, no gather/scatter
@@ -288,7 +307,27 @@ class SparseConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):  # a backward called inside autocast
-            return SparseConvFunction._backward(ctx, grad_out)
+            gx, gw = (SparseConvFunction._backward_native if ctx.native else SparseConvFunction._backward)(
+                ctx, grad_out)
+            return gx, gw, None, None
+
+    @staticmethod
+    def _backward_native(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        m: KernelMap = ctx.kmap
+        grad_out = grad_out.to(x.dtype).contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:  # the same kernel over the swapped pairs, by W_k^T
+            gx = _centre_or_zeros(grad_out, weight, m.identity_k, m.n_in, forward=False)
+            _native.conv_pairs(grad_out, weight.permute(1, 0, 2).contiguous(), m.out_idx, m.in_idx,
+                               m.group_table, gx)
+        if ctx.needs_input_grad[1]:
+            gw = weight.new_zeros((weight.shape[1], weight.shape[2], weight.shape[0]))  # (K, Cin, Cout)
+            _native.weight_grad_pairs(x, grad_out, m.in_idx, m.out_idx, m.group_table, gw)
+            if m.identity_k is not None:
+                torch.mm(x.t(), grad_out, out=gw[m.identity_k])
+            gw = gw.permute(2, 0, 1)
+        return gx, gw
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -310,11 +349,21 @@ class SparseConvFunction(torch.autograd.Function):
             if m.identity_k is not None:
                 torch.mm(grad_out.t(), x, out=gw[m.identity_k])
             gw = gw.permute(1, 0, 2)
-        return gx, gw, None
+        return gx, gw
 
 
-def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Apply a kernel map: ``x (N_in, Cin)``, ``weight (Cout, kx, ky, kz, Cin)`` -> ``(N_out, Cout)``.
+def _centre_or_zeros(x, weight, identity_k, n_rows, forward: bool):
+    """Where the native kernel adds the pairs: the centre offset's GEMM (a submanifold map; ``x @ W_c^T`` forward,
+    ``x @ W_c`` for the input gradient), else zeros. ``weight (Cout, K, Cin)``."""
+    if identity_k is None:
+        return x.new_zeros((n_rows, weight.shape[0] if forward else weight.shape[2]))
+    wc = weight[:, identity_k, :]
+    return torch.mm(x, wc.t() if forward else wc)
+
+
+def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, native: bool = False) -> torch.Tensor:
+    """Apply a kernel map: ``x (N_in, Cin)``, ``weight (Cout, kx, ky, kz, Cin)`` -> ``(N_out, Cout)``. ``native``:
+    the fused C kernel where it handles the layer (:mod:`haskd.sparse.native`; CPU float32), else the passes here.
 
     Under ``torch.autocast`` (mixed precision, ``optim.amp``) the op runs in the autocast dtype, as autocast runs a
     linear layer: input and weight are cast once here and the ops inside run with autocast off. Left to autocast,
@@ -327,5 +376,5 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return SparseConvFunction.apply(x.to(dt).contiguous(), w.to(dt), kmap)
-    return SparseConvFunction.apply(x.contiguous(), w, kmap)
+            return SparseConvFunction.apply(x.to(dt).contiguous(), w.to(dt), kmap, native)
+    return SparseConvFunction.apply(x.contiguous(), w, kmap, native)
