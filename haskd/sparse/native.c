@@ -16,8 +16,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64))); /* 16 floats: one AVX-512 register, two AVX2 ones */
-#define VW 16                                       /* floats per vf */
+/* vf: one register of the widest vector unit the compiler targets; register tiles of RB (forward) or WRB (weight
+   gradient) rows by 2 registers: 8 or 16 accumulators, within the 16 registers of AVX2 / NEON, 32 of AVX-512 */
+#if defined(__AVX512F__)
+typedef float vf __attribute__((vector_size(64)));
+#define VW 16 /* floats per vf */
+#define WRB 8
+#else
+typedef float vf __attribute__((vector_size(32)));
+#define VW 8
+#define WRB 4
+#endif
 #define RB 4                                        /* pairs per register block */
 #define PF 4                                        /* forward: prefetch the rows this many blocks ahead */
 #define CH 256                                      /* weight gradient: pairs gathered at a time */
@@ -38,9 +47,25 @@ static inline void prefetch_row(const float *row, int64_t c, int write)
 }
 
 /* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; w: (cin, cout) row-major */
-static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in,
-                       const int64_t *oi, int64_t n, float *out)
+static inline float dot(const float *a, const float *b, int64_t n)
 {
+    vf acc = {0};
+    int64_t k = 0;
+    for (; k + VW <= n; k += VW) acc += vload(a + k) * vload(b + k);
+    float s = 0;
+    for (int j = 0; j < VW; j++) s += acc[j];
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; w: (cin, cout) row-major; wt: scratch for cin x VW
+   floats, where the columns left over after the vector tiles are copied transposed (dot products along cin) */
+static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in,
+                       const int64_t *oi, int64_t n, float *out, float *wt)
+{
+    int64_t c_rem = cout - cout % VW, nrem = cout % VW;
+    for (int64_t j = 0; j < nrem; j++)
+        for (int64_t k = 0; k < cin; k++) wt[j * cin + k] = w[k * cout + c_rem + j];
     int64_t p = 0;
     for (; p + RB <= n; p += RB) {
         const float *xr[RB];
@@ -81,32 +106,34 @@ static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout
             for (int r = 0; r < RB; r++) vstore(orow[r] + c, vload(orow[r] + c) + a0[r]);
         }
         for (; c < cout; c++) /* columns left over when cout is not a multiple of VW */
-            for (int r = 0; r < RB; r++) {
-                float s = 0;
-                for (int64_t k = 0; k < cin; k++) s += xr[r][k] * w[k * cout + c];
-                orow[r][c] += s;
-            }
+            for (int r = 0; r < RB; r++) orow[r][c] += dot(xr[r], wt + (c - c_rem) * cin, cin);
     }
     for (; p < n; p++) { /* pairs left over after the last full block */
         const float *xr = x + in[p] * cin;
         float *orow = out + oi[p] * cout;
-        for (int64_t c = 0; c < cout; c++) {
+        for (int64_t c = 0; c < c_rem; c++) {
             float s = 0;
             for (int64_t k = 0; k < cin; k++) s += xr[k] * w[k * cout + c];
             orow[c] += s;
         }
+        for (int64_t c = c_rem; c < cout; c++) orow[c] += dot(xr, wt + (c - c_rem) * cin, cin);
     }
 }
 
 /* out (n_out, cout) += the conv of x (n_in, cin) over the offset groups; w: (K, cin, cout);
-   groups: ngroups rows of (k, start, end) into in_idx / out_idx */
-void haskd_conv_forward(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in_idx,
-                        const int64_t *out_idx, const int64_t *groups, int64_t ngroups, float *out)
+   groups: ngroups rows of (k, start, end) into in_idx / out_idx; returns nonzero if out of memory */
+int haskd_conv_forward(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in_idx,
+                       const int64_t *out_idx, const int64_t *groups, int64_t ngroups, float *out)
 {
+    float *wt = malloc(sizeof(float) * VW * (cin > 0 ? cin : 1));
+    if (!wt)
+        return 1;
     for (int64_t g = 0; g < ngroups; g++) {
         int64_t k = groups[3 * g], s = groups[3 * g + 1], e = groups[3 * g + 2];
-        fwd_offset(x, cin, w + k * cin * cout, cout, in_idx + s, out_idx + s, e - s, out);
+        fwd_offset(x, cin, w + k * cin * cout, cout, in_idx + s, out_idx + s, e - s, out, wt);
     }
+    free(wt);
+    return 0;
 }
 
 /* acc[i + r] (rows r < nr of gw[k], row stride cout) += sum over the n buffered pairs of xb[p][i + r] * gb[p];
@@ -116,7 +143,7 @@ static inline void wgrad_rows(float *acc, const float *xb, int64_t cin, const fl
 {
     int64_t c = 0;
     for (; c + 2 * VW <= cout; c += 2 * VW) {
-        vf a0[RB], a1[RB];
+        vf a0[WRB], a1[WRB];
         for (int r = 0; r < nr; r++) {
             a0[r] = vload(acc + (i + r) * cout + c);
             a1[r] = vload(acc + (i + r) * cout + c + VW);
@@ -166,8 +193,8 @@ int haskd_conv_weight_grad(const float *x, int64_t cin, const float *g, int64_t 
                 memcpy(gb + p * cout, g + out_idx[p0 + p] * cout, sizeof(float) * cout);
             }
             int64_t i = 0;
-            for (; i + RB <= cin; i += RB) wgrad_rows(acc, xb, cin, gb, cout, n, i, RB);
-            for (; i < cin; i++) wgrad_rows(acc, xb, cin, gb, cout, n, i, 1); /* cin not a multiple of RB */
+            for (; i + WRB <= cin; i += WRB) wgrad_rows(acc, xb, cin, gb, cout, n, i, WRB);
+            for (; i < cin; i++) wgrad_rows(acc, xb, cin, gb, cout, n, i, 1); /* cin not a multiple of WRB */
         }
     }
     free(xb);

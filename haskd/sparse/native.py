@@ -81,7 +81,7 @@ def _load():
             continue
         p, n = ctypes.c_void_p, ctypes.c_int64
         lib.haskd_conv_forward.argtypes = [p, n, p, n, p, p, p, n, p]
-        lib.haskd_conv_forward.restype = None
+        lib.haskd_conv_forward.restype = ctypes.c_int
         lib.haskd_conv_weight_grad.argtypes = [p, n, p, n, p, p, p, n, p]
         lib.haskd_conv_weight_grad.restype = ctypes.c_int
         return lib
@@ -120,8 +120,9 @@ def _ptr(t: torch.Tensor) -> int:
 def conv_pairs(x: torch.Tensor, w_kio: torch.Tensor, in_idx, out_idx, group_table, out: torch.Tensor) -> None:
     """``out[o] += x[i] @ w_kio[k]`` over every pair of every group, in place. ``x (N_in, Cin)``, ``w_kio (K, Cin,
     Cout)``, ``out (N_out, Cout)``: contiguous float32; ``group_table (G, 3)`` int64 rows ``(k, start, end)``."""
-    _lib.haskd_conv_forward(_ptr(x), x.shape[1], _ptr(w_kio), w_kio.shape[2], _ptr(in_idx), _ptr(out_idx),
-                            _ptr(group_table), group_table.shape[0], _ptr(out))
+    if _lib.haskd_conv_forward(_ptr(x), x.shape[1], _ptr(w_kio), w_kio.shape[2], _ptr(in_idx), _ptr(out_idx),
+                               _ptr(group_table), group_table.shape[0], _ptr(out)):
+        raise MemoryError("native sparse conv: out of memory for the weight scratch")
 
 
 def weight_grad_pairs(x: torch.Tensor, g: torch.Tensor, in_idx, out_idx, group_table, gw_kio: torch.Tensor) -> None:
