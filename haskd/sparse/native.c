@@ -16,21 +16,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* vf: one register of the widest vector unit the compiler targets; register tiles of RB (forward) or WRB (weight
-   gradient) rows by 2 registers: 8 or 16 accumulators, within the 16 registers of AVX2 / NEON, 32 of AVX-512 */
+/* vf: one register of the widest vector unit the compiler targets. Register tiles: RB (forward) or WRB (weight
+   gradient) rows by 2 registers, plus the loads: within the 16 registers of AVX2 / NEON or the 32 of AVX-512 */
 #if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
 #define VW 16 /* floats per vf */
+#define RB 4  /* pairs per register block */
 #define WRB 8
 #else
 typedef float vf __attribute__((vector_size(32)));
 #define VW 8
-#define WRB 4
+#define RB 6
+#define WRB 6
 #endif
-#define RB 4                                        /* pairs per register block */
+#define CB (2 * VW)                                 /* output columns per register tile */
 #define PF 4                                        /* forward: prefetch the rows this many blocks ahead */
 #define CH 256                                      /* weight gradient: pairs gathered at a time */
 #define WPF 16                                      /* weight gradient: prefetch the rows this many pairs ahead */
+#define INLINE static inline __attribute__((always_inline))
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -46,7 +49,6 @@ static inline void prefetch_row(const float *row, int64_t c, int write)
     }
 }
 
-/* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; w: (cin, cout) row-major */
 static inline float dot(const float *a, const float *b, int64_t n)
 {
     vf acc = {0};
@@ -58,18 +60,56 @@ static inline float dot(const float *a, const float *b, int64_t n)
     return s;
 }
 
-/* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; w: (cin, cout) row-major; wt: scratch for cin x VW
-   floats, where the columns left over after the vector tiles are copied transposed (dot products along cin) */
-static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in,
-                       const int64_t *oi, int64_t n, float *out, float *wt)
+/* The weight of one offset, w (cin, cout) row-major, repacked so that every loop below reads it in order: panel b
+   holds columns [b * CB, b * CB + CB) as cin rows of CB floats, one after the other; the columns left over (cout not
+   a multiple of CB) follow transposed, a row of cin floats per column, for dot products along cin. In w's own layout
+   the tile's rows are cout floats apart, and at 128 channels (512 bytes) they fall into a few L1 sets and evict
+   each other. */
+static void pack_weight(const float *w, int64_t cin, int64_t cout, float *wp)
 {
-    int64_t c_rem = cout - cout % VW, nrem = cout % VW;
-    for (int64_t j = 0; j < nrem; j++)
-        for (int64_t k = 0; k < cin; k++) wt[j * cin + k] = w[k * cout + c_rem + j];
+    int64_t nb = cout / CB;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t k = 0; k < cin; k++) memcpy(wp + (b * cin + k) * CB, w + k * cout + b * CB, sizeof(float) * CB);
+    float *wt = wp + nb * cin * CB;
+    for (int64_t j = nb * CB; j < cout; j++)
+        for (int64_t k = 0; k < cin; k++) wt[(j - nb * CB) * cin + k] = w[k * cout + j];
+}
+
+/* orow[r] += xr[r] @ w for nr (a constant at each call) rows; wp: the packed weight */
+INLINE void fwd_rows(const float *const *xr, float *const *orow, const int nr, int64_t cin, int64_t cout,
+                     const float *wp)
+{
+    int64_t nb = cout / CB;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *pb = wp + b * cin * CB;
+        vf a0[RB], a1[RB];
+        for (int r = 0; r < nr; r++) a0[r] = a1[r] = (vf){0};
+        for (int64_t k = 0; k < cin; k++) {
+            vf w0 = vload(pb + k * CB), w1 = vload(pb + k * CB + VW);
+            for (int r = 0; r < nr; r++) {
+                float s = xr[r][k];
+                a0[r] += s * w0;
+                a1[r] += s * w1;
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            vstore(orow[r] + b * CB, vload(orow[r] + b * CB) + a0[r]);
+            vstore(orow[r] + b * CB + VW, vload(orow[r] + b * CB + VW) + a1[r]);
+        }
+    }
+    const float *wt = wp + nb * cin * CB;
+    for (int64_t c = nb * CB; c < cout; c++) /* columns left over: dot products along cin */
+        for (int r = 0; r < nr; r++) orow[r][c] += dot(xr[r], wt + (c - nb * CB) * cin, cin);
+}
+
+/* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; wp: its packed weight */
+static void fwd_offset(const float *x, int64_t cin, const float *wp, int64_t cout, const int64_t *in,
+                       const int64_t *oi, int64_t n, float *out)
+{
+    const float *xr[RB];
+    float *orow[RB];
     int64_t p = 0;
     for (; p + RB <= n; p += RB) {
-        const float *xr[RB];
-        float *orow[RB];
         for (int r = 0; r < RB; r++) {
             xr[r] = x + in[p + r] * cin;
             orow[r] = out + oi[p + r] * cout;
@@ -79,44 +119,12 @@ static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout
                 prefetch_row(x + in[p + PF * RB + r] * cin, cin, 0);
                 prefetch_row(out + oi[p + PF * RB + r] * cout, cout, 1);
             }
-        int64_t c = 0;
-        for (; c + 2 * VW <= cout; c += 2 * VW) {
-            vf a0[RB], a1[RB];
-            for (int r = 0; r < RB; r++) a0[r] = a1[r] = (vf){0};
-            for (int64_t k = 0; k < cin; k++) {
-                vf w0 = vload(w + k * cout + c), w1 = vload(w + k * cout + c + VW);
-                for (int r = 0; r < RB; r++) {
-                    float s = xr[r][k];
-                    a0[r] += s * w0;
-                    a1[r] += s * w1;
-                }
-            }
-            for (int r = 0; r < RB; r++) {
-                vstore(orow[r] + c, vload(orow[r] + c) + a0[r]);
-                vstore(orow[r] + c + VW, vload(orow[r] + c + VW) + a1[r]);
-            }
-        }
-        for (; c + VW <= cout; c += VW) {
-            vf a0[RB];
-            for (int r = 0; r < RB; r++) a0[r] = (vf){0};
-            for (int64_t k = 0; k < cin; k++) {
-                vf w0 = vload(w + k * cout + c);
-                for (int r = 0; r < RB; r++) a0[r] += xr[r][k] * w0;
-            }
-            for (int r = 0; r < RB; r++) vstore(orow[r] + c, vload(orow[r] + c) + a0[r]);
-        }
-        for (; c < cout; c++) /* columns left over when cout is not a multiple of VW */
-            for (int r = 0; r < RB; r++) orow[r][c] += dot(xr[r], wt + (c - c_rem) * cin, cin);
+        fwd_rows(xr, orow, RB, cin, cout, wp);
     }
-    for (; p < n; p++) { /* pairs left over after the last full block */
-        const float *xr = x + in[p] * cin;
-        float *orow = out + oi[p] * cout;
-        for (int64_t c = 0; c < c_rem; c++) {
-            float s = 0;
-            for (int64_t k = 0; k < cin; k++) s += xr[k] * w[k * cout + c];
-            orow[c] += s;
-        }
-        for (int64_t c = c_rem; c < cout; c++) orow[c] += dot(xr, wt + (c - c_rem) * cin, cin);
+    for (; p < n; p++) { /* pairs left over after the last full block, one at a time */
+        xr[0] = x + in[p] * cin;
+        orow[0] = out + oi[p] * cout;
+        fwd_rows(xr, orow, 1, cin, cout, wp);
     }
 }
 
@@ -125,47 +133,67 @@ static void fwd_offset(const float *x, int64_t cin, const float *w, int64_t cout
 int haskd_conv_forward(const float *x, int64_t cin, const float *w, int64_t cout, const int64_t *in_idx,
                        const int64_t *out_idx, const int64_t *groups, int64_t ngroups, float *out)
 {
-    float *wt = malloc(sizeof(float) * VW * (cin > 0 ? cin : 1));
-    if (!wt)
+    float *wp = malloc(sizeof(float) * (cin * cout > 0 ? cin * cout : 1));
+    if (!wp)
         return 1;
+    int64_t packed = -1;
     for (int64_t g = 0; g < ngroups; g++) {
         int64_t k = groups[3 * g], s = groups[3 * g + 1], e = groups[3 * g + 2];
-        fwd_offset(x, cin, w + k * cin * cout, cout, in_idx + s, out_idx + s, e - s, out, wt);
+        if (k != packed) {
+            pack_weight(w + k * cin * cout, cin, cout, wp);
+            packed = k;
+        }
+        fwd_offset(x, cin, wp, cout, in_idx + s, out_idx + s, e - s, out);
     }
-    free(wt);
+    free(wp);
     return 0;
 }
 
-/* acc[i + r] (rows r < nr of gw[k], row stride cout) += sum over the n buffered pairs of xb[p][i + r] * gb[p];
-   nr is a constant at each call, so the compiler keeps the tile in registers */
-static inline void wgrad_rows(float *acc, const float *xb, int64_t cin, const float *gb, int64_t cout, int64_t n,
-                              int64_t i, const int nr)
+/* The weight gradient gathers CH pairs at a time into two buffers laid out for the register tile, so that the tile
+   reads both in order: xb holds the pairs' input rows as panels of WRB channels (panel i: the CH pairs' channels
+   [i * WRB, i * WRB + WRB), one pair after the other), gb their output-gradient rows as panels of CB columns; the
+   channels and columns left over after the full panels follow as plain rows. */
+static void gather_panels(float *buf, const float *row, int64_t p, int64_t n, int64_t c, int64_t pw)
 {
-    int64_t c = 0;
-    for (; c + 2 * VW <= cout; c += 2 * VW) {
+    int64_t np = c / pw, rem = c - np * pw;
+    for (int64_t b = 0; b < np; b++) memcpy(buf + (b * n + p) * pw, row + b * pw, sizeof(float) * pw);
+    if (rem)
+        memcpy(buf + np * pw * n + p * rem, row + np * pw, sizeof(float) * rem);
+}
+
+/* acc (rows i .. i + nr of gw[k], row stride cout) += sum over the n buffered pairs of x[p][i + r] * g[p];
+   xs: the pairs' channels i .. i + nr, xstride floats apart; nr is a constant at each call (a register tile) */
+INLINE void wgrad_rows(float *acc, const float *xs, int64_t xstride, const float *gb, int64_t cout, int64_t n,
+                       int64_t i, const int nr)
+{
+    int64_t nb = cout / CB, crem = cout - nb * CB;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *gp = gb + b * n * CB;
+        float *ab = acc + i * cout + b * CB;
         vf a0[WRB], a1[WRB];
         for (int r = 0; r < nr; r++) {
-            a0[r] = vload(acc + (i + r) * cout + c);
-            a1[r] = vload(acc + (i + r) * cout + c + VW);
+            a0[r] = vload(ab + r * cout);
+            a1[r] = vload(ab + r * cout + VW);
         }
         for (int64_t p = 0; p < n; p++) {
-            vf g0 = vload(gb + p * cout + c), g1 = vload(gb + p * cout + c + VW);
+            vf g0 = vload(gp + p * CB), g1 = vload(gp + p * CB + VW);
             for (int r = 0; r < nr; r++) {
-                float sx = xb[p * cin + i + r];
+                float sx = xs[p * xstride + r];
                 a0[r] += sx * g0;
                 a1[r] += sx * g1;
             }
         }
         for (int r = 0; r < nr; r++) {
-            vstore(acc + (i + r) * cout + c, a0[r]);
-            vstore(acc + (i + r) * cout + c + VW, a1[r]);
+            vstore(ab + r * cout, a0[r]);
+            vstore(ab + r * cout + VW, a1[r]);
         }
     }
-    for (; c < cout; c++) /* columns left over when cout is not a multiple of 2 * VW */
+    const float *gr = gb + nb * n * CB; /* columns left over: plain rows of crem floats */
+    for (int64_t c = 0; c < crem; c++)
         for (int r = 0; r < nr; r++) {
             float sm = 0;
-            for (int64_t p = 0; p < n; p++) sm += xb[p * cin + i + r] * gb[p * cout + c];
-            acc[(i + r) * cout + c] += sm;
+            for (int64_t p = 0; p < n; p++) sm += xs[p * xstride + r] * gr[p * crem + c];
+            acc[(i + r) * cout + nb * CB + c] += sm;
         }
 }
 
@@ -179,6 +207,7 @@ int haskd_conv_weight_grad(const float *x, int64_t cin, const float *g, int64_t 
         free(gb);
         return 1;
     }
+    int64_t nxp = cin / WRB, xrem = cin - nxp * WRB;
     for (int64_t gi = 0; gi < ngroups; gi++) {
         int64_t k = groups[3 * gi], s = groups[3 * gi + 1], e = groups[3 * gi + 2];
         float *acc = gw + k * cin * cout;
@@ -189,12 +218,17 @@ int haskd_conv_weight_grad(const float *x, int64_t cin, const float *g, int64_t 
                     prefetch_row(x + in_idx[p0 + p + WPF] * cin, cin, 0);
                     prefetch_row(g + out_idx[p0 + p + WPF] * cout, cout, 0);
                 }
-                memcpy(xb + p * cin, x + in_idx[p0 + p] * cin, sizeof(float) * cin);
-                memcpy(gb + p * cout, g + out_idx[p0 + p] * cout, sizeof(float) * cout);
+                gather_panels(xb, x + in_idx[p0 + p] * cin, p, n, cin, WRB);
+                gather_panels(gb, g + out_idx[p0 + p] * cout, p, n, cout, CB);
             }
-            int64_t i = 0;
-            for (; i + WRB <= cin; i += WRB) wgrad_rows(acc, xb, cin, gb, cout, n, i, WRB);
-            for (; i < cin; i++) wgrad_rows(acc, xb, cin, gb, cout, n, i, 1); /* cin not a multiple of WRB */
+            for (int64_t b = 0; b < nxp; b++) wgrad_rows(acc, xb + b * n * WRB, WRB, gb, cout, n, b * WRB, WRB);
+            const float *xr = xb + nxp * WRB * n; /* channels left over: a narrower tile */
+            switch (xrem) {
+#define REM(m) case m: if (m < WRB) wgrad_rows(acc, xr, xrem, gb, cout, n, nxp * WRB, m); break;
+            REM(1) REM(2) REM(3) REM(4) REM(5) REM(6) REM(7)
+#undef REM
+            default: break;
+            }
         }
     }
     free(xb);
