@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))  # the second where the compiler has no -march=native
 # Layers whose Cin x Cout exceeds this run the torch backend's path: at 256 x 256 channels MKL's GEMMs are faster
-# than the kernel's register tiles (docs/performance.md section 0b); at 128 x 128 and below the kernel wins.
+# than the kernel's register tiles (docs/performance.md section 0000); at 128 x 128 and below the kernel wins.
 MAX_CIN_COUT = 128 * 128
 
 _lock = threading.Lock()
