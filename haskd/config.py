@@ -137,6 +137,9 @@ class DistillConfig:
     hint_weight: float = _teacher_side(0.0)  # per-level feature hints from the teacher's 3D branch (ours)
     hint_cache: bool = False             # with distill.cache: the hints from a cache of the unaugmented scenes (ours)
     hint_cache_views: int = 1            # cached hints: mean over this many z-rotations of each scene (ours)
+    hint_cache_augs: int = 0             # > 0: cached hints of the teacher on K augmented views of every training
+                                         # sample, the very batches the student sees (epoch e draws view e mod K);
+                                         # K = train.epochs gives the online hints (ours)
     trust: str = "hard"                  # hard | soft | none | image | image_soft: only what the images know (ours)
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
@@ -446,6 +449,16 @@ def _check_together(cfg: Config) -> None:
         needs("distill.hint_cache", "distill.cache=true", "the cached hints are built beside the cached soft labels")
     if di.hint_cache_views > 1 and not di.hint_cache:
         needs("distill.hint_cache_views", "distill.hint_cache=true", "it sets how the cached hints are averaged")
+    if di.hint_cache_augs < 0:
+        raise HaskdError(f"config key 'distill.hint_cache_augs' must be >= 0, got {di.hint_cache_augs}")
+    if di.hint_cache_augs and not di.hint_cache:
+        needs("distill.hint_cache_augs", "distill.hint_cache=true", "it sets which views the hints are cached on")
+    if di.hint_cache_augs and di.hint_cache_views > 1:
+        raise HaskdError("config keys 'distill.hint_cache_augs' and 'distill.hint_cache_views' exclude each other "
+                         "(hints of the augmented batches, or the mean over rotations of the unaugmented scene)")
+    if di.hint_cache_augs and cfg.data.mix_prob > 0:
+        raise HaskdError("config key 'distill.hint_cache_augs' needs data.mix_prob=0 (a Mix3D batch overlays two "
+                         "samples, whose hints no per-sample cache holds)")
     if cfg.role == "teacher":
         for key in ("teacher_ckpt", "experts"):
             if getattr(di, key):

@@ -123,6 +123,12 @@ def test_choice_sets_are_the_ones_the_code_uses():
 @pytest.mark.parametrize("overrides, match", [
     (["distill.cache=false", "distill.hint_cache=true"], "'distill.hint_cache' needs distill.cache=true"),
     (["distill.hint_cache_views=4"], "'distill.hint_cache_views' needs distill.hint_cache=true"),
+    (["distill.hint_cache_augs=2"], "'distill.hint_cache_augs' needs distill.hint_cache=true"),
+    (["distill.cache=true", "distill.hint_cache=true", "distill.hint_cache_augs=2", "distill.hint_cache_views=2"],
+     "'distill.hint_cache_augs' and 'distill.hint_cache_views' exclude each other"),
+    (["distill.cache=true", "distill.hint_cache=true", "distill.hint_cache_augs=2", "data.mix_prob=0.5"],
+     "'distill.hint_cache_augs' needs data.mix_prob=0"),
+    (["distill.hint_cache_augs=-1"], "'distill.hint_cache_augs' must be >= 0"),
     (["role=teacher", "distill.teacher_ckpt=t.pt"], "'distill.teacher_ckpt' needs role=student"),
     (["role=teacher", "distill.experts=e.json"], "'distill.experts' needs role=student"),
 ])

@@ -364,6 +364,63 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
             assert not torch.allclose(got, f0, rtol=1e-2, atol=2e-3)
 
 
+def test_hint_cache_over_augmented_views_holds_the_online_hints_of_the_training_batches(pipeline_run, tiny_rooms,
+                                                                                       tmp_path):
+    """distill.hint_cache_augs = K: epoch e draws the samples of epoch e mod K, and the cached hints of a training
+    batch (two augmented, cropped samples) are the teacher's 3D branch run on that batch, level for level (float16
+    storage); a batch the cache does not hold is refused in one line; a run trains with them."""
+    from haskd.data.transforms import collate
+    from haskd.distill.hints import run_with_hints
+    from haskd.distill.setup import build_distill_task
+    from haskd.engine.checkpoint import load_model
+    from haskd.errors import HaskdError
+    from haskd.models import build_from_config
+    from haskd.workflow.build import build_datasets
+    from haskd.workflow.train import train
+
+    out, _ = pipeline_run
+    teacher = out / "teacher" / "last.pt"
+    over = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={teacher}", "distill.hint_weight=1",
+            "distill.hint_cache=true", "distill.hint_cache_augs=2", "data.max_voxels=400"]
+    cfg = load_config("scannet20_haskd", over)
+    torch.manual_seed(0)
+    student = build_from_config(cfg).eval()
+    train_set = build_datasets(cfg, splits=("train",))["train"]
+    task = build_distill_task(student, cfg, "cpu", train_set).eval()
+    assert train_set.views == 2
+    branch = load_model(teacher).backbone.eval()
+    grids = []
+    for epoch in range(3):
+        train_set.set_epoch(epoch)
+        batch = collate([train_set[0], train_set[1]])
+        assert batch["draw"] == [(epoch % 2, 0), (epoch % 2, 1)]
+        grids.append(batch["grid_coord"])
+        with torch.no_grad():
+            _, tap = run_with_hints(student, batch)
+            cached = task.targets["hints"](batch, tap.coords, tap.strides)
+            online = run_with_hints(branch, batch)[1].feats
+        assert len(cached) == len(online) == len(student.hint_dims)
+        for a, b in zip(cached, online):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)  # float16 storage
+    assert torch.equal(grids[0], grids[2]) and not torch.equal(grids[0], grids[1])
+    other = build_datasets(load_config("scannet20_haskd", [*over, "train.seed=5"]), splits=("train",))["train"]
+    other.views = 2
+    batch = collate([other[0]])
+    with torch.no_grad():
+        _, tap = run_with_hints(student, batch)
+        with pytest.raises(HaskdError, match="does not hold the student's voxels"):
+            task.targets["hints"](batch, tap.coords, tap.strides)
+        batch.pop("draw")
+        with pytest.raises(HaskdError, match="does not say which augmented view"):
+            task.targets["hints"](batch, tap.coords, tap.strides)
+    run = tmp_path / "aug_hints"
+    train(load_config("scannet20_haskd", [*over, "train.epochs=1", "train.snapshots=0"]), run, progress=False)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train/ihd_hint"] > 0
+    assert len(list((out / "teacher").glob("soft_labels_teacher_hints_2aug_seed0_*/*.npz"))) == 2 * len(train_set)
+
+
 def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):
     """`haskd ablate --jobs 2`: two seeds trained in two processes; each seed's row values are those of that seed
     run alone in this process with the same threads, number for number."""

@@ -170,6 +170,7 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
             other = "online" if kd.distill.hint_cache else "cached"
             cfgs[f"haskd_cached_hints_{other}"] = from_dict(kd.to_dict())
             cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache = not kd.distill.hint_cache
+            cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache_augs = 0  # the online row: no views to cache
         out = _step_times(_no_hint_cache_without_cache(cfgs), device, runs, warmup)
         out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints,
                               "hint_cache": hints and kd.distill.hint_cache}

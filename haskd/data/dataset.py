@@ -16,7 +16,9 @@ class SceneDataset(torch.utils.data.Dataset):
     """Scenes of ``<root>/<split>``, loaded once into memory (indoor scenes are small after voxelization).
 
     Training samples are augmented and cropped with a generator seeded by (seed, epoch, index), so a resumed run
-    sees exactly the same batches as an uninterrupted one. Evaluation samples are neither augmented nor cropped,
+    sees exactly the same batches as an uninterrupted one. With ``views`` = K > 0 (``distill.hint_cache_augs``),
+    epoch e draws the samples of epoch e mod K: the K augmented views of every sample are known in advance (a cache
+    of a frozen model's outputs on them), and each sample carries ``draw`` = (view, index). Evaluation samples are neither augmented nor cropped,
     and carry ``point_segment`` (labels of every original point) for full-resolution metrics.
     """
 
@@ -36,6 +38,7 @@ class SceneDataset(torch.utils.data.Dataset):
         self.augment = augment and train
         self.seed = seed
         self.epoch = 0
+        self.views = 0  # > 0: epoch e draws the samples of epoch e mod views (set by the distilled student's setup)
         self.repeat = max(1, repeat) if train else 1
         # Pointcept's recipe (data.augment_recipe=pointcept): keyword arguments of pointcept_train_voxels, plus
         # mix_prob (Mix3D, drawn per sample, applied by collate). None: haskd's CPU-sized augmentation.
@@ -66,7 +69,8 @@ class SceneDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         scene = self.scenes[idx % len(self.scenes)]
-        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        view = self.epoch % self.views if self.views else self.epoch
+        rng = np.random.default_rng([self.seed, view, idx])
         coord, color, normal = scene.coord, scene.color.astype(np.float32), scene.normal
         mix = False
         if self.recipe is not None:
@@ -95,6 +99,8 @@ class SceneDataset(torch.utils.data.Dataset):
             sample["segment"] = vox["segment"]
         if mix:
             sample["mix"] = True
+        if self.views:
+            sample["draw"] = (view, idx)
         if self.frames is not None:
             sample["frames"] = self.frames.sample_frames(idx % len(self.scenes), rng, self.train)
         if not self.train and scene.segment is not None:

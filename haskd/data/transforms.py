@@ -173,6 +173,8 @@ def collate(samples: list) -> dict:
             batch[key] = torch.from_numpy(np.concatenate([s[key] for s in samples]))
     batch["scene"] = [s["scene"] for s in samples]
     batch["index"] = [s.get("index", i) for i, s in enumerate(samples)]
+    if "draw" in samples[0]:
+        batch["draw"] = [s["draw"] for s in samples]  # (view, dataset index) per sample: see SceneDataset.views
     if "frames" in samples[0]:
         batch["frames"] = [s["frames"] for s in samples]  # per-sample dicts of image tensors (teacher only)
     batch["grid_coord"] = batch["grid_coord"].long()

@@ -97,7 +97,10 @@ def read_manifest(cache_dir) -> Optional[dict]:
     return m
 
 
-def _ensure_manifest(cache_dir, settings: dict) -> None:
+STORED = "top-k logits minus the per-point max (float16) + class ids (int16), per original point"
+
+
+def _ensure_manifest(cache_dir, settings: dict, stored: str = STORED) -> None:
     """Create the manifest, or check that this write matches it (one cache dir = one set of settings)."""
     old = read_manifest(cache_dir)
     if old is not None:
@@ -107,8 +110,7 @@ def _ensure_manifest(cache_dir, settings: dict) -> None:
             raise HaskdError(f"{Path(cache_dir) / MANIFEST}: cache written with other settings ({desc}); "
                              f"use a fresh cache dir")
         return
-    data = {"format": FORMAT, "version": VERSION, **settings,
-            "stored": "top-k logits minus the per-point max (float16) + class ids (int16), per original point"}
+    data = {"format": FORMAT, "version": VERSION, **settings, "stored": stored}
     _atomic_write(Path(cache_dir) / MANIFEST, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
@@ -177,6 +179,30 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
         settings["hint_dims"] = hint_dims
     _ensure_manifest(cache_dir, settings)
     path = _scene_file(cache_dir, scene_name)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def view_name(scene_name: str, view: int, index: int) -> str:
+    """The file name (no suffix) of the hints of training sample ``index`` (a dataset index) in augmented view
+    ``view``: one file per sample and view."""
+    return f"{scene_name}~v{int(view)}~{int(index)}"
+
+
+def write_view_hints(cache_dir, name: str, feats, coords) -> Path:
+    """Store the teacher's per-level hints on one augmented sample: per level ``l``, ``hint<l>`` (N_l, D_l) float16
+    and ``coords<l>`` (N_l, 3) int32, the level's voxel coords (without the batch column), in the tap's level order."""
+    arrays, dims = {}, []
+    for lvl, (f, c) in enumerate(zip(feats, coords)):
+        f, c = _as_tensor(f).detach().float().cpu(), _as_tensor(c).detach().cpu()
+        if f.dim() != 2 or c.dim() != 2 or c.shape[0] != f.shape[0] or c.shape[1] not in (3, 4):
+            raise ValueError(f"hint level {lvl}: need feats (N, D) and coords (N, 3 or 4)")
+        arrays[f"hint{lvl}"] = f.numpy().astype(np.float16)
+        arrays[f"coords{lvl}"] = c[:, -3:].numpy().astype(np.int32)
+        dims.append(int(f.shape[1]))
+    _ensure_manifest(cache_dir, {"kind": "hint views", "hint_dims": dims},
+                     stored="per training sample and augmented view: per-level voxel features (float16) + coords")
+    path = _scene_file(cache_dir, name)
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
@@ -480,6 +506,48 @@ def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), view
                   "teacher hints", write)
 
 
+class _Draw:
+    """One training sample in one augmented view: what :func:`build_view_hint_cache` writes a file for."""
+
+    def __init__(self, scene, view, index):
+        self.view, self.index, self.name = view, index, view_name(scene, view, index)
+
+
+def build_view_hint_cache(backbone, dataset, device, cache_dir, views: int, sources=()) -> Path:
+    """Per-level hints of the teacher's 3D branch on the ``views`` augmented views of every training sample, the very
+    samples the student trains on (``distill.hint_cache_augs``; ours): ``dataset`` (the student's training set) with
+    ``views`` set draws epoch ``e``'s samples as epoch ``e mod views``, so these files hold exactly the hints an
+    online teacher would compute on the student's batches (float16). One forward per sample and view, no frames.
+
+    The folder is tied to everything that decides the samples (seed, voxel size, crop, augmentation, repeat): a change
+    in any of them rebuilds it. Returns the folder."""
+    import copy
+
+    from ..data.transforms import collate
+    from ..engine.tasks import move_to
+    from .hints import run_with_hints
+
+    ds = copy.copy(dataset)
+    ds.frames, ds.views = None, int(views)
+    n = len(ds.scenes)
+    draws = [_Draw(ds.scenes[i % n].name, v, i) for v in range(ds.views) for i in range(len(ds))]
+
+    @torch.no_grad()
+    def write(folder, _, draw):
+        ds.set_epoch(draw.view)
+        sample = ds[draw.index]
+        if sample.get("mix"):
+            raise HaskdError("distill.hint_cache_augs: Mix3D batches (data.mix_prob > 0) overlay two samples, whose "
+                             "hints no per-sample cache holds; set data.mix_prob=0 or distill.hint_cache_augs=0")
+        tap = run_with_hints(backbone, move_to(collate([sample]), device), "the teacher's 3D branch")[1]
+        write_view_hints(folder, draw.name, tap.feats, tap.coords)
+
+    recipe = sorted((ds.recipe or {}).items())
+    content = (f"3D-branch hints on {ds.views} augmented views: seed {ds.seed}, voxel {ds.voxel_size:g}, max voxels "
+               f"{ds.max_voxels}, normals {ds.use_normal}, augment {ds.augment}, repeat {ds.repeat}, recipe {recipe}")
+    return _build(cache_dir, draws, sources, content, "teacher hints, augmented views", write)
+
+
 def build_expert_cache(experts, dataset, cfg, device, cache_dir, topk=8, sources=()) -> Path:
     """The snapshot experts' soft labels per original point of every scene, all experts in one file, once."""
     def write(folder, i, scene):
@@ -635,3 +703,59 @@ class CacheReader:
             parts.append(memo[(fine, coarse)] + base)
             base += t["hints"][coarse][0].shape[0]
         return torch.cat(parts)
+
+
+class ViewHintReader:
+    """Reads a cache of :func:`build_view_hint_cache` onto batches drawn from its views (each sample's ``draw``):
+    per level, the cached teacher features of each student voxel, found by its coords. When the student's voxel
+    hierarchy is the teacher's (the same voxelization of the same sample), these are the online hints up to float16
+    rounding. Files are read once and kept for the two most recent views (an epoch's and the next one's prefetch)."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = Path(cache_dir)
+        self._mem, self._views = {}, []
+
+    def _load(self, scene, view, index) -> dict:
+        name = view_name(scene, view, index)
+        if name not in self._mem:
+            if view not in self._views:
+                self._views.append(view)
+                if len(self._views) > 2:
+                    old = self._views.pop(0)
+                    self._mem = {k: v for k, v in self._mem.items() if v["view"] != old}
+            path = _scene_file(self.cache_dir, name)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    t = {k: torch.from_numpy(z[k]) for k in z.files}
+            except FileNotFoundError:
+                raise InputError(path, "this sample and view is not in the hint cache (distill.hint_cache_augs)") \
+                    from None
+            except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile for broken files
+                raise InputError(path, f"cannot read cache file ({type(e).__name__}: {e})") from None
+            t["view"] = view
+            self._mem[name] = t
+        return self._mem[name]
+
+    def hints(self, batch, level_coords, strides=None) -> list:
+        """The cached teacher features at the student's voxels of every level (``level_coords``: each level's
+        ``(N_l, 4)`` ``[batch, x, y, z]`` coords, the student's tap order), float32, on the batch's device."""
+        draws = batch.get("draw")
+        if draws is None:
+            raise HaskdError("distill.hint_cache_augs: the batch does not say which augmented view its samples are "
+                             "(its dataset has no views set)")
+        files = [self._load(sc, v, i) for sc, (v, i) in zip(batch["scene"], draws)]
+        dev = batch["grid_coord"].device
+        out = []
+        for lvl, coords in enumerate(level_coords):
+            coords = coords.cpu().long()
+            feats = torch.cat([f[f"hint{lvl}"] for f in files]).float()
+            tc = torch.cat([torch.cat([torch.full((len(f[f"coords{lvl}"]), 1), b), f[f"coords{lvl}"].long()], 1)
+                            for b, f in enumerate(files)])
+            if not torch.equal(tc, coords):  # same voxels in another order (or none: a stale cache, an error)
+                try:
+                    feats = feats[level_rows(tc, coords, 1)]
+                except ValueError:
+                    raise HaskdError(f"{self.cache_dir}: level {lvl} of the cached teacher hints does not hold the "
+                                     "student's voxels (a stale cache, or another voxel hierarchy)") from None
+            out.append(feats.to(dev))
+        return out

@@ -17,7 +17,8 @@ import numpy as np
 from ..engine.checkpoint import load_model
 from ..errors import HaskdError
 from .asd import ASDLoss, iou_array, teacher_classes
-from .cache import CacheReader, build_cache, build_expert_cache, build_hint_cache, cache_dir_for
+from .cache import (CacheReader, ViewHintReader, build_cache, build_expert_cache, build_hint_cache,
+                    build_view_hint_cache, cache_dir_for)
 from .hints import HintLoss, hint_dims
 from .ihd import IHDLoss
 from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
@@ -59,7 +60,13 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
                                         feat=d.feat_weight > 0, extra=_frames_of(view), topk=d.cache_topk,
                                         sources=[d.teacher_ckpt])
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau))
-            if "hint" in losses and d.hint_cache:  # own folders: switching the options rebuilds nothing
+            if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
+                train_set.views = d.hint_cache_augs  # epoch e draws view e mod K: the views the cache holds
+                kind = f"teacher_hints_{d.hint_cache_augs}aug_seed{train_set.seed}"
+                hint_cache = build_view_hint_cache(teacher.backbone, train_set, device,
+                                                   cache_dir_for(d.teacher_ckpt, cfg, kind), d.hint_cache_augs,
+                                                   sources=[d.teacher_ckpt])
+            elif "hint" in losses and d.hint_cache:  # own folders: switching the options rebuilds nothing
                 if d.hint_cache_views < 1:
                     raise HaskdError(f"distill.hint_cache_views must be at least 1, got {d.hint_cache_views}")
                 kind = "teacher_hints" + (f"_{d.hint_cache_views}rot" if d.hint_cache_views > 1 else "")
@@ -70,8 +77,11 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
             train_set.frames = frames.load(train_set.scenes)
             targets["teacher"] = TeacherTargets(teacher=teacher)
         if "hint" in losses:
-            targets["hints"] = (TeacherHints(cache=CacheReader(hint_cache, cfg.data.num_classes, d.tau))
-                                if hint_cache is not None else TeacherHints(backbone=teacher.backbone))
+            if hint_cache is None:
+                targets["hints"] = TeacherHints(backbone=teacher.backbone)
+            else:
+                targets["hints"] = TeacherHints(cache=ViewHintReader(hint_cache) if d.hint_cache_augs else
+                                                CacheReader(hint_cache, cfg.data.num_classes, d.tau))
     if d.experts:
         table = json.loads(Path(d.experts).read_text())
         snap_paths = [_resolve(p, d.experts) for p in table["snapshots"]]

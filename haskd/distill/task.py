@@ -170,7 +170,8 @@ class TeacherHints:
     """The hint term's targets: per level, the teacher's 3D-branch features at the student's voxels of that level.
     Online: ``backbone`` run on the very batch through a :class:`~haskd.distill.hints.HintTap` (both nets build the
     same voxel hierarchy, so rows match). Cached (``distill.hint_cache``): the branch's features of the unaugmented
-    scene, averaged over the points of each student voxel (``level_coords``, ``strides``: the student's tap)."""
+    scene, averaged over the points of each student voxel (``level_coords``, ``strides``: the student's tap), or
+    with ``distill.hint_cache_augs`` its features on the very augmented sample, found by voxel coords."""
 
     def __init__(self, backbone=None, cache=None):
         if backbone is None and cache is None:
