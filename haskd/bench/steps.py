@@ -138,7 +138,7 @@ def _no_hint_cache_without_cache(cfgs: dict) -> dict:
     is a config that training accepts."""
     for c in cfgs.values():
         if not c.distill.cache:
-            c.distill.hint_cache = False
+            c.distill.hint_cache, c.distill.hint_cache_augs = False, 0
     return cfgs
 
 
@@ -171,6 +171,9 @@ def _train_steps(cfg, teacher, snaps, runs, warmup, device) -> dict:
             cfgs[f"haskd_cached_hints_{other}"] = from_dict(kd.to_dict())
             cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache = not kd.distill.hint_cache
             cfgs[f"haskd_cached_hints_{other}"].distill.hint_cache_augs = 0  # the online row: no views to cache
+            if kd.distill.hint_cache and kd.distill.hint_cache_augs:  # and the cache of the unaugmented scenes
+                cfgs["haskd_cached_hints_scene"] = from_dict(kd.to_dict())
+                cfgs["haskd_cached_hints_scene"].distill.hint_cache_augs = 0
         out = _step_times(_no_hint_cache_without_cache(cfgs), device, runs, warmup)
         out["haskd_parts"] = {"ihd": bool(teacher), "asd": bool(snaps), "asd_experts": len(snaps), "hints": hints,
                               "hint_cache": hints and kd.distill.hint_cache}
