@@ -140,6 +140,8 @@ class DistillConfig:
     hint_cache_augs: int = 0             # > 0: cached hints of the teacher on K augmented views of every training
                                          # sample, the very batches the student sees (epoch e draws view e mod K);
                                          # K = train.epochs gives the online hints (ours)
+    hint_cache_augs_half: bool = False   # store those hints in float16: half the disk, no longer the online hints
+                                         # to the bit (float32 by default)
     trust: str = "hard"                  # hard | soft | none | image | image_soft: only what the images know (ours)
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
@@ -453,6 +455,8 @@ def _check_together(cfg: Config) -> None:
         raise HaskdError(f"config key 'distill.hint_cache_augs' must be >= 0, got {di.hint_cache_augs}")
     if di.hint_cache_augs and not di.hint_cache:
         needs("distill.hint_cache_augs", "distill.hint_cache=true", "it sets which views the hints are cached on")
+    if di.hint_cache_augs_half and not di.hint_cache_augs:
+        needs("distill.hint_cache_augs_half", "distill.hint_cache_augs > 0", "it sets how those hints are stored")
     if di.hint_cache_augs and di.hint_cache_views > 1:
         raise HaskdError("config keys 'distill.hint_cache_augs' and 'distill.hint_cache_views' exclude each other "
                          "(hints of the augmented batches, or the mean over rotations of the unaugmented scene)")

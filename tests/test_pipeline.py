@@ -367,8 +367,9 @@ def test_hint_cache_over_rotations_is_the_mean_of_the_rotated_views(pipeline_run
 def test_hint_cache_over_augmented_views_holds_the_online_hints_of_the_training_batches(pipeline_run, tiny_rooms,
                                                                                        tmp_path):
     """distill.hint_cache_augs = K: epoch e draws the samples of epoch e mod K, and the cached hints of a training
-    batch (two augmented, cropped samples) are the teacher's 3D branch run on that batch, level for level (float16
-    storage); a batch the cache does not hold is refused in one line; a run trains with them."""
+    sample are the teacher's 3D branch run on it, level for level, to the bit (float32 storage); on a batch of two
+    augmented, cropped samples too (to float16 rounding with hint_cache_augs_half); a batch the cache does not hold
+    is refused in one line; a run trains with them."""
     from haskd.data.transforms import collate
     from haskd.distill.hints import run_with_hints
     from haskd.distill.setup import build_distill_task
@@ -389,20 +390,28 @@ def test_hint_cache_over_augmented_views_holds_the_online_hints_of_the_training_
     task = build_distill_task(student, cfg, "cpu", train_set).eval()
     assert train_set.views == 2
     branch = load_model(teacher).backbone.eval()
+    half = build_distill_task(student, load_config("scannet20_haskd", [*over, "distill.hint_cache_augs_half=true"]),
+                              "cpu", train_set)
+
+    def both(task, batch):
+        with torch.no_grad():
+            _, tap = run_with_hints(student, batch)
+            return task.targets["hints"](batch, tap.coords, tap.strides), run_with_hints(branch, batch)[1].feats
+
     grids = []
     for epoch in range(3):
         train_set.set_epoch(epoch)
+        cached, online = both(task, collate([train_set[1]]))
+        assert len(cached) == len(online) == len(student.hint_dims)
+        assert all(torch.equal(a, b) for a, b in zip(cached, online))
         batch = collate([train_set[0], train_set[1]])
         assert batch["draw"] == [(epoch % 2, 0), (epoch % 2, 1)]
         grids.append(batch["grid_coord"])
-        with torch.no_grad():
-            _, tap = run_with_hints(student, batch)
-            cached = task.targets["hints"](batch, tap.coords, tap.strides)
-            online = run_with_hints(branch, batch)[1].feats
-        assert len(cached) == len(online) == len(student.hint_dims)
-        for a, b in zip(cached, online):
-            assert a.shape == b.shape
-            assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)  # float16 storage
+        for t, tol in ((task, 1e-5), (half, 1e-2)):
+            cached, online = both(t, batch)
+            for a, b in zip(cached, online):
+                assert a.shape == b.shape
+                assert torch.allclose(a, b, rtol=tol, atol=tol)
     assert torch.equal(grids[0], grids[2]) and not torch.equal(grids[0], grids[1])
     other = build_datasets(load_config("scannet20_haskd", [*over, "train.seed=5"]), splits=("train",))["train"]
     other.views = 2
@@ -418,7 +427,8 @@ def test_hint_cache_over_augmented_views_holds_the_online_hints_of_the_training_
     train(load_config("scannet20_haskd", [*over, "train.epochs=1", "train.snapshots=0"]), run, progress=False)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train/ihd_hint"] > 0
-    assert len(list((out / "teacher").glob("soft_labels_teacher_hints_2aug_seed0_*/*.npz"))) == 2 * len(train_set)
+    for kind in ("2aug", "2aug_half"):
+        assert len(list((out / "teacher").glob(f"soft_labels_teacher_hints_{kind}_seed0_*/*.npz"))) == 2 * len(train_set)
 
 
 def test_ablate_jobs_gives_the_sequential_tables(tiny_rooms, tmp_path):

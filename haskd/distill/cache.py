@@ -189,19 +189,20 @@ def view_name(scene_name: str, view: int, index: int) -> str:
     return f"{scene_name}~v{int(view)}~{int(index)}"
 
 
-def write_view_hints(cache_dir, name: str, feats, coords) -> Path:
-    """Store the teacher's per-level hints on one augmented sample: per level ``l``, ``hint<l>`` (N_l, D_l) float16
-    and ``coords<l>`` (N_l, 3) int32, the level's voxel coords (without the batch column), in the tap's level order."""
-    arrays, dims = {}, []
+def write_view_hints(cache_dir, name: str, feats, coords, half: bool = False) -> Path:
+    """Store the teacher's per-level hints on one augmented sample: per level ``l``, ``hint<l>`` (N_l, D_l) float32
+    (float16 with ``half``) and ``coords<l>`` (N_l, 3) int32, the level's voxel coords (without the batch column), in
+    the tap's level order."""
+    arrays, dims, dtype = {}, [], np.float16 if half else np.float32
     for lvl, (f, c) in enumerate(zip(feats, coords)):
         f, c = _as_tensor(f).detach().float().cpu(), _as_tensor(c).detach().cpu()
         if f.dim() != 2 or c.dim() != 2 or c.shape[0] != f.shape[0] or c.shape[1] not in (3, 4):
             raise ValueError(f"hint level {lvl}: need feats (N, D) and coords (N, 3 or 4)")
-        arrays[f"hint{lvl}"] = f.numpy().astype(np.float16)
+        arrays[f"hint{lvl}"] = f.numpy().astype(dtype)
         arrays[f"coords{lvl}"] = c[:, -3:].numpy().astype(np.int32)
         dims.append(int(f.shape[1]))
-    _ensure_manifest(cache_dir, {"kind": "hint views", "hint_dims": dims},
-                     stored="per training sample and augmented view: per-level voxel features (float16) + coords")
+    _ensure_manifest(cache_dir, {"kind": "hint views", "hint_dims": dims, "half": bool(half)},
+                     stored="per training sample and augmented view: per-level voxel features + coords (int32)")
     path = _scene_file(cache_dir, name)
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
@@ -513,11 +514,12 @@ class _Draw:
         self.view, self.index, self.name = view, index, view_name(scene, view, index)
 
 
-def build_view_hint_cache(backbone, dataset, device, cache_dir, views: int, sources=()) -> Path:
+def build_view_hint_cache(backbone, dataset, device, cache_dir, views: int, sources=(), half=False) -> Path:
     """Per-level hints of the teacher's 3D branch on the ``views`` augmented views of every training sample, the very
     samples the student trains on (``distill.hint_cache_augs``; ours): ``dataset`` (the student's training set) with
     ``views`` set draws epoch ``e``'s samples as epoch ``e mod views``, so these files hold exactly the hints an
-    online teacher would compute on the student's batches (float16). One forward per sample and view, no frames.
+    online teacher would compute on the student's batches (float32; float16 with ``half``,
+    ``distill.hint_cache_augs_half``). One forward per sample and view, no frames.
 
     The folder is tied to everything that decides the samples (seed, voxel size, crop, augmentation, repeat): a change
     in any of them rebuilds it. Returns the folder."""
@@ -540,11 +542,12 @@ def build_view_hint_cache(backbone, dataset, device, cache_dir, views: int, sour
             raise HaskdError("distill.hint_cache_augs: Mix3D batches (data.mix_prob > 0) overlay two samples, whose "
                              "hints no per-sample cache holds; set data.mix_prob=0 or distill.hint_cache_augs=0")
         tap = run_with_hints(backbone, move_to(collate([sample]), device), "the teacher's 3D branch")[1]
-        write_view_hints(folder, draw.name, tap.feats, tap.coords)
+        write_view_hints(folder, draw.name, tap.feats, tap.coords, half=half)
 
     recipe = sorted((ds.recipe or {}).items())
-    content = (f"3D-branch hints on {ds.views} augmented views: seed {ds.seed}, voxel {ds.voxel_size:g}, max voxels "
-               f"{ds.max_voxels}, normals {ds.use_normal}, augment {ds.augment}, repeat {ds.repeat}, recipe {recipe}")
+    content = (f"3D-branch hints ({'float16' if half else 'float32'}) on {ds.views} augmented views: seed {ds.seed}, "
+               f"voxel {ds.voxel_size:g}, max voxels {ds.max_voxels}, normals {ds.use_normal}, augment {ds.augment}, "
+               f"repeat {ds.repeat}, recipe {recipe}")
     return _build(cache_dir, draws, sources, content, "teacher hints, augmented views", write)
 
 
@@ -708,8 +711,8 @@ class CacheReader:
 class ViewHintReader:
     """Reads a cache of :func:`build_view_hint_cache` onto batches drawn from its views (each sample's ``draw``):
     per level, the cached teacher features of each student voxel, found by its coords. When the student's voxel
-    hierarchy is the teacher's (the same voxelization of the same sample), these are the online hints up to float16
-    rounding. Files are read once and kept for the two most recent views (an epoch's and the next one's prefetch)."""
+    hierarchy is the teacher's (the same voxelization of the same sample), these are the online hints (to the bit in
+    float32; to float16 rounding with ``half``). Files are read once and kept for the two most recent views (an epoch's and the next one's prefetch)."""
 
     def __init__(self, cache_dir):
         self.cache_dir = Path(cache_dir)

@@ -62,10 +62,10 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau))
             if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
                 train_set.views = d.hint_cache_augs  # epoch e draws view e mod K: the views the cache holds
-                kind = f"teacher_hints_{d.hint_cache_augs}aug_seed{train_set.seed}"
+                kind = f"teacher_hints_{d.hint_cache_augs}aug{'_half' * d.hint_cache_augs_half}_seed{train_set.seed}"
                 hint_cache = build_view_hint_cache(teacher.backbone, train_set, device,
                                                    cache_dir_for(d.teacher_ckpt, cfg, kind), d.hint_cache_augs,
-                                                   sources=[d.teacher_ckpt])
+                                                   sources=[d.teacher_ckpt], half=d.hint_cache_augs_half)
             elif "hint" in losses and d.hint_cache:  # own folders: switching the options rebuilds nothing
                 if d.hint_cache_views < 1:
                     raise HaskdError(f"distill.hint_cache_views must be at least 1, got {d.hint_cache_views}")
