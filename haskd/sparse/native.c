@@ -60,26 +60,34 @@ static inline float dot(const float *a, const float *b, int64_t n)
     return s;
 }
 
+/* Columns [0, cout) in register tiles: nb full panels of CB columns, then one half panel of VW columns when at least
+   VW are left (a 16-channel level on AVX-512, where CB is 32), then the few columns left over (fewer than VW) */
+INLINE int64_t full_panels(int64_t cout) { return cout / CB; }
+INLINE int64_t half_panel(int64_t cout) { return cout - cout / CB * CB >= VW; }
+INLINE int64_t tiled_columns(int64_t cout) { return cout / CB * CB + half_panel(cout) * VW; }
+
 /* The weight of one offset, w (cin, cout) row-major, repacked so that every loop below reads it in order: panel b
-   holds columns [b * CB, b * CB + CB) as cin rows of CB floats, one after the other; the columns left over (cout not
-   a multiple of CB) follow transposed, a row of cin floats per column, for dot products along cin. In w's own layout
-   the tile's rows are cout floats apart, and at 128 channels (512 bytes) they fall into a few L1 sets and evict
-   each other. */
+   holds columns [b * CB, b * CB + CB) as cin rows of CB floats, one after the other, the half panel its VW columns as
+   cin rows of VW floats; the columns left over follow transposed, a row of cin floats per column, for dot products
+   along cin. In w's own layout the tile's rows are cout floats apart, and at 128 channels (512 bytes) they fall into
+   a few L1 sets and evict each other. */
 static void pack_weight(const float *w, int64_t cin, int64_t cout, float *wp)
 {
-    int64_t nb = cout / CB;
+    int64_t nb = full_panels(cout), c0 = tiled_columns(cout);
     for (int64_t b = 0; b < nb; b++)
         for (int64_t k = 0; k < cin; k++) memcpy(wp + (b * cin + k) * CB, w + k * cout + b * CB, sizeof(float) * CB);
-    float *wt = wp + nb * cin * CB;
-    for (int64_t j = nb * CB; j < cout; j++)
-        for (int64_t k = 0; k < cin; k++) wt[(j - nb * CB) * cin + k] = w[k * cout + j];
+    if (half_panel(cout))
+        for (int64_t k = 0; k < cin; k++) memcpy(wp + nb * cin * CB + k * VW, w + k * cout + nb * CB, sizeof(float) * VW);
+    float *wt = wp + c0 * cin;
+    for (int64_t j = c0; j < cout; j++)
+        for (int64_t k = 0; k < cin; k++) wt[(j - c0) * cin + k] = w[k * cout + j];
 }
 
 /* orow[r] += xr[r] @ w for nr (a constant at each call) rows; wp: the packed weight */
 INLINE void fwd_rows(const float *const *xr, float *const *orow, const int nr, int64_t cin, int64_t cout,
                      const float *wp)
 {
-    int64_t nb = cout / CB;
+    int64_t nb = full_panels(cout), c0 = tiled_columns(cout);
     for (int64_t b = 0; b < nb; b++) {
         const float *pb = wp + b * cin * CB;
         vf a0[RB], a1[RB];
@@ -97,9 +105,19 @@ INLINE void fwd_rows(const float *const *xr, float *const *orow, const int nr, i
             vstore(orow[r] + b * CB + VW, vload(orow[r] + b * CB + VW) + a1[r]);
         }
     }
-    const float *wt = wp + nb * cin * CB;
-    for (int64_t c = nb * CB; c < cout; c++) /* columns left over: dot products along cin */
-        for (int r = 0; r < nr; r++) orow[r][c] += dot(xr[r], wt + (c - nb * CB) * cin, cin);
+    if (half_panel(cout)) {
+        const float *pb = wp + nb * cin * CB;
+        vf a0[RB];
+        for (int r = 0; r < nr; r++) a0[r] = (vf){0};
+        for (int64_t k = 0; k < cin; k++) {
+            vf w0 = vload(pb + k * VW);
+            for (int r = 0; r < nr; r++) a0[r] += xr[r][k] * w0;
+        }
+        for (int r = 0; r < nr; r++) vstore(orow[r] + nb * CB, vload(orow[r] + nb * CB) + a0[r]);
+    }
+    const float *wt = wp + c0 * cin;
+    for (int64_t c = c0; c < cout; c++) /* columns left over: dot products along cin */
+        for (int r = 0; r < nr; r++) orow[r][c] += dot(xr[r], wt + (c - c0) * cin, cin);
 }
 
 /* out[oi[p]] += x[in[p]] @ w for the n pairs of one offset; wp: its packed weight */
@@ -151,14 +169,23 @@ int haskd_conv_forward(const float *x, int64_t cin, const float *w, int64_t cout
 
 /* The weight gradient gathers CH pairs at a time into two buffers laid out for the register tile, so that the tile
    reads both in order: xb holds the pairs' input rows as panels of WRB channels (panel i: the CH pairs' channels
-   [i * WRB, i * WRB + WRB), one pair after the other), gb their output-gradient rows as panels of CB columns; the
-   channels and columns left over after the full panels follow as plain rows. */
-static void gather_panels(float *buf, const float *row, int64_t p, int64_t n, int64_t c, int64_t pw)
+   [i * WRB, i * WRB + WRB), one pair after the other), gb their output-gradient rows as panels of CB columns and the
+   half panel (hw = VW columns, when there is one; hw = 0 for xb); the channels and columns left over after the
+   panels follow as plain rows. */
+static void gather_panels(float *buf, const float *row, int64_t p, int64_t n, int64_t c, int64_t pw, int64_t hw)
 {
     int64_t np = c / pw, rem = c - np * pw;
     for (int64_t b = 0; b < np; b++) memcpy(buf + (b * n + p) * pw, row + b * pw, sizeof(float) * pw);
+    buf += np * pw * n;
+    row += np * pw;
+    if (hw && rem >= hw) {
+        memcpy(buf + p * hw, row, sizeof(float) * hw);
+        buf += hw * n;
+        row += hw;
+        rem -= hw;
+    }
     if (rem)
-        memcpy(buf + np * pw * n + p * rem, row + np * pw, sizeof(float) * rem);
+        memcpy(buf + p * rem, row, sizeof(float) * rem);
 }
 
 /* acc (rows i .. i + nr of gw[k], row stride cout) += sum over the n buffered pairs of x[p][i + r] * g[p];
@@ -166,7 +193,7 @@ static void gather_panels(float *buf, const float *row, int64_t p, int64_t n, in
 INLINE void wgrad_rows(float *acc, const float *xs, int64_t xstride, const float *gb, int64_t cout, int64_t n,
                        int64_t i, const int nr)
 {
-    int64_t nb = cout / CB, crem = cout - nb * CB;
+    int64_t nb = full_panels(cout), c0 = tiled_columns(cout), crem = cout - c0;
     for (int64_t b = 0; b < nb; b++) {
         const float *gp = gb + b * n * CB;
         float *ab = acc + i * cout + b * CB;
@@ -188,12 +215,23 @@ INLINE void wgrad_rows(float *acc, const float *xs, int64_t xstride, const float
             vstore(ab + r * cout + VW, a1[r]);
         }
     }
-    const float *gr = gb + nb * n * CB; /* columns left over: plain rows of crem floats */
+    if (half_panel(cout)) {
+        const float *gp = gb + nb * n * CB;
+        float *ab = acc + i * cout + nb * CB;
+        vf a0[WRB];
+        for (int r = 0; r < nr; r++) a0[r] = vload(ab + r * cout);
+        for (int64_t p = 0; p < n; p++) {
+            vf g0 = vload(gp + p * VW);
+            for (int r = 0; r < nr; r++) a0[r] += xs[p * xstride + r] * g0;
+        }
+        for (int r = 0; r < nr; r++) vstore(ab + r * cout, a0[r]);
+    }
+    const float *gr = gb + c0 * n; /* columns left over: plain rows of crem floats */
     for (int64_t c = 0; c < crem; c++)
         for (int r = 0; r < nr; r++) {
             float sm = 0;
             for (int64_t p = 0; p < n; p++) sm += xs[p * xstride + r] * gr[p * crem + c];
-            acc[(i + r) * cout + nb * CB + c] += sm;
+            acc[(i + r) * cout + c0 + c] += sm;
         }
 }
 
@@ -218,8 +256,8 @@ int haskd_conv_weight_grad(const float *x, int64_t cin, const float *g, int64_t 
                     prefetch_row(x + in_idx[p0 + p + WPF] * cin, cin, 0);
                     prefetch_row(g + out_idx[p0 + p + WPF] * cout, cout, 0);
                 }
-                gather_panels(xb, x + in_idx[p0 + p] * cin, p, n, cin, WRB);
-                gather_panels(gb, g + out_idx[p0 + p] * cout, p, n, cout, CB);
+                gather_panels(xb, x + in_idx[p0 + p] * cin, p, n, cin, WRB, 0);
+                gather_panels(gb, g + out_idx[p0 + p] * cout, p, n, cout, CB, VW);
             }
             for (int64_t b = 0; b < nxp; b++) wgrad_rows(acc, xb + b * n * WRB, WRB, gb, cout, n, b * WRB, WRB);
             const float *xr = xb + nxp * WRB * n; /* channels left over: a narrower tile */
