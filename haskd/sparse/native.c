@@ -21,7 +21,7 @@
 #if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
 #define VW 16 /* floats per vf */
-#define RB 4  /* pairs per register block */
+#define RB 8  /* pairs per register block */
 #define WRB 8
 #else
 typedef float vf __attribute__((vector_size(32)));
