@@ -183,6 +183,18 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
     return path
 
 
+def _read_npz(path: Path, missing: str) -> dict:
+    """Every array of one cache file (no pickles); :class:`InputError` with ``missing`` when it is not there, or with
+    numpy's reason when it cannot be read."""
+    if not path.is_file():
+        raise InputError(path, missing)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile for broken files
+        raise InputError(path, f"cannot read cache file ({type(e).__name__}: {e})") from None
+
+
 def view_name(scene_name: str, view: int, index: int) -> str:
     """The file name (no suffix) of the hints of training sample ``index`` (a dataset index) in augmented view
     ``view``: one file per sample and view."""
@@ -220,13 +232,7 @@ def load_scene_cache(cache_dir, scene_name: str, expected_points: Optional[int] 
     if manifest is None:
         raise InputError(cache_dir, "no soft-label cache here (manifest.json missing): build the cache first")
     path = _scene_file(cache_dir, scene_name)
-    if not path.is_file():
-        raise InputError(path, f"scene {scene_name!r} is not in the soft-label cache")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {key: z[key] for key in z.files}
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile for broken files
-        raise InputError(path, f"cannot read cache file ({type(e).__name__}: {e})") from None
+    out = _read_npz(path, f"scene {scene_name!r} is not in the soft-label cache")
     for key in ("topk_logits", "topk_index"):
         if key not in out:
             raise InputError(path, f"cache file lacks '{key}'")
@@ -726,15 +732,9 @@ class ViewHintReader:
                 if len(self._views) > 2:
                     old = self._views.pop(0)
                     self._mem = {k: v for k, v in self._mem.items() if v["view"] != old}
-            path = _scene_file(self.cache_dir, name)
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    t = {k: torch.from_numpy(z[k]) for k in z.files}
-            except FileNotFoundError:
-                raise InputError(path, "this sample and view is not in the hint cache (distill.hint_cache_augs)") \
-                    from None
-            except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile for broken files
-                raise InputError(path, f"cannot read cache file ({type(e).__name__}: {e})") from None
+            arrays = _read_npz(_scene_file(self.cache_dir, name),
+                               "this sample and view is not in the hint cache (distill.hint_cache_augs)")
+            t = {k: torch.from_numpy(v) for k, v in arrays.items()}
             t["view"] = view
             self._mem[name] = t
         return self._mem[name]
