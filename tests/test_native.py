@@ -30,10 +30,11 @@ def _run(backend, coords, cin, cout, seed=0):
 
 
 @needs_native
-@pytest.mark.parametrize("cin,cout", [(3, 5), (6, 32), (33, 48), (64, 17), (16, 24), (1, 1)])
+@pytest.mark.parametrize("cin,cout", [(3, 5), (6, 32), (33, 48), (64, 17), (16, 24), (1, 1), (130, 140)])
 def test_native_matches_torch_backend(cin, cout):
     # channel counts off the kernel's row tiles and 16/32-column panels exercise its half panel (a VW-column tile:
-    # 8 on AVX2, 16 on AVX-512) and its left-over loops
+    # 8 on AVX2, 16 on AVX-512) and its left-over loops; 130 x 140 is above MAX_CIN_COUT: torch forward, kernel
+    # backward
     coords = _coords(cin + cout)
     for got, ref in zip(_run("native", coords, cin, cout), _run("torch", coords, cin, cout)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -58,12 +59,15 @@ def test_kernel_runs_only_where_it_handles_the_layer(monkeypatch):
     assert calls == [(27, 8, 16)]  # (K, Cin, Cout): the weight as the kernel reads it
     calls.clear()
     conv.double()(SparseTensor(x.double(), coords))  # float64: the torch passes
-    wide = SubMConv3d(256, 256, 3, backend="native")  # above MAX_CIN_COUT: MKL's GEMMs are faster there
-    wide(SparseTensor(torch.randn(coords.shape[0], 256), coords))
+    wide = SubMConv3d(256, 256, 3, backend="native")  # above MAX_CIN_COUT: MKL's GEMMs are faster forward
+    y = wide(SparseTensor(torch.randn(coords.shape[0], 256, requires_grad=True), coords)).feats
     torch_only = SubMConv3d(8, 16, 3, backend="torch")
     torch_only(SparseTensor(x, coords))
     assert calls == []
+    y.sum().backward()  # ... and the kernel faster backward: the input gradient by W_k^T, (K, Cout, Cin)
+    assert calls == [(27, 256, 256)] and wide.weight.grad is not None
     assert not native.handles(torch.randn(4, 256), torch.randn(256, 27, 256))
+    assert native.handles(torch.randn(4, 256), torch.randn(256, 27, 256), forward=False)
     assert native.handles(torch.randn(4, 128), torch.randn(128, 27, 128))
 
 

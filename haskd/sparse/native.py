@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))  # the second where the compiler has no -march=native
-# Layers whose Cin x Cout exceeds this run the torch backend's path: at 256 x 256 channels MKL's GEMMs are faster
-# than the kernel's register tiles (docs/performance.md section 0000); at 128 x 128 and below the kernel wins.
+# The forward of a layer whose Cin x Cout exceeds this runs the torch backend's path: at 256 x 256 channels MKL's
+# GEMMs are faster there than the kernel's register tiles; at 128 x 128 and below the kernel wins. The backward runs
+# the kernel at every width: its input and weight gradients beat the gathered GEMMs at 256 channels too
+# (docs/performance.md section 0000b).
 MAX_CIN_COUT = 128 * 128
 
 _lock = threading.Lock()
@@ -107,10 +109,11 @@ def unavailable_reason():
     return _error
 
 
-def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a conv of ``x (N, Cin)`` by ``weight (Cout, K, Cin)`` runs here: CPU float32, narrow enough."""
+def handles(x: torch.Tensor, weight: torch.Tensor, forward: bool = True) -> bool:
+    """Whether a conv of ``x (N, Cin)`` by ``weight (Cout, K, Cin)`` runs here, its ``forward`` pass or its
+    backward: CPU float32, and for the forward no wider than ``MAX_CIN_COUT``."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.shape[0] * weight.shape[2] <= MAX_CIN_COUT and available())
+            and (not forward or weight.shape[0] * weight.shape[2] <= MAX_CIN_COUT) and available())
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -284,16 +284,17 @@ class SparseConvFunction(torch.autograd.Function):
 
     The backward reuses the forward's kernel map and does gather / GEMM / reduce directly, without recording an
     autograd graph of many small ops; the gathered inputs are recomputed there rather than kept alive. With
-    ``native`` (and a CPU float32 layer the kernel handles, :func:`haskd.sparse.native.handles`), the pairs are
-    summed by the fused C kernel instead of the three passes; the centre offset stays one GEMM either way.
+    ``native`` (and a CPU float32 layer the kernel handles, :func:`haskd.sparse.native.handles`, which decides
+    the forward and the backward apart), the pairs are summed by the fused C kernel instead of the three passes; the
+    centre offset stays one GEMM either way.
     """
 
     @staticmethod
     def forward(ctx, x, weight, kmap: KernelMap, native: bool = False):
         ctx.kmap = kmap
-        ctx.native = native = native and _native.handles(x, weight)
+        ctx.native = native and _native.handles(x, weight, forward=False)
         ctx.save_for_backward(x, weight)
-        if native:
+        if native and _native.handles(x, weight):
             out = _centre_or_zeros(x, weight, kmap.identity_k, kmap.n_out, forward=True)
             _native.conv_pairs(x, weight.permute(1, 2, 0).contiguous(), kmap.in_idx, kmap.out_idx,
                                kmap.group_table, out)
