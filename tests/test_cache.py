@@ -195,6 +195,9 @@ def test_distill_task_maps_the_cache_onto_cropped_voxels(tmp_path, k):
         assert torch.allclose(got["probs"], want, atol=2e-3), kind
     want_f = gather_to_voxels(torch.cat([fa, fb])[keep], inverse[keep], n_a + n_b)
     assert torch.allclose(readers["teacher"].voxels(batch)["feat"], want_f, atol=2e-3)
+    # a reader told which targets the loss reads averages only those, and the probabilities the same
+    only = CacheReader(tmp_path / "t", num_classes=c, tau=tau, keys={"visible"}).voxels(batch)
+    assert set(only) == {"probs"} and torch.equal(only["probs"], readers["teacher"].voxels(batch)["probs"])
 
 
 def test_level_rows_finds_each_voxel_in_its_coarse_level():

@@ -35,6 +35,24 @@ def test_kd_kl_weighted_mean():
     assert kd_kl(s, t, 2.0).item() == pytest.approx(KD_075_TAU2 / 2, rel=1e-6)
 
 
+def test_weighted_mean_without_weights_is_the_weighted_one_with_ones_bit_for_bit():
+    from haskd.distill.kd import weighted_mean
+
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(0)).exp().requires_grad_()
+    plain, ones = weighted_mean(v, None), weighted_mean(v, torch.ones(1000))
+    assert torch.equal(plain, ones)
+    assert torch.equal(torch.autograd.grad(plain, v)[0], torch.autograd.grad(ones, v)[0])
+    assert weighted_mean(v[:0], None).item() == 0.0  # no point: 0, not NaN
+
+
+def test_ihd_reads_only_the_targets_its_settings_use():
+    assert IHDLoss(4, 4, feat_weight=0).target_keys == {"visible"}
+    assert IHDLoss(4, 4, feat_weight=1).target_keys == {"visible", "feat"}
+    assert IHDLoss(4, 4, feat_weight=0, trust="image").target_keys == {"visible", "image_right"}
+    assert IHDLoss(4, 4, feat_weight=0, trust="image_soft").target_keys == {"visible", "gain"}
+    assert IHDLoss(4, 4, feat_weight=0, image_gain=True).target_keys == {"visible", "gain"}
+
+
 def test_kd_kl_probs_targets_used_as_given():
     s = torch.zeros(2, 2)
     p = torch.tensor([[0.75, 0.25], [1.0, 0.0]])  # second row: top-1 truncated target

@@ -570,12 +570,15 @@ def build_expert_cache(experts, dataset, cfg, device, cache_dir, topk=8, sources
 class CacheReader:
     """Reads one cache folder onto batches: each scene's file is read once (kept in memory, as probabilities at
     ``tau``), and per batch the per-point rows are averaged onto the batch's (augmented, cropped) voxels through the
-    point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the mean over the points of each voxel."""
+    point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the mean over the points of each voxel.
+    ``keys``: the stored per-point targets besides the probabilities that the loss reads (``feat``, ``visible``,
+    ``gain``, ``image_right``); None = every one stored. The others are not averaged per batch."""
 
-    def __init__(self, cache_dir, num_classes: int, tau: float):
+    def __init__(self, cache_dir, num_classes: int, tau: float, keys=None):
         self.cache_dir = Path(cache_dir)
         self.num_classes = int(num_classes)
         self.tau = tau
+        self.keys = None if keys is None else frozenset(keys)
         self._mem = {}
 
     def scene(self, name) -> dict:
@@ -616,8 +619,10 @@ class CacheReader:
         # points cropped away carry -1: they go to a dump row N, dropped at the end (no masked copies)
         i = inv[starts[0]:ends[-1]]
         rows = torch.where(i >= 0, i, torch.full_like(i, N))
-        cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in parts[0]
-               if k != "hints"}
+        wanted = {"dense", "probs", "index"} | (set(parts[0]) if self.keys is None else self.keys)
+        cat = {k: parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index")
+                                                                else 0)
+               for k in parts[0] if k != "hints" and k in wanted}
         reducer = mean_reducer(rows, N)  # one per batch, shared by every target below
 
         def mean(x):  # (P, ...) per point -> (N, ...) per voxel, float32
@@ -735,6 +740,8 @@ class ViewHintReader:
             arrays = _read_npz(_scene_file(self.cache_dir, name),
                                "this sample and view is not in the hint cache (distill.hint_cache_augs)")
             t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            for k in [k for k in t if k.startswith("coords")]:  # as the student's coords are: [batch 0, x, y, z]
+                t[k] = torch.cat([torch.zeros((len(t[k]), 1), dtype=torch.int64), t[k].long()], 1)
             t["view"] = view
             self._mem[name] = t
         return self._mem[name]
@@ -751,9 +758,13 @@ class ViewHintReader:
         out = []
         for lvl, coords in enumerate(level_coords):
             coords = coords.cpu().long()
-            feats = torch.cat([f[f"hint{lvl}"] for f in files]).float()
-            tc = torch.cat([torch.cat([torch.full((len(f[f"coords{lvl}"]), 1), b), f[f"coords{lvl}"].long()], 1)
-                            for b, f in enumerate(files)])
+            if len(files) == 1:  # no copies (float16 files are made float32 here)
+                feats, tc = files[0][f"hint{lvl}"].float(), files[0][f"coords{lvl}"]
+            else:
+                feats = torch.cat([f[f"hint{lvl}"] for f in files]).float()
+                tc = torch.cat([f[f"coords{lvl}"] for f in files])
+                tc[:, 0] = torch.repeat_interleave(torch.arange(len(files)),
+                                                   torch.tensor([len(f[f"coords{lvl}"]) for f in files]))
             if not torch.equal(tc, coords):  # same voxels in another order (or none: a stale cache, an error)
                 try:
                     feats = feats[level_rows(tc, coords, 1)]

@@ -90,6 +90,18 @@ class IHDLoss(nn.Module):
         if self.feat_weight == 0:  # unused: frozen, so the optimiser skips it and DDP expects no gradient for it
             self.projector.requires_grad_(False)
 
+    @property
+    def target_keys(self) -> set:
+        """The teacher's per-point targets this loss reads besides its logits / probabilities."""
+        keys = {"visible"}
+        if self.feat_weight != 0:
+            keys.add("feat")
+        if self.image_gain or self.trust == "image_soft":
+            keys.add("gain")
+        if self.trust == "image":
+            keys.add("image_right")
+        return keys
+
     def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor,
                 logit_mask: Optional[torch.Tensor] = None) -> dict:
         """``logit_mask`` (N,): the points whose logit target is the teacher's (1) or another expert's (0, see

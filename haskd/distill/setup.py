@@ -59,7 +59,8 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
             teacher_cache = build_cache(teacher, view, tcfg, device, cache_dir_for(d.teacher_ckpt, cfg),
                                         feat=d.feat_weight > 0, extra=_frames_of(view), topk=d.cache_topk,
                                         sources=[d.teacher_ckpt])
-            targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau))
+            targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
+                                                                  keys=losses["ihd"].target_keys))
             if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
                 train_set.views = d.hint_cache_augs  # epoch e draws view e mod K: the views the cache holds
                 kind = f"teacher_hints_{d.hint_cache_augs}aug{'_half' * d.hint_cache_augs_half}_seed{train_set.seed}"
