@@ -47,6 +47,10 @@ class DataConfig:
                                          # haskd/data/sampler.py); off: Pointcept's DistributedSampler shards
     vote_augs: str = ""                  # test-time augmentations of `haskd eval --voting`: scannet (13) | s3dis (10)
                                          # | "" (by data.dataset)
+    labeled_points: int = 0              # > 0: train on the labels of only this many points per training scene
+                                         # (ours; the setting of Pointcept's ScanNet data-efficient 'la' files,
+                                         # 20-200 points a scene), the same points for every model and seed; the
+                                         # other points are unlabeled (-1). Val and test keep every label
 
 
 @dataclass
@@ -390,7 +394,7 @@ def check_config(cfg: Config) -> Config:
     for key in ("batch_size", "repeat"):
         if getattr(d, key) < 1:
             bad(f"data.{key}", "must be at least 1", getattr(d, key))
-    for key in ("max_voxels", "workers"):
+    for key in ("max_voxels", "workers", "labeled_points"):
         if getattr(d, key) < 0:
             bad(f"data.{key}", "must be >= 0", getattr(d, key))
     for key in ("crop_rate", "mix_prob"):

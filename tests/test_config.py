@@ -129,6 +129,7 @@ def test_choice_sets_are_the_ones_the_code_uses():
     (["distill.cache=true", "distill.hint_cache=true", "distill.hint_cache_augs=2", "data.mix_prob=0.5"],
      "'distill.hint_cache_augs' needs data.mix_prob=0"),
     (["distill.hint_cache_augs=-1"], "'distill.hint_cache_augs' must be >= 0"),
+    (["data.labeled_points=-1"], "'data.labeled_points' must be >= 0"),
     (["distill.hint_cache_augs_half=true"], "'distill.hint_cache_augs_half' needs distill.hint_cache_augs > 0"),
     (["role=teacher", "distill.teacher_ckpt=t.pt"], "'distill.teacher_ckpt' needs role=student"),
     (["role=teacher", "distill.experts=e.json"], "'distill.experts' needs role=student"),

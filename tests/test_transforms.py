@@ -56,3 +56,27 @@ def test_collate_offsets_without_padding():
     assert b["offset"].tolist() == [4, 7] and b["point_offset"].tolist() == [6, 11]
     assert b["inverse"][6].item() == -1 and b["inverse"][7].item() == 4 + 1
     assert b["batch"].tolist() == [0, 0, 0, 0, 1, 1, 1] and b["feat"].dtype == torch.float32
+
+
+def test_labeled_points_keep_n_labels_per_training_scene_the_same_for_every_seed(tiny_rooms):
+    """data.labeled_points = n: each training scene keeps the labels of n of its labeled points (chosen by the
+    scene's name, so every model and seed trains on the same ones), the rest -1; val keeps every label."""
+    from haskd.config import load_config
+    from haskd.workflow.build import build_datasets
+
+    def sets(*over):
+        return build_datasets(load_config("scannet20_student", [f"data.root={tiny_rooms}", *over]))
+
+    full = sets()
+    sparse, other_seed = sets("data.labeled_points=50"), sets("data.labeled_points=50", "train.seed=3")
+    for a, b, c in zip(full["train"].scenes, sparse["train"].scenes, other_seed["train"].scenes):
+        kept = b.segment >= 0
+        assert kept.sum() == 50 and (a.segment >= 0).sum() > 50
+        assert np.array_equal(b.segment[kept], a.segment[kept])  # the true labels of the kept points
+        assert np.array_equal(b.segment, c.segment)
+    assert sparse["train"].scenes[0].segment[sparse["train"].scenes[0].segment >= 0].size == 50
+    assert not np.array_equal(np.flatnonzero(sparse["train"].scenes[0].segment >= 0),
+                              np.flatnonzero(sparse["train"].scenes[1].segment >= 0))
+    assert np.array_equal(sparse["val"].scenes[0].segment, full["val"].scenes[0].segment)
+    sample = sparse["train"][0]
+    assert 0 < (sample["segment"] >= 0).sum() <= 50  # a voxel is labeled by its labeled points only

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,24 @@ import torch
 from ..errors import InputError
 from .scene import list_scenes, load_scene
 from .transforms import augment, crop, make_features, pointcept_train_voxels, voxel_mean, voxelize
+
+
+def with_labeled_points(scene, n: int):
+    """``scene`` with the labels of only ``n`` of its labeled points kept, the others -1 (``data.labeled_points``).
+
+    The points are drawn by a generator seeded by the scene's name alone, so every model and every seed trains on
+    the same ones (as Pointcept's data-efficient benchmark ships them in fixed files); a scene with at most ``n``
+    labeled points keeps them all."""
+    if scene.segment is None:
+        return scene
+    labeled = np.flatnonzero(scene.segment >= 0)
+    if len(labeled) <= n:
+        return scene
+    rng = np.random.default_rng(zlib.crc32(scene.name.encode()))
+    keep = rng.choice(labeled, size=n, replace=False)
+    segment = np.full_like(scene.segment, -1)
+    segment[keep] = scene.segment[keep]
+    return dataclasses.replace(scene, segment=segment)
 
 
 class SceneDataset(torch.utils.data.Dataset):
@@ -23,9 +43,12 @@ class SceneDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, num_classes, voxel_size=0.05, train=False, use_normal=False, max_voxels=0,
-                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None, recipe=None, frames=None):
+                 augment=True, seed=0, repeat=1, need_labels=True, scenes=None, recipe=None, frames=None,
+                 labeled_points=0):
         self.dirs = [Path(p) for p in scenes] if scenes is not None else list_scenes(root, split)
         self.scenes = [load_scene(p, num_classes=num_classes, need_labels=need_labels) for p in self.dirs]
+        if labeled_points > 0:  # data.labeled_points: limited annotation
+            self.scenes = [with_labeled_points(sc, labeled_points) for sc in self.scenes]
         if use_normal:  # zeros in place of missing normals would give a silently different network input
             for sc in self.scenes:
                 if sc.normal is None:

@@ -63,7 +63,8 @@ def build_datasets(cfg: Config, splits=("train", "val"), optional_val: bool = Fa
         out[which] = SceneDataset(d.root, split, d.num_classes, d.voxel_size, train=(which == "train"),
                                   use_normal=d.use_normal, max_voxels=d.max_voxels, augment=d.augment,
                                   seed=cfg.train.seed, repeat=d.repeat, recipe=train_recipe(cfg),
-                                  frames=teacher_frames(cfg, pool=which == "train"))
+                                  frames=teacher_frames(cfg, pool=which == "train"),
+                                  labeled_points=d.labeled_points if which == "train" else 0)
     return out
 
 
