@@ -620,9 +620,11 @@ class CacheReader:
         i = inv[starts[0]:ends[-1]]
         rows = torch.where(i >= 0, i, torch.full_like(i, N))
         wanted = {"dense", "probs", "index"} | (set(parts[0]) if self.keys is None else self.keys)
-        cat = {k: parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index")
-                                                                else 0)
-               for k in parts[0] if k != "hints" and k in wanted}
+        keys = [k for k in parts[0] if k != "hints" and k in wanted]
+        if len(parts) == 1:  # nothing to join: the scene's own tensors (read, never written)
+            cat = {k: parts[0][k] for k in keys}
+        else:
+            cat = {k: torch.cat([p[k] for p in parts], dim=-2 if k in ("probs", "index") else 0) for k in keys}
         reducer = mean_reducer(rows, N)  # one per batch, shared by every target below
 
         def mean(x):  # (P, ...) per point -> (N, ...) per voxel, float32
