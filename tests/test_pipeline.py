@@ -841,3 +841,29 @@ def test_baseline_beside_the_teacher_gives_the_sequential_runs(tiny_rooms, tmp_p
         a = load_checkpoint(tmp_path / "par" / k / "last.pt")["state_dict"]
         b = load_checkpoint(tmp_path / "seq" / k / "last.pt")["state_dict"]
         assert all(torch.equal(a[n], b[n]) for n in a), k
+
+
+def test_teacher_cache_has_a_folder_per_content_so_no_run_reads_one_without_what_it_needs(pipeline_run, tiny_rooms):
+    """A run with the feature term after one without it on the same teacher gets the teacher's features (a cache
+    without them was once reused, and the term silently dropped); sparse labels (data.labeled_points) get their own
+    image rules."""
+    from haskd.data.transforms import collate
+    from haskd.distill.setup import build_distill_task
+    from haskd.models import build_from_config
+    from haskd.workflow.build import build_datasets
+
+    out, _ = pipeline_run
+    teacher = out / "teacher" / "last.pt"
+    over = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={teacher}", "distill.cache=true",
+            "distill.hint_weight=0"]
+    targets = {}
+    for name, more in (("plain", ["distill.feat_weight=0"]), ("feat", ["distill.feat_weight=1"]),
+                       ("sparse", ["distill.feat_weight=0", "data.labeled_points=30"])):
+        cfg = load_config("scannet20_haskd", [*over, *more])
+        train_set = build_datasets(cfg, splits=("train",))["train"]
+        task = build_distill_task(build_from_config(cfg), cfg, "cpu", train_set)
+        targets[name] = task.targets["teacher"](collate([train_set[0]]))
+    assert "feat" not in targets["plain"] and targets["feat"]["feat"].shape[0] == targets["feat"]["probs"].shape[0]
+    assert torch.allclose(targets["plain"]["probs"], targets["feat"]["probs"], atol=1e-3)
+    assert sorted(p.name for p in teacher.parent.glob("soft_labels_teacher*")) == [
+        "soft_labels_teacher_feat_train_v0.1", "soft_labels_teacher_labels30_train_v0.1", "soft_labels_teacher_train_v0.1"]

@@ -487,8 +487,8 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
         write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
                           visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"))
 
-    return _build(cache_dir, dataset.scenes, sources, "teacher logits, features, visibility, image gain, image right",
-                  "teacher soft labels", write)
+    content = f"teacher logits, {'features, ' * bool(feat)}visibility, image gain, image right"
+    return _build(cache_dir, dataset.scenes, sources, content, "teacher soft labels", write)
 
 
 def build_hint_cache(backbone, dataset, cfg, device, cache_dir, sources=(), views=1) -> Path:

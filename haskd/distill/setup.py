@@ -56,7 +56,11 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
         hint_cache = None
         if d.cache:
             view = train_set.with_frames(frames)
-            teacher_cache = build_cache(teacher, view, tcfg, device, cache_dir_for(d.teacher_ckpt, cfg),
+            # its own folder per content: with the features (distill.feat_weight), with the image rules of sparse
+            # labels (data.labeled_points), so that no run reads a cache that lacks what it needs
+            kind = "teacher" + "_feat" * (d.feat_weight > 0) + (f"_labels{cfg.data.labeled_points}"
+                                                                 if cfg.data.labeled_points else "")
+            teacher_cache = build_cache(teacher, view, tcfg, device, cache_dir_for(d.teacher_ckpt, cfg, kind),
                                         feat=d.feat_weight > 0, extra=_frames_of(view), topk=d.cache_topk,
                                         sources=[d.teacher_ckpt])
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
