@@ -147,6 +147,9 @@ class DistillConfig:
     hint_cache_augs_half: bool = False   # store those hints in float16: half the disk, no longer the online hints
                                          # to the bit (float32 by default)
     trust: str = "hard"                  # hard | soft | none | image | image_soft: only what the images know (ours)
+    ihd_norm: str = "weights"            # IHD terms divided by: weights = sum of the information weights (METHOD.md)
+                                         # | points = the batch's point count, so a rule that keeps few points
+                                         # weighs as little as it covers (ours; for trust=image)
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
     class_balance: bool = False          # IHD + ASD weights x N / (K n_c): each class of a batch weighs the same (ours)
@@ -225,6 +228,7 @@ CHOICES = {
     "distill.trust": ("hard", "soft", "none", "image", "image_soft"),
     "distill.asd_trust": ("hard", "soft", "none"),
     "distill.kd_target": ("full", "nontarget"),
+    "distill.ihd_norm": ("weights", "points"),
     "distill.asd_unlabeled": ("final", "skip"),
 }
 

@@ -45,6 +45,20 @@ def test_weighted_mean_without_weights_is_the_weighted_one_with_ones_bit_for_bit
     assert weighted_mean(v[:0], None).item() == 0.0  # no point: 0, not NaN
 
 
+def test_ihd_norm_points_divides_by_the_point_count():
+    s = torch.zeros(4, 2)
+    t = torch.tensor([[2 * LN3, 0.0]] * 4)  # every point: KL = KD_075_TAU2 at tau 2
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0])  # a rule that keeps one point of four
+    assert kd_kl(s, t, 2.0, w).item() == pytest.approx(KD_075_TAU2, rel=1e-6)
+    assert kd_kl(s, t, 2.0, w, norm="points").item() == pytest.approx(KD_075_TAU2 / 4, rel=1e-6)
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # distances 2 and 0
+    assert feature_loss(a, b, torch.tensor([1.0, 0.0])).item() == pytest.approx(2.0)
+    assert feature_loss(a, b, torch.tensor([1.0, 0.0]), norm="points").item() == pytest.approx(1.0)
+    ihd = IHDLoss(2, 2, tau=2.0, feat_weight=0, trust="image", norm="points")
+    out = ihd({"logits": s}, {"logits": t, "image_right": w}, torch.zeros(4, dtype=torch.long))
+    assert out["ihd_logit"].item() == pytest.approx(KD_075_TAU2 / 4, rel=1e-6)
+
+
 def test_ihd_reads_only_the_targets_its_settings_use():
     assert IHDLoss(4, 4, feat_weight=0).target_keys == {"visible"}
     assert IHDLoss(4, 4, feat_weight=1).target_keys == {"visible", "feat"}

@@ -73,8 +73,9 @@ class IHDLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
                  feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False,
-                 kd_target: str = "full", class_balance: bool = False):
+                 kd_target: str = "full", class_balance: bool = False, norm: str = "weights"):
         super().__init__()
+        self.norm = norm  # distill.ihd_norm: what both terms are divided by (kd.weighted_mean)
         self.class_balance = bool(class_balance)
         _check_choice("kd_target", kd_target, KD_TARGETS)
         self.kd_target = kd_target
@@ -131,9 +132,10 @@ class IHDLoss(nn.Module):
         if self.logit_weight != 0:
             out["ihd_logit"] = self.logit_weight * kd_kl(student_out["logits"], t, self.tau, w, target_kind=kind,
                                                          labels=labels, kd_target=self.kd_target,
-                                                         ignore_index=self.ignore_index, mask=logit_mask)
+                                                         ignore_index=self.ignore_index, mask=logit_mask,
+                                                         norm=self.norm)
         t_feat = teacher.get("feat")
         if t_feat is not None and self.feat_weight != 0:
             proj = self.projector(student_out["feat"])
-            out["ihd_feat"] = self.feat_weight * feature_loss(proj, t_feat.to(proj.device), w)
+            out["ihd_feat"] = self.feat_weight * feature_loss(proj, t_feat.to(proj.device), w, self.norm)
         return out

@@ -80,12 +80,14 @@ def kl_per_point_nontarget(student_logits: torch.Tensor, target_probs: torch.Ten
 
 
 def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  mask: Optional[torch.Tensor] = None, norm: str = "weights") -> torch.Tensor:
     """``sum(w * m * v) / sum(w)`` over points; plain mean when ``weights`` is None; 0 (still in the graph)
     when there is no point or ``sum(w) == 0``. Values at zero-weight points are masked, so a NaN/inf
     there cannot leak into the result. ``mask`` (N,) in [0, 1], None = all ones, drops points from the sum
     but not from the normaliser: two terms with complementary masks add up to one term over every point
-    (the class routing of :mod:`haskd.distill.asd`)."""
+    (the class routing of :mod:`haskd.distill.asd`). ``norm="points"`` (``distill.ihd_norm``, ours): divide by the
+    number of points instead of ``sum(w)``."""
+    _check_choice("norm", norm, CHOICES["distill.ihd_norm"])
     if weights is None and mask is None:  # the same sum and normaliser as with weights of 1, without their passes
         return values.sum() / values.new_tensor(float(max(values.numel(), 1)))
     if weights is None:
@@ -97,6 +99,8 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
     zero = torch.zeros_like(values)
     values = torch.where(weights > 0, values, zero)
     # torch.where on the denominator (not a clamp) keeps the gradient finite when total == 0.
+    if norm == "points":
+        total = torch.full_like(total, float(values.numel()))
     denom = torch.where(total > 0, total, torch.ones_like(total))
     return (weights * values).sum() / denom
 
@@ -164,13 +168,14 @@ def class_balance(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
           weights: Optional[torch.Tensor] = None, target_kind: str = "logits", labels: Optional[torch.Tensor] = None,
-          kd_target: str = "full", ignore_index: int = -1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+          kd_target: str = "full", ignore_index: int = -1, mask: Optional[torch.Tensor] = None,
+          norm: str = "weights") -> torch.Tensor:
     """Weighted KD loss: ``sum_i w_i * tau^2 * KL(p_t,i || p_s,i) / sum_i w_i`` (scalar).
 
     student_logits: (N, C). target: (N, C) teacher logits (``target_kind="logits"``, tempered by ``tau``)
     or the target distribution itself (``"probs"``, possibly top-k truncated; renormalised, not tempered).
     weights: (N,) or None (plain mean). Returns 0 (no NaN) when ``sum(w) == 0`` or N == 0. ``mask``: see
-    :func:`weighted_mean` (points routed to another source keep their share of the normaliser).
+    :func:`weighted_mean` (points routed to another source keep their share of the normaliser), and ``norm``.
     """
     if student_logits.shape != target.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and target {tuple(target.shape)} differ")
@@ -179,12 +184,13 @@ def kd_kl(student_logits: torch.Tensor, target: torch.Tensor, tau: float = 2.0,
     if kd_target == "nontarget":
         if labels is None:
             raise ValueError("kd_target='nontarget' needs the labels")
-        return weighted_mean(kl_per_point_nontarget(student_logits, p_t, labels, tau, ignore_index), weights, mask)
-    return weighted_mean(kl_per_point(student_logits, p_t, tau), weights, mask)
+        return weighted_mean(kl_per_point_nontarget(student_logits, p_t, labels, tau, ignore_index), weights, mask,
+                             norm)
+    return weighted_mean(kl_per_point(student_logits, p_t, tau), weights, mask, norm)
 
 
 def feature_loss(student_feat_projected: torch.Tensor, teacher_feat: torch.Tensor,
-                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 weights: Optional[torch.Tensor] = None, norm: str = "weights") -> torch.Tensor:
     """``|| normalize(a_i) - normalize(b_i) ||^2`` (in [0, 4]) weighted over points: ``(N, D), (N, D) -> ()``.
 
     Normalising both sides makes the term scale-free, so teacher and student features of different
@@ -195,7 +201,7 @@ def feature_loss(student_feat_projected: torch.Tensor, teacher_feat: torch.Tenso
                          f"{tuple(teacher_feat.shape)} differ")
     a = F.normalize(student_feat_projected.float(), dim=-1)
     b = F.normalize(teacher_feat.detach().float(), dim=-1)
-    return weighted_mean(((a - b) ** 2).sum(-1), weights)
+    return weighted_mean(((a - b) ** 2).sum(-1), weights, norm=norm)
 
 
 class Projector(nn.Module):
