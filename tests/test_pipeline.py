@@ -865,5 +865,5 @@ def test_teacher_cache_has_a_folder_per_content_so_no_run_reads_one_without_what
         targets[name] = task.targets["teacher"](collate([train_set[0]]))
     assert "feat" not in targets["plain"] and targets["feat"]["feat"].shape[0] == targets["feat"]["probs"].shape[0]
     assert torch.allclose(targets["plain"]["probs"], targets["feat"]["probs"], atol=1e-3)
-    assert sorted(p.name for p in teacher.parent.glob("soft_labels_teacher*")) == [
-        "soft_labels_teacher_feat_train_v0.1", "soft_labels_teacher_labels30_train_v0.1", "soft_labels_teacher_train_v0.1"]
+    assert {"soft_labels_teacher_feat_train_v0.1", "soft_labels_teacher_labels30_train_v0.1",
+            "soft_labels_teacher_train_v0.1"} <= {p.name for p in teacher.parent.glob("soft_labels_teacher*")}
