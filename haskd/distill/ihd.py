@@ -6,8 +6,9 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
 * feature term ``w_i * || normalize(P(f_s,i)) - normalize(f_t,i) ||^2``, ``P`` a linear :class:`Projector`
   that lives in :class:`IHDLoss` (not in the student), so the saved inference model never carries it.
 * information weights ``w_i = visible_i * trust_i`` (optionally ``* gain_i``, see :func:`image_gain`); both terms
-  are normalised by ``sum(w)``. The trust can also be what the images alone know (``trust="image"``: the fused
-  head right where the teacher's 3D-branch head is wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``).
+  are normalised by ``sum(w)`` (by the batch's point count with ``distill.ihd_norm=points``, ours). The trust can
+  also be what the images alone know (``trust="image"``: the fused head right where the teacher's 3D-branch head is
+  wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``).
 
 The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
 Targets are teacher logits (online) or cached probabilities; the primitives (softened KL, weighted means, the
