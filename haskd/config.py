@@ -150,6 +150,9 @@ class DistillConfig:
     ihd_norm: str = "weights"            # IHD terms divided by: weights = sum of the information weights (METHOD.md)
                                          # | points = the batch's point count, so a rule that keeps few points
                                          # weighs as little as it covers (ours; for trust=image)
+    teacher_head: str = _teacher_side("fused")  # the IHD target: fused = the teacher's output (METHOD.md) | 3d = its
+                                         # 3D-branch head, points only (a control) | classwise = per class the head
+                                         # with the higher val IoU (ours)
     kd_target: str = "full"              # full (METHOD.md) | nontarget: IHD logit and ASD terms skip the label class (ours)
     image_gain: bool = False             # also weight by what the images add: max(0, p_fused(y) - p_3d(y)) (ours)
     class_balance: bool = False          # IHD + ASD weights x N / (K n_c): each class of a batch weighs the same (ours)
@@ -229,6 +232,7 @@ CHOICES = {
     "distill.asd_trust": ("hard", "soft", "none"),
     "distill.kd_target": ("full", "nontarget"),
     "distill.ihd_norm": ("weights", "points"),
+    "distill.teacher_head": ("fused", "3d", "classwise"),
     "distill.asd_unlabeled": ("final", "skip"),
 }
 

@@ -160,7 +160,8 @@ def test_teacher_side_keys_need_a_teacher_in_a_run(key, value):
 def test_point_only_and_with_teacher_derive_the_stage_configs():
     from haskd.config import TEACHER_KEYS, Config, check_run, get, point_only, with_teacher
 
-    assert set(TEACHER_KEYS) == {"distill.hint_weight", "distill.teacher_expert", "distill.init_from_teacher"}
+    assert set(TEACHER_KEYS) == {"distill.hint_weight", "distill.teacher_expert", "distill.init_from_teacher",
+                                 "distill.teacher_head"}
     cfg = load_config("synthetic_bench", ["distill.init_from_teacher=true", "train.snapshots=3"])
     base = point_only(cfg)
     check_run(base)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from haskd.distill.ihd import IHDLoss
+from haskd.distill.ihd import IHDLoss, classwise_heads, head_logits
 from haskd.distill.kd import Projector, feature_loss, information_weights, kd_kl
 
 LN3 = math.log(3.0)
@@ -43,6 +43,29 @@ def test_weighted_mean_without_weights_is_the_weighted_one_with_ones_bit_for_bit
     assert torch.equal(plain, ones)
     assert torch.equal(torch.autograd.grad(plain, v)[0], torch.autograd.grad(ones, v)[0])
     assert weighted_mean(v[:0], None).item() == 0.0  # no point: 0, not NaN
+
+
+def test_head_logits_takes_each_class_from_its_head():
+    # fused [ln 3, 0, 0] -> p = [0.6, 0.2, 0.2]; 3D branch [0, ln 2, ln 2] -> p = [0.2, 0.4, 0.4]
+    fused = torch.tensor([[LN3, 0.0, 0.0]])
+    z3 = torch.tensor([[0.0, math.log(2.0), math.log(2.0)]])
+    # class 0 from the fused head, 1 and 2 from the branch: [0.6, 0.4, 0.4] / 1.4
+    p = torch.softmax(head_logits(fused, z3, [True, False, False]), -1)
+    assert p[0].tolist() == pytest.approx([0.6 / 1.4, 0.4 / 1.4, 0.4 / 1.4], rel=1e-6)
+    # class 0 from the branch, 1 and 2 from the fused head: [0.2, 0.2, 0.2] -> uniform
+    p = torch.softmax(head_logits(fused, z3, [False, True, True]), -1)
+    assert p[0].tolist() == pytest.approx([1 / 3] * 3, rel=1e-6)
+    # all one head: that head's distribution, at any temperature
+    for use, z in (([True] * 3, fused), ([False] * 3, z3)):
+        assert torch.allclose(torch.softmax(head_logits(fused, z3, use) / 2, -1), torch.softmax(z / 2, -1))
+
+
+def test_classwise_heads_picks_the_better_head_on_val():
+    nan = float("nan")
+    # 3D branch better on class 1 only; a tie, an absent class (None / NaN) keep the fused head
+    assert classwise_heads([0.5, 0.2, 0.4, None, nan], [0.4, 0.6, 0.4, 0.9, 0.9]) == [True, False, True, True, True]
+    with pytest.raises(ValueError):
+        classwise_heads([0.5], [0.5, 0.5])
 
 
 def test_ihd_norm_points_divides_by_the_point_count():

@@ -867,3 +867,39 @@ def test_teacher_cache_has_a_folder_per_content_so_no_run_reads_one_without_what
     assert torch.allclose(targets["plain"]["probs"], targets["feat"]["probs"], atol=1e-3)
     assert {"soft_labels_teacher_feat_train_v0.1", "soft_labels_teacher_labels30_train_v0.1",
             "soft_labels_teacher_train_v0.1"} <= {p.name for p in teacher.parent.glob("soft_labels_teacher*")}
+
+
+def test_teacher_head_targets_come_from_the_chosen_heads(pipeline_run, tiny_rooms, caplog):
+    """distill.teacher_head: classwise takes each class from the head with the higher val IoU (both evaluations
+    kept beside the teacher), 3d from the 3D branch alone; each gets its own cache folder."""
+    import json
+    import logging
+
+    from haskd.data.transforms import collate
+    from haskd.distill.ihd import classwise_heads
+    from haskd.distill.setup import build_distill_task
+    from haskd.models import build_from_config
+    from haskd.workflow.build import build_datasets
+    from haskd.workflow.runs import teacher_heads
+
+    out, _ = pipeline_run
+    teacher = out / "teacher" / "last.pt"
+    over = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={teacher}", "distill.cache=true",
+            "distill.hint_weight=0", "distill.feat_weight=0"]
+    probs, heads = {}, {}
+    for head in ("fused", "3d", "classwise"):
+        cfg = load_config("scannet20_haskd", [*over, f"distill.teacher_head={head}"])
+        with caplog.at_level(logging.INFO, logger="haskd"):
+            heads[head] = teacher_heads(cfg)
+        train_set = build_datasets(cfg, splits=("train",))["train"]
+        task = build_distill_task(build_from_config(cfg), cfg, "cpu", train_set, teacher_heads=heads[head])
+        probs[head] = task.targets["teacher"](collate([train_set[0]]))["probs"]
+    assert heads["fused"] is None and heads["3d"] == [False] * 20
+    fused = json.loads((out / "teacher" / "metrics_val.json").read_text())["per_class_iou"]
+    branch = json.loads((out / "teacher" / "metrics_val_3d.json").read_text())["per_class_iou"]
+    assert heads["classwise"] == classwise_heads(list(fused.values()), list(branch.values()))
+    assert "distill.teacher_head=classwise" in caplog.text
+    assert not torch.allclose(probs["fused"], probs["3d"])
+    cw = "".join("f3"[not h] for h in heads["classwise"])
+    assert {"soft_labels_teacher_train_v0.1", f"soft_labels_teacher_head{'3' * 20}_train_v0.1",
+            f"soft_labels_teacher_head{cw}_train_v0.1"} <= {p.name for p in teacher.parent.glob("soft_labels_*")}

@@ -65,9 +65,11 @@ def _trainer(task_cfg, model, device, datasets, steps=100):
     of a run of that config (the benchmark's steps use the learning rates a run starts with), lengthened to ``steps``
     where the run would be shorter than the benchmark."""
     from ..workflow.build import build_trainer, steps_per_epoch, train_sampler
+    from ..workflow.runs import teacher_heads
 
     per_epoch = steps_per_epoch(task_cfg, train_sampler(task_cfg, datasets["train"]))
-    trainer = build_trainer(task_cfg, model, datasets, device, max(task_cfg.train.epochs * per_epoch, steps))
+    trainer = build_trainer(task_cfg, model, datasets, device, max(task_cfg.train.epochs * per_epoch, steps),
+                            teacher_heads=teacher_heads(task_cfg, device))
     trainer.task.train()
     return trainer
 

@@ -383,15 +383,17 @@ def batch_coords(batch):
 
 
 @torch.no_grad()
-def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=0.0) -> dict:
+def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=0.0, heads=None) -> dict:
     """Per-original-point outputs of a frozen model on one unaugmented scene: ``logits`` (P,C) and, when the
     model gives them, ``feat`` (P,D) and ``visible`` (P,). With ``hint_model`` (the teacher's 3D branch), also
-    ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``."""
+    ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``. With
+    ``heads`` (a teacher's per-class head choice, :func:`haskd.distill.ihd.head_logits`), ``logits`` are those of
+    the chosen heads; the image rules (``gain``, ``image_right``) stay the fused head's."""
     from ..data.transforms import collate
     from ..engine.evaluate import scene_sample
     from ..engine.tasks import move_to
     from .hints import run_with_hints
-    from .ihd import image_gain, image_right
+    from .ihd import head_logits, image_gain, image_right
 
     sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal, angle=angle)
     if extra is not None:
@@ -416,6 +418,8 @@ def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=
         z3, seg = out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment)
         res["gain"] = image_gain(res["logits"], z3, seg)
         res["image_right"] = image_right(res["logits"], z3, seg) > 0
+    if heads is not None:
+        res["logits"] = head_logits(out["logits"], out["logits_3d"], heads)[inv].cpu()
     return res
 
 
@@ -480,14 +484,18 @@ def _build(cache_dir, scenes, sources, content, desc, write_scene) -> Path:
     return cache_dir
 
 
-def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=()) -> Path:
-    """Teacher soft labels (+ features, visibility) per original point of every scene, once."""
+def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None, topk=8, sources=(),
+                heads=None) -> Path:
+    """Teacher soft labels (+ features, visibility) per original point of every scene, once; ``heads``: the
+    per-class head choice of ``distill.teacher_head`` (None: the fused head)."""
     def write(folder, i, scene):
-        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None)
+        o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None,
+                          heads=heads)
         write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
                           visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"))
 
-    content = f"teacher logits, {'features, ' * bool(feat)}visibility, image gain, image right"
+    logits = "teacher logits" if heads is None else "teacher heads " + "".join("f3"[not h] for h in heads)
+    content = f"{logits}, {'features, ' * bool(feat)}visibility, image gain, image right"
     return _build(cache_dir, dataset.scenes, sources, content, "teacher soft labels", write)
 
 

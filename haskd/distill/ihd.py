@@ -9,6 +9,8 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
   are normalised by ``sum(w)`` (by the batch's point count with ``distill.ihd_norm=points``, ours). The trust can
   also be what the images alone know (``trust="image"``: the fused head right where the teacher's 3D-branch head is
   wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``).
+* the target itself: the teacher's fused head (METHOD.md), its 3D-branch head, or per class the head that is better
+  on val (``distill.teacher_head``, ours: :func:`head_logits`, :func:`classwise_heads`).
 
 The teacher is frozen: every target here is detached, gradients reach only the student (and the projector).
 Targets are teacher logits (online) or cached probabilities; the primitives (softened KL, weighted means, the
@@ -24,7 +26,7 @@ import torch.nn as nn
 from .kd import (IHD_TRUST_MODES, IMAGE_TRUST_MODES, KD_TARGETS, TRUST_MODES, Projector, _check_choice,
                  class_balance, feature_loss, information_weights, kd_kl)
 
-__all__ = ["IHDLoss", "image_gain", "image_right", "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
+__all__ = ["IHDLoss", "classwise_heads", "head_logits", "image_gain", "image_right", "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
 
 
 def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torch.Tensor,
@@ -56,6 +58,28 @@ def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: tor
     right = fused_logits.detach().argmax(-1) == labels
     wrong_3d = logits_3d.detach().to(fused_logits.device).argmax(-1) != labels
     return (right & wrong_3d & (labels != ignore_index)).float()
+
+
+def head_logits(fused_logits: torch.Tensor, logits_3d: torch.Tensor, use_fused) -> torch.Tensor:
+    """The IHD target of ``distill.teacher_head`` (ours): class ``k``'s log-probability from the teacher's fused head
+    where ``use_fused[k]``, else from its 3D-branch head, ``(N, C), (N, C), (C,) bool -> (N, C)`` float32 log-probs
+    (unnormalised across the two heads; any softmax renormalises them). ``use_fused`` all true gives the fused head's
+    distribution, all false the 3D branch's."""
+    use = torch.as_tensor(use_fused, dtype=torch.bool, device=fused_logits.device)
+    return torch.where(use, torch.log_softmax(fused_logits.detach().float(), -1),
+                       torch.log_softmax(logits_3d.detach().float().to(fused_logits.device), -1))
+
+
+def classwise_heads(fused_iou, iou_3d) -> list:
+    """Per class, whether the teacher's fused head is its expert (``distill.teacher_head=classwise``, ours): its val
+    IoU is at least the 3D-branch head's, or either is unknown (a class absent from val keeps the fused head).
+
+    Why: a multi-modal teacher can be worse than its own 3D branch on some classes (the images mislead it, or it
+    overfits them with few labels); taking those classes from the branch keeps the images' knowledge where they
+    add some and passes on no error they introduced. The choice is made on val, as ASD picks its experts."""
+    if len(fused_iou) != len(iou_3d):
+        raise ValueError(f"per-class IoU of {len(fused_iou)} and {len(iou_3d)} classes")
+    return [not (f is not None and t is not None and f == f and t == t and t > f) for f, t in zip(fused_iou, iou_3d)]
 
 
 class IHDLoss(nn.Module):

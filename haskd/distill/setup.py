@@ -24,11 +24,13 @@ from .ihd import IHDLoss
 from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
 
 
-def build_distill_task(student, cfg, device, train_set) -> DistillTask:
+def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> DistillTask:
     """The distilled student's task of ``cfg`` (``cfg.distill`` names the teacher and/or the experts table).
 
     ``train_set``: the :class:`haskd.data.dataset.SceneDataset` the student trains on; its scenes are the ones
-    cached, and an online teacher's frames are attached to it (``train_set.frames``)."""
+    cached, and an online teacher's frames are attached to it (``train_set.frames``). ``teacher_heads``: per class,
+    whether IHD's target is the teacher's fused head (else its 3D-branch head; ``distill.teacher_head``, resolved by
+    the caller from the teacher's val metrics); None = the fused head everywhere."""
     d = cfg.distill
     losses, targets, routed = {}, {}, None
     if d.teacher_ckpt:
@@ -60,9 +62,11 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
             # labels (data.labeled_points), so that no run reads a cache that lacks what it needs
             kind = "teacher" + "_feat" * (d.feat_weight > 0) + (f"_labels{cfg.data.labeled_points}"
                                                                  if cfg.data.labeled_points else "")
+            if teacher_heads is not None:  # distill.teacher_head
+                kind += "_head" + "".join("f3"[not h] for h in teacher_heads)
             teacher_cache = build_cache(teacher, view, tcfg, device, cache_dir_for(d.teacher_ckpt, cfg, kind),
                                         feat=d.feat_weight > 0, extra=_frames_of(view), topk=d.cache_topk,
-                                        sources=[d.teacher_ckpt])
+                                        sources=[d.teacher_ckpt], heads=teacher_heads)
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
                                                                   keys=losses["ihd"].target_keys))
             if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
@@ -80,7 +84,7 @@ def build_distill_task(student, cfg, device, train_set) -> DistillTask:
                                               views=d.hint_cache_views)
         else:  # the online teacher sees each training sample's frames
             train_set.frames = frames.load(train_set.scenes)
-            targets["teacher"] = TeacherTargets(teacher=teacher)
+            targets["teacher"] = TeacherTargets(teacher=teacher, heads=teacher_heads)
         if "hint" in losses:
             if hint_cache is None:
                 targets["hints"] = TeacherHints(backbone=teacher.backbone)

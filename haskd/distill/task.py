@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..engine.tasks import ce_loss
 from .asd import teacher_route
 from .hints import run_with_hints
-from .ihd import image_gain, image_right
+from .ihd import head_logits, image_gain, image_right
 
 LOSSES = ("ihd", "asd", "hint")  # registration order (the task's state dict and parameter order)
 SOURCES = {"ihd": "teacher", "asd": "experts", "hint": "hints"}
@@ -133,17 +133,19 @@ class TeacherTargets:
     :class:`~haskd.distill.cache.CacheReader`; keys as stored), else ``{"logits", "feat", "visible", "gain",
     "image_right"}`` from the frozen ``teacher`` run on the batch (which then needs the batch's frames)."""
 
-    def __init__(self, teacher=None, cache=None):
+    def __init__(self, teacher=None, cache=None, heads=None):
         if teacher is None and cache is None:
             raise ValueError("TeacherTargets needs a teacher or a cache")
-        self.teacher, self.cache = teacher, cache
+        self.teacher, self.cache, self.heads = teacher, cache, heads  # heads: distill.teacher_head (cache: built in)
 
     @torch.no_grad()
     def __call__(self, batch) -> dict:
         if self.cache is not None:
             return self.cache.voxels(batch)
         out = self.teacher(batch)
-        return {"logits": out["logits"].float(), "feat": out["feat"].float(), "visible": out["visible"],
+        logits = out["logits"].float() if self.heads is None else head_logits(out["logits"], out["logits_3d"],
+                                                                                self.heads)
+        return {"logits": logits, "feat": out["feat"].float(), "visible": out["visible"],
                 "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"]),
                 "image_right": image_right(out["logits"], out["logits_3d"], batch["segment"])}
 

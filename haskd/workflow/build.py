@@ -124,16 +124,20 @@ def build_model(cfg: Config, pretrained: bool = True):
                          f"built: {type(e).__name__}: {first}") from None
 
 
-def build_task(cfg: Config, model, device, datasets):
+def build_task(cfg: Config, model, device, datasets, teacher_heads=None):
     """The task of the config's role (see the module's docstring). Pointcept's PTv3 recipes add a Lovasz term to
-    cross-entropy (students only: the teacher keeps its own losses)."""
+    cross-entropy (students only: the teacher keeps its own losses). ``teacher_heads``: ``distill.teacher_head``
+    resolved by the caller (:func:`haskd.workflow.runs.teacher_heads`: it evaluates the teacher)."""
     role = role_of(check_run(cfg))
     if role == "teacher":
         return TeacherTask(model, cfg.teacher.loss_3d, cfg.teacher.loss_2d)
     if role == "distilled":
         from ..distill.setup import build_distill_task
 
-        task = build_distill_task(model, cfg, device, datasets["train"])
+        if cfg.distill.teacher_head != "fused" and teacher_heads is None:
+            raise HaskdError(f"distill.teacher_head={cfg.distill.teacher_head} needs the heads resolved "
+                             "(haskd.workflow.runs.teacher_heads) before the task is built")
+        task = build_distill_task(model, cfg, device, datasets["train"], teacher_heads=teacher_heads)
     else:
         task = SegmentationTask(model)
     return WithLovasz(task, cfg.train.lovasz_weight) if cfg.train.lovasz_weight > 0 else task
@@ -211,10 +215,10 @@ def steps_per_epoch(cfg: Config, sampler) -> int:
     return max(1, math.ceil(len(sampler) / cfg.data.batch_size))
 
 
-def build_trainer(cfg: Config, model, datasets, device, total_steps: int, hooks=()) -> Trainer:
+def build_trainer(cfg: Config, model, datasets, device, total_steps: int, hooks=(), teacher_heads=None) -> Trainer:
     """The role's task around ``model`` (already on ``device``), wrapped in DDP under torchrun, its optimizer and a
     schedule of ``total_steps``: the step that training, the benchmark and a user's script all run."""
-    task = build_task(cfg, model, device, datasets).to(device)
+    task = build_task(cfg, model, device, datasets, teacher_heads=teacher_heads).to(device)
     wrapped = task
     if dist_utils.world_size() > 1:
         if device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU, BN statistics stay per rank

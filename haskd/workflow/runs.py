@@ -3,6 +3,7 @@ ensemble) on any split of any data root, each cached beside the run while its ch
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import torch
 
 from ..data.dataset import SceneDataset
 from ..distill.asd import SnapshotEnsemble
+from ..distill.ihd import classwise_heads
 from ..engine.checkpoint import load_checkpoint, load_model
 from ..engine.evaluate import evaluate
 from ..errors import HaskdError, InputError
+
+log = logging.getLogger(__name__)
 
 
 def find_snapshots(run_dir) -> list:
@@ -57,20 +61,22 @@ def train_seconds(run_dir) -> float:
     return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
 
 
-def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False) -> dict:
-    """Metrics of a run's ``last.pt`` on ``split`` (default: its config's val split) of ``root`` (default: the run's
-    data root), every point.
+def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False,
+                  ckpt_name="last.pt") -> dict:
+    """Metrics of a run's ``last.pt`` (or ``ckpt_name``) on ``split`` (default: its config's val split) of ``root``
+    (default: the run's data root), every point.
 
     A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
-    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>].json`` while newer than the
-    checkpoint."""
+    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>][_<ckpt>].json`` while newer than
+    the checkpoint."""
     from .build import build_datasets
 
-    run_dir, ckpt = Path(run_dir), Path(run_dir) / "last.pt"
+    run_dir, ckpt = Path(run_dir), Path(run_dir) / ckpt_name
     model, cfg = load_model(ckpt, device=device, return_config=True)
     split = split or cfg.data.val_split
     cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
-    tag = "_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")
+    tag = ("_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")) \
+        + ("" if ckpt_name == "last.pt" else f"_{ckpt.stem}")
     path = run_dir / f"metrics_{split}{tag}.json"
     where = str(Path(cfg.data.root).resolve())
     if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
@@ -89,10 +95,31 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
     return metrics
 
 
-def eval_teacher_3d(run_dir: Path, device="cpu") -> dict:
+def eval_teacher_3d(run_dir: Path, device="cpu", ckpt_name="last.pt") -> dict:
     """Val metrics of a teacher's 3D branch alone (no image): a point-only network of the student's family, trained
     inside the teacher (:func:`split_metrics` on the teacher's val split, cached beside its checkpoint)."""
-    return split_metrics(run_dir, None, device=device, branch_3d=True)
+    return split_metrics(run_dir, None, device=device, branch_3d=True, ckpt_name=ckpt_name)
+
+
+def teacher_heads(cfg, device="cpu"):
+    """``distill.teacher_head`` of a distilled student's ``cfg`` as a per-class list (True: the teacher's fused head
+    is the IHD target of that class, False: its 3D-branch head), None for ``fused``. ``classwise`` compares both
+    heads' per-class IoU on the teacher's val split (:func:`haskd.distill.ihd.classwise_heads`; the two
+    evaluations are cached beside the teacher's checkpoint) and logs which classes take the 3D branch."""
+    d = cfg.distill
+    if d.teacher_head == "fused" or not d.teacher_ckpt:
+        return None
+    if d.teacher_head == "3d":
+        return [False] * cfg.data.num_classes
+    run, name = Path(d.teacher_ckpt).parent, Path(d.teacher_ckpt).name
+    fused = split_metrics(run, device=device, ckpt_name=name)["per_class_iou"]
+    branch = eval_teacher_3d(run, device=device, ckpt_name=name)["per_class_iou"]
+    heads = classwise_heads(list(fused.values()), list(branch.values()))
+    names = [c for c, h in zip(fused, heads) if not h]
+    log.info("distill.teacher_head=classwise: the 3D branch's head for %s (val IoU above the "
+             "fused head's), the fused head for the other %d classes", ", ".join(names) or "no class",
+             len(heads) - len(names))
+    return heads
 
 
 def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", progress=False) -> dict:

@@ -21,6 +21,7 @@ from ..engine.checkpoint import init_weights, load_checkpoint
 from ..engine.trainer import seed_everything
 from ..errors import HaskdError
 from . import build as B
+from .runs import teacher_heads
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def _fit(cfg, out, model, datasets, device, main, ck, progress) -> dict:
     train_set = datasets["train"]
     sampler = B.train_sampler(cfg, train_set)
     per_epoch = B.steps_per_epoch(cfg, sampler)
-    trainer = B.build_trainer(cfg, model, datasets, device, cfg.train.epochs * per_epoch)
+    trainer = B.build_trainer(cfg, model, datasets, device, cfg.train.epochs * per_epoch,
+                              teacher_heads=teacher_heads(cfg, device))
     if trainer.amp_dtype is not None and main:
         log.info("mixed precision: autocast %s on %s%s", str(trainer.amp_dtype).replace("torch.", ""), device.type,
                  " with a gradient scaler" if trainer.scaler.is_enabled() else "")
