@@ -124,6 +124,9 @@ class TeacherConfig:
     fusion: str = "concat"               # concat: logits = head(mlp[f3d, f2d, vis]) | residual: 3D logits + head(...)
     overlap_branches: bool = True        # CPU: the image branch runs in a second thread beside the 3D branch (same
                                          # numbers; haskd/threads.py)
+    detach_3d: bool = False              # the 3D branch learns from its own CE only: the fusion reads its features
+                                         # and logits detached, so the images cannot make it lazier than a
+                                         # point-only network (ours)
 
 
 def _teacher_side(default):

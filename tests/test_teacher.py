@@ -180,3 +180,22 @@ def test_overlapped_branches_give_the_same_outputs_and_gradients(tiny_rooms):
         for n in ref[1]:
             assert torch.equal(ref[1][n], got[1][n]), n
         assert torch.equal(ref[2], got[2])
+
+
+def test_detach_3d_keeps_the_fused_loss_out_of_the_3d_branch(tiny_rooms):
+    """teacher.detach_3d: the same outputs, the fused head's loss reaches the fusion and the image branch but no
+    parameter of the 3D branch, which then learns from its own CE alone."""
+    ds = build_datasets(_cfg(tiny_rooms))["train"]
+    batch = collate([ds[0]])
+    outs, grads = {}, {}
+    for det in ("false", "true"):
+        torch.manual_seed(0)
+        model = build_from_config(_cfg(tiny_rooms, f"teacher.detach_3d={det}", "teacher.fusion=residual")).train()
+        out = model(batch)
+        out["logits"].square().mean().backward()  # the fused head's output only
+        outs[det] = out["logits"].detach()
+        grads[det] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.equal(outs["false"], outs["true"])
+    assert any(n.startswith("backbone.") for n in grads["false"])
+    assert not any(n.startswith("backbone.") and g.abs().sum() > 0 for n, g in grads["true"].items())
+    assert any(n.startswith("fusion.") for n in grads["true"]) and any(n.startswith("image_net.") for n in grads["true"])

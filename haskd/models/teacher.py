@@ -28,7 +28,8 @@ class MultiModalTeacher(nn.Module):
     features (the IHD feature target), ``logits_3d`` (N,C), ``visible`` (N,) float (1 = seen by some frame)."""
 
     def __init__(self, backbone: nn.Module, image_net: nn.Module, num_classes: int, hidden: int = 128,
-                 depth_tau: float = 0.1, fusion: str = "concat", overlap_branches: bool = True):
+                 depth_tau: float = 0.1, fusion: str = "concat", overlap_branches: bool = True,
+                 detach_3d: bool = False):
         super().__init__()
         if fusion not in ("concat", "residual"):
             raise HaskdError(f"teacher.fusion must be 'concat' or 'residual', got {fusion!r}")
@@ -48,6 +49,9 @@ class MultiModalTeacher(nn.Module):
         # on CPU the image branch runs in a second thread while the 3D branch runs here (haskd.threads): the same
         # numbers, about 13% less time a teacher step on 2 cores (docs/performance.md)
         self.overlap_branches = overlap_branches
+        # teacher.detach_3d (ours): the fused head reads the 3D branch without sending gradients into it, so the
+        # branch trains as the point-only network it would be alone (its own CE only) and the images add on top
+        self.detach_3d = detach_3d
 
     @classmethod
     def from_config(cls, cfg, backbone, pretrained: bool = True):
@@ -62,13 +66,13 @@ class MultiModalTeacher(nn.Module):
                                  pretrained=t.image_pretrained if pretrained else "",
                                  out_indices=t.image_out_indices or None)
             return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
-                       t.overlap_branches)
+                       t.overlap_branches, t.detach_3d)
         image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
                               num_classes=num_2d)
         if t.image_weights and pretrained:
             image_net.load_pretrained(t.image_weights)
         return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
-                       t.overlap_branches)
+                       t.overlap_branches, t.detach_3d)
 
     def photometric_jitter(self, batch):
         """``(gain, bias)``, each (V, 1, 1, 1), for the batch's V training images, or None (evaluation, no frames):
@@ -132,10 +136,11 @@ class MultiModalTeacher(nn.Module):
         f2d, logits_2d = lifted[:, :c2d], lifted[:, c2d:]
         visf = vis.to(f2d.dtype)[:, None]
         f2d = f2d * visf + self.unseen[None] * (1 - visf)
-        h = self.fusion(torch.cat([out3["feat"], f2d, visf], 1))
+        f3, z3 = (out3["feat"].detach(), out3["logits"].detach()) if self.detach_3d else (out3["feat"], out3["logits"])
+        h = self.fusion(torch.cat([f3, f2d, visf], 1))
         logits = self.classifier(h)
         if self.fusion_mode == "residual":
-            logits = logits + out3["logits"]
+            logits = logits + z3
         out = {"logits": logits, "feat": h, "logits_3d": out3["logits"], "visible": vis.float()}
         if logits_2d.shape[1]:
             out["logits_2d"] = logits_2d  # image-branch logits lifted onto the voxels (mean over views)
