@@ -336,6 +336,9 @@ def _check_teacher(cfg: Config, source: str):
                          f"got {t.image_out_indices!r}")
     if t.image_out_indices and not t.image_encoder:
         raise HaskdError(f"{source}: teacher.image_out_indices needs teacher.image_encoder")
+    if t.detach_3d and t.loss_3d <= 0:
+        raise HaskdError(f"{source}: teacher.detach_3d needs teacher.loss_3d > 0 (detached, the 3D branch learns "
+                         "from its own cross-entropy only)")
 
 
 def from_dict(d: dict, source: str = "config") -> Config:

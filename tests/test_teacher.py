@@ -1,7 +1,9 @@
-"""Teacher options: residual fusion and training on random frames from a per-scene pool."""
+"""Teacher options: residual fusion, a detached 3D branch, training on random frames from a per-scene pool."""
+import pytest
 import torch
 
 from haskd.config import load_config
+from haskd.errors import HaskdError
 from haskd.data.transforms import collate
 from haskd.workflow.build import build_datasets
 from haskd.models import build_from_config
@@ -199,3 +201,5 @@ def test_detach_3d_keeps_the_fused_loss_out_of_the_3d_branch(tiny_rooms):
     assert any(n.startswith("backbone.") for n in grads["false"])
     assert not any(n.startswith("backbone.") and g.abs().sum() > 0 for n, g in grads["true"].items())
     assert any(n.startswith("fusion.") for n in grads["true"]) and any(n.startswith("image_net.") for n in grads["true"])
+    with pytest.raises(HaskdError, match="teacher.detach_3d needs teacher.loss_3d"):
+        _cfg(tiny_rooms, "teacher.detach_3d=true", "teacher.loss_3d=0")
