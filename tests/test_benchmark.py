@@ -170,13 +170,14 @@ def test_train_step_benchmark_times_mixed_precision_against_float32(tiny_rooms, 
 
 
 def _spy_run_step(monkeypatch):
-    """Record ``(trainer id, task class)`` of every ``Trainer.run_step`` call, then run the real step."""
+    """Record ``(trainer, task class)`` of every ``Trainer.run_step`` call, then run the real step. The trainer itself
+    is kept, not its ``id``: a collected trainer's id can be reused by the next one (the test once failed so)."""
     from haskd.engine.trainer import Trainer
 
     calls, real = [], Trainer.run_step
 
     def spy(self, batch):
-        calls.append((id(self), type(self.task).__name__))
+        calls.append((self, type(self.task).__name__))
         return real(self, batch)
 
     monkeypatch.setattr(Trainer, "run_step", spy)
@@ -193,8 +194,8 @@ def test_train_step_benchmark_times_the_trainers_run_step(tiny_rooms, ckpts, tmp
     rows = [k for k, v in json.loads(out.read_text())["train_step"].items() if "median" in v]
     assert rows == ["baseline", "haskd_cached", "haskd_online"]
     per_trainer = {}
-    for tid, kind in calls:
-        per_trainer.setdefault(tid, []).append(kind)
+    for trainer, kind in calls:  # the list holds every trainer, so no two share an id
+        per_trainer.setdefault(id(trainer), []).append(kind)
     kinds = sorted(ks[0] for ks in per_trainer.values())
     assert len(per_trainer) == 2 * len(rows) and all(len(ks) == 2 for ks in per_trainer.values())
     assert kinds == ["DistillTask"] * 4 + ["SegmentationTask"] * 2
