@@ -15,6 +15,7 @@ from ..distill.ihd import classwise_heads
 from ..engine.checkpoint import load_checkpoint, load_model
 from ..engine.evaluate import evaluate
 from ..errors import HaskdError, InputError
+from ..io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_poli
     ds = build_datasets(cfg, splits=("val",))["val"]
     metrics = evaluate(model, ds, device, cfg.data.dataset)
     metrics["split"], metrics["data_root"] = split, where
-    path.write_text(json.dumps(metrics, indent=1))
+    write_text(path, json.dumps(metrics, indent=1))  # atomic: DDP ranks may evaluate one teacher at once
     return metrics
 
 
@@ -160,5 +161,5 @@ def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progres
             return cached
     metrics = evaluate_ensemble(snaps, where, split, device, progress=progress)
     metrics["split"], metrics["data_root"] = split, where
-    path.write_text(json.dumps(metrics, indent=1))
+    write_text(path, json.dumps(metrics, indent=1))
     return metrics
