@@ -488,13 +488,15 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
                 heads=None) -> Path:
     """Teacher soft labels (+ features, visibility) per original point of every scene, once; ``heads``: the
     per-class head choice of ``distill.teacher_head`` (None: the fused head)."""
+    from .ihd import heads_tag
+
     def write(folder, i, scene):
         o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None,
                           heads=heads)
         write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
                           visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"))
 
-    logits = "teacher logits" if heads is None else "teacher heads " + "".join("f3"[not h] for h in heads)
+    logits = "teacher logits" if heads is None else "teacher heads " + heads_tag(heads)
     content = f"{logits}, {'features, ' * bool(feat)}visibility, image gain, image right"
     return _build(cache_dir, dataset.scenes, sources, content, "teacher soft labels", write)
 

@@ -26,7 +26,8 @@ import torch.nn as nn
 from .kd import (IHD_TRUST_MODES, IMAGE_TRUST_MODES, KD_TARGETS, TRUST_MODES, Projector, _check_choice,
                  class_balance, feature_loss, information_weights, kd_kl)
 
-__all__ = ["IHDLoss", "classwise_heads", "head_logits", "image_gain", "image_right", "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
+__all__ = ["IHDLoss", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right", "IHD_TRUST_MODES",
+           "IMAGE_TRUST_MODES", "TRUST_MODES"]
 
 
 def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torch.Tensor,
@@ -68,6 +69,12 @@ def head_logits(fused_logits: torch.Tensor, logits_3d: torch.Tensor, use_fused) 
     use = torch.as_tensor(use_fused, dtype=torch.bool, device=fused_logits.device)
     return torch.where(use, torch.log_softmax(fused_logits.detach().float(), -1),
                        torch.log_softmax(logits_3d.detach().float().to(fused_logits.device), -1))
+
+
+def heads_tag(use_fused) -> str:
+    """A per-class head choice as text, one letter a class (``f`` fused, ``3`` the 3D branch): it names the cache
+    folder of those targets and stamps its content."""
+    return "".join("f" if h else "3" for h in use_fused)
 
 
 def classwise_heads(fused_iou, iou_3d) -> list:

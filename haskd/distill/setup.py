@@ -20,7 +20,7 @@ from .asd import ASDLoss, iou_array, teacher_classes
 from .cache import (CacheReader, ViewHintReader, build_cache, build_expert_cache, build_hint_cache,
                     build_view_hint_cache, cache_dir_for)
 from .hints import HintLoss, hint_dims
-from .ihd import IHDLoss
+from .ihd import IHDLoss, heads_tag
 from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
 
 
@@ -63,7 +63,7 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
             kind = "teacher" + "_feat" * (d.feat_weight > 0) + (f"_labels{cfg.data.labeled_points}"
                                                                  if cfg.data.labeled_points else "")
             if teacher_heads is not None:  # distill.teacher_head
-                kind += "_head" + "".join("f3"[not h] for h in teacher_heads)
+                kind += "_head" + heads_tag(teacher_heads)
             teacher_cache = build_cache(teacher, view, tcfg, device, cache_dir_for(d.teacher_ckpt, cfg, kind),
                                         feat=d.feat_weight > 0, extra=_frames_of(view), topk=d.cache_topk,
                                         sources=[d.teacher_ckpt], heads=teacher_heads)
