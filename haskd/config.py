@@ -127,6 +127,11 @@ class TeacherConfig:
     detach_3d: bool = False              # the 3D branch learns from its own CE only: the fusion reads its features
                                          # and logits detached, so the images cannot make it lazier than a
                                          # point-only network (ours)
+    init_3d: str = ""                    # start the 3D branch from a point-only checkpoint (a student's last.pt; in
+                                         # `haskd pipeline`, "baseline" = the run's own baseline, trained first)
+    freeze_3d: bool = False              # keep the 3D branch as loaded (needs init_3d): no gradients, BatchNorm
+                                         # statistics kept; the fused head learns what the images add to a point-only
+                                         # network trained alone (ours)
 
 
 def _teacher_side(default):
@@ -339,6 +344,9 @@ def _check_teacher(cfg: Config, source: str):
     if t.detach_3d and t.loss_3d <= 0:
         raise HaskdError(f"{source}: teacher.detach_3d needs teacher.loss_3d > 0 (detached, the 3D branch learns "
                          "from its own cross-entropy only)")
+    if t.freeze_3d and not t.init_3d:
+        raise HaskdError(f"{source}: teacher.freeze_3d needs teacher.init_3d (a point-only checkpoint to keep; "
+                         "frozen at random, the 3D branch would know nothing)")
 
 
 def from_dict(d: dict, source: str = "config") -> Config:

@@ -903,3 +903,48 @@ def test_teacher_head_targets_come_from_the_chosen_heads(pipeline_run, tiny_room
     cw = "".join("f3"[not h] for h in heads["classwise"])
     assert {"soft_labels_teacher_train_v0.1", f"soft_labels_teacher_head{'3' * 20}_train_v0.1",
             f"soft_labels_teacher_head{cw}_train_v0.1"} <= {p.name for p in teacher.parent.glob("soft_labels_*")}
+
+
+def test_teacher_keeps_the_baseline_as_its_frozen_3d_branch(pipeline_run, tiny_rooms, tmp_path, capsys):
+    """teacher.init_3d=baseline + teacher.freeze_3d: the pipeline trains its baseline first and the teacher's 3D
+    branch is that network, tensor for tensor (BatchNorm statistics included) after the teacher's epochs, so its 3D
+    head is the baseline's; the fused head trains. Without the freeze the same start moves. A bad use is one line."""
+    import shutil
+
+    from haskd.cli import main
+    from haskd.errors import HaskdError
+    from haskd.workflow.pipeline import stage_configs
+
+    src, _ = pipeline_run
+    out = tmp_path / "pipe"
+    shutil.copytree(src / "baseline", out / "baseline")  # finished: the pipeline keeps it and starts from it
+    base = load_checkpoint(out / "baseline" / "last.pt")["state_dict"]
+    opts = [*PIPE, f"data.root={tiny_rooms}", "teacher.init_3d=baseline", "teacher.freeze_3d=true"]
+    cfg = load_config("scannet20_haskd", opts)
+    assert stage_configs(cfg, out)["teacher"].teacher.init_3d == str(out / "baseline" / "last.pt")
+    run_pipeline(cfg, out, variant={"asd": False}, progress=False, report=False)
+    t = load_checkpoint(out / "teacher" / "last.pt")["state_dict"]
+    assert all(torch.equal(t["backbone." + k], v) for k, v in base.items())
+    first = load_config("scannet20_haskd", [*opts[:-1], "train.epochs=1", "role=teacher",
+                                            f"teacher.init_3d={out / 'baseline' / 'last.pt'}"])
+    from haskd.workflow.train import train
+
+    train(first, tmp_path / "moving", progress=False)
+    moved = load_checkpoint(tmp_path / "moving" / "last.pt")["state_dict"]
+    assert not all(torch.equal(moved["backbone." + k], v) for k, v in base.items())
+    from haskd.engine.trainer import seed_everything
+    from haskd.models import build_from_config
+
+    seed_everything(cfg.train.seed)  # as train() does before it builds: the teacher's first weights
+    start = build_from_config(stage_configs(cfg, out)["teacher"]).state_dict()
+    fused = [k for k in t if k.startswith(("fusion.", "classifier."))]
+    assert fused and not any(torch.equal(t[k], start[k]) for k in fused)  # the fused head did train
+    with pytest.raises(HaskdError, match="drop --no-baseline"):
+        run_pipeline(cfg, tmp_path / "nob", with_baseline=False, progress=False, report=False)
+    with pytest.raises(HaskdError, match="teacher.freeze_3d needs teacher.init_3d"):
+        load_config("scannet20_haskd", [*PIPE, "teacher.freeze_3d=true"])
+    rc = main(["train", "--config", "scannet20_haskd", "--data", str(tiny_rooms), "--out", str(tmp_path / "cli"),
+               *[o for o in opts if not o.startswith("data.root")], "role=teacher"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "teacher.init_3d=baseline names the pipeline's own baseline run" in err
+    assert "Traceback" not in err and not (tmp_path / "cli").exists()

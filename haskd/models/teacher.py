@@ -5,6 +5,7 @@ Training only: at inference HAS-KD runs the point-only student. See METHOD.md "T
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -29,7 +30,7 @@ class MultiModalTeacher(nn.Module):
 
     def __init__(self, backbone: nn.Module, image_net: nn.Module, num_classes: int, hidden: int = 128,
                  depth_tau: float = 0.1, fusion: str = "concat", overlap_branches: bool = True,
-                 detach_3d: bool = False):
+                 detach_3d: bool = False, freeze_3d: bool = False):
         super().__init__()
         if fusion not in ("concat", "residual"):
             raise HaskdError(f"teacher.fusion must be 'concat' or 'residual', got {fusion!r}")
@@ -52,6 +53,12 @@ class MultiModalTeacher(nn.Module):
         # teacher.detach_3d (ours): the fused head reads the 3D branch without sending gradients into it, so the
         # branch trains as the point-only network it would be alone (its own CE only) and the images add on top
         self.detach_3d = detach_3d
+        # teacher.freeze_3d (ours): the 3D branch is a point-only network trained alone (teacher.init_3d) and stays
+        # so: no gradients, BatchNorm in eval mode. Its head is that network's; the fused head learns only what the
+        # images add to it. (It also saves the 3D branch's backward pass.)
+        self.freeze_3d = freeze_3d
+        if freeze_3d:
+            backbone.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg, backbone, pretrained: bool = True):
@@ -66,13 +73,19 @@ class MultiModalTeacher(nn.Module):
                                  pretrained=t.image_pretrained if pretrained else "",
                                  out_indices=t.image_out_indices or None)
             return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
-                       t.overlap_branches, t.detach_3d)
+                       t.overlap_branches, t.detach_3d, t.freeze_3d)
         image_net = ImageUNet(3, t.image_channels, tuple(t.image_widths), stem_stride=t.image_stem_stride,
                               num_classes=num_2d)
         if t.image_weights and pretrained:
             image_net.load_pretrained(t.image_weights)
         return cls(backbone, image_net, cfg.data.num_classes, t.fusion_hidden, t.depth_tau, t.fusion,
-                       t.overlap_branches, t.detach_3d)
+                       t.overlap_branches, t.detach_3d, t.freeze_3d)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_3d:
+            self.backbone.eval()  # frozen: its BatchNorm statistics stay those it was trained with
+        return self
 
     def photometric_jitter(self, batch):
         """``(gain, bias)``, each (V, 1, 1, 1), for the batch's V training images, or None (evaluation, no frames):
@@ -130,7 +143,8 @@ class MultiModalTeacher(nn.Module):
         jitter = self.photometric_jitter(batch)
         overlap = self.overlap_branches and batch["world"].device.type == "cpu"
         images = submit(self.lift_images, batch, jitter) if overlap else None
-        out3 = self.backbone(batch)
+        with torch.no_grad() if self.freeze_3d else contextlib.nullcontext():
+            out3 = self.backbone(batch)
         lifted, vis = images.result() if overlap else self.lift_images(batch, jitter)
         c2d = self.image_net.out_channels
         f2d, logits_2d = lifted[:, :c2d], lifted[:, c2d:]

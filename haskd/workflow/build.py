@@ -19,6 +19,7 @@ import torch
 from ..config import Config, check_run
 from ..data.dataset import SceneDataset, split_state
 from ..engine import distributed as dist_utils
+from ..engine.checkpoint import init_weights
 from ..engine.tasks import SegmentationTask, TeacherTask, WithLovasz
 from ..engine.trainer import Trainer, autocast_dtype
 from ..errors import HaskdError, InputError
@@ -143,15 +144,22 @@ def build_task(cfg: Config, model, device, datasets, teacher_heads=None):
     return WithLovasz(task, cfg.train.lovasz_weight) if cfg.train.lovasz_weight > 0 else task
 
 
-def warm_start_path(cfg: Config) -> str:
-    """Checkpoint the run starts from: ``train.init``, else the teacher with ``distill.init_from_teacher``."""
-    if cfg.train.init:
-        return cfg.train.init
-    if cfg.role == "student" and cfg.distill.init_from_teacher:
+def warm_start(cfg: Config, model) -> None:
+    """Start ``model`` from the checkpoints its config names: ``train.init`` (else the teacher, with
+    ``distill.init_from_teacher``) for the whole network, and, for a teacher, ``teacher.init_3d`` for its 3D branch
+    (a point-only checkpoint; "baseline" is resolved by ``haskd pipeline``, which trains its own baseline first)."""
+    c = cfg.train.init
+    if not c and cfg.role == "student" and cfg.distill.init_from_teacher:
         if not cfg.distill.teacher_ckpt:
             raise HaskdError("distill.init_from_teacher needs distill.teacher_ckpt")
-        return cfg.distill.teacher_ckpt
-    return ""
+        c = cfg.distill.teacher_ckpt
+    if c:
+        init_weights(model, c)
+    if cfg.role == "teacher" and cfg.teacher.init_3d:
+        if cfg.teacher.init_3d == "baseline":
+            raise HaskdError("teacher.init_3d=baseline names the pipeline's own baseline run (haskd pipeline / "
+                             "ablate); with haskd train give a checkpoint, e.g. teacher.init_3d=runs/baseline/last.pt")
+        init_weights(model.backbone, cfg.teacher.init_3d)
 
 
 # ------------------------------------------------------------------------------------------------ optimization

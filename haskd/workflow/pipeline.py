@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import Config, point_only, save_config, with_teacher
 from ..engine.checkpoint import load_checkpoint, load_model
+from ..errors import HaskdError
 from .runs import ensemble_metrics, eval_teacher_3d, split_metrics, train_seconds
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,16 @@ log = logging.getLogger(__name__)
 STAGES = ("teacher", "baseline", "stage1", "experts", "student")
 
 
-def stage_configs(cfg: Config, out: Path, variant: dict = None) -> dict:
+def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path = None) -> dict:
     """Configs of the training stages. ``variant`` switches parts off for ablations:
-    ``ihd`` (bool), ``asd`` (bool), ``frame_policy`` (str)."""
+    ``ihd`` (bool), ``asd`` (bool), ``frame_policy`` (str). ``baseline``: the baseline run that
+    ``teacher.init_3d=baseline`` starts the teacher's 3D branch from (default ``out/baseline``)."""
     v = {"ihd": True, "asd": True, "frame_policy": cfg.teacher.frame_policy, **(variant or {})}
     teacher = point_only(cfg)
     teacher.role = "teacher"
     teacher.teacher.frame_policy = v["frame_policy"]
+    if cfg.teacher.init_3d == "baseline":
+        teacher.teacher.init_3d = str(Path(baseline or out / "baseline") / "last.pt")
     if cfg.teacher.model_preset:
         teacher.model.preset = cfg.teacher.model_preset
     if cfg.teacher.epochs:
@@ -70,7 +74,6 @@ def _baseline_child(cfg_dict: dict, run_dir: str) -> None:
     import sys
 
     from ..config import from_dict
-    from ..errors import HaskdError
 
     logging.basicConfig(level=logging.INFO, format="[baseline] %(message)s", stream=sys.stderr)
     try:
@@ -108,8 +111,6 @@ def _start_baseline_beside(cfg: Config, cfgs: dict, out: Path):
 
 
 def _join_baseline(proc) -> None:
-    from ..errors import HaskdError
-
     proc.join()
     if proc.exitcode != 0:
         raise HaskdError(f"the baseline stage failed in its own process (exit code {proc.exitcode}, its error is "
@@ -156,9 +157,15 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     save_config(cfg, out / "config.yaml")
     v = {"ihd": True, "asd": True, **(variant or {})}
     cfgs = stage_configs(cfg, out, v)
+    # teacher.init_3d=baseline: the teacher's 3D branch starts from this run's baseline, trained first
+    after_baseline = v["ihd"] and cfg.teacher.init_3d == "baseline"
+    if after_baseline and not with_baseline:
+        raise HaskdError("teacher.init_3d=baseline starts the teacher from the pipeline's own baseline: drop "
+                         "--no-baseline, or give teacher.init_3d a point-only checkpoint")
     # weights: epochs; a teacher epoch (images) and a student epoch are priced apart
-    plan = ([("teacher", cfgs["teacher"].train.epochs, "teacher")] if v["ihd"] else []) \
-        + ([("baseline", cfgs["baseline"].train.epochs, "student")] if with_baseline else []) \
+    first = [("teacher", cfgs["teacher"].train.epochs, "teacher")] if v["ihd"] else []
+    first += [("baseline", cfgs["baseline"].train.epochs, "student")] if with_baseline else []
+    plan = (first[::-1] if after_baseline else first) \
         + [("stage1", cfgs["stage1"].train.epochs, "student")] \
         + ([("experts", 0, "experts"), ("student", cfgs["student"].train.epochs, "student")] if v["asd"] else [])
     clock = StageClock(plan, started=started, logger=log if is_main() else None)
@@ -173,13 +180,15 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     summary = {"config": str(out / "config.yaml"), "variant": v}
     if v["ihd"]:  # the prepare step of frameless scenes: training never renders
         _render_views(cfg, progress)
-    beside = _start_baseline_beside(cfg, cfgs, out) if v["ihd"] and with_baseline else None
-    if v["ihd"]:
+    beside = _start_baseline_beside(cfg, cfgs, out) if v["ihd"] and with_baseline and not after_baseline else None
+    if v["ihd"] and not after_baseline:
         summary["teacher"] = _entry(out / "teacher", stage("teacher"))
     if beside is not None:
         _join_baseline(beside)
     if with_baseline:
         summary["baseline"] = _entry(out / "baseline", stage("baseline"))
+    if after_baseline:
+        summary["teacher"] = _entry(out / "teacher", stage("teacher"))
     if v["asd"]:
         stage1 = stage("stage1")
         exp = out / "stage1" / "experts.json"
@@ -284,7 +293,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         c.train.seed = seed
         d = out / f"seed{seed}"
         iof = stage_configs(c, d)
-        uni = stage_configs(c, d / "uniform", {"frame_policy": "uniform"})
+        uni = stage_configs(c, d / "uniform", {"frame_policy": "uniform"}, baseline=d / "baseline")
         dev = "cpu" if c.train.device in ("auto", "cpu") else c.train.device
         base_cfg = copy.deepcopy(iof["baseline"])
         base_cfg.train.snapshots = c.train.snapshots or 5

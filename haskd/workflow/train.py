@@ -17,7 +17,7 @@ import torch
 from ..config import Config
 from ..data.transforms import collate
 from ..engine import distributed as dist_utils
-from ..engine.checkpoint import init_weights, load_checkpoint
+from ..engine.checkpoint import load_checkpoint
 from ..engine.trainer import seed_everything
 from ..errors import HaskdError
 from . import build as B
@@ -70,6 +70,8 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
     # setting leaves no folder and no file.
     datasets = B.build_datasets(cfg, optional_val=True)
     model = B.build_model(cfg, pretrained=not resuming)  # a resumed run takes every weight from last.pt
+    if not resuming:
+        B.warm_start(cfg, model)  # reads its checkpoints here: a bad one leaves no run folder
     lock = None
     if main:
         make_dir(out)
@@ -93,9 +95,6 @@ def train(cfg: Config, out_dir, resume=False, progress: bool = True, return_mode
 def _fit(cfg, out, model, datasets, device, main, ck, progress) -> dict:
     """Build the trainer and its hooks for ``model`` (warm-started, or resumed from ``ck``) and run the epochs."""
     resume = ck is not None
-    init = B.warm_start_path(cfg)
-    if init and not resume:
-        init_weights(model, init)
     model = model.to(device)
     train_set = datasets["train"]
     sampler = B.train_sampler(cfg, train_set)
