@@ -71,6 +71,16 @@ def test_converged_preset_is_the_bench_preset_at_its_documented_size():
         load_config("synthetic_bench", size))
 
 
+def test_limited_annotation_preset_is_the_converged_preset_with_its_documented_changes():
+    """synthetic_converged_la500 repeats synthetic_converged's values (one level of _base_) but the four its
+    comments and docs/benchmarks.md 7d give: 500 labeled points a room, the frozen-baseline teacher, no hints."""
+    import dataclasses
+
+    diff = ["data.labeled_points=500", "teacher.init_3d=baseline", "teacher.freeze_3d=true", "distill.hint_weight=0"]
+    assert dataclasses.asdict(load_config("synthetic_converged_la500")) == dataclasses.asdict(
+        load_config("synthetic_converged", diff))
+
+
 def test_ablate_seed_lists():
     import argparse
 
