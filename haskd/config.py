@@ -236,7 +236,7 @@ CHOICES = {
     "teacher.frame_policy": ("iof", "uniform", "random"),
     "teacher.train_frames": ("selected", "random"),
     "teacher.fusion": ("concat", "residual"),
-    "distill.trust": ("hard", "soft", "none", "image", "image_soft"),
+    "distill.trust": ("hard", "soft", "none", "image", "image_soft", "image_shift"),
     "distill.asd_trust": ("hard", "soft", "none"),
     "distill.kd_target": ("full", "nontarget"),
     "distill.ihd_norm": ("weights", "points"),

@@ -342,4 +342,23 @@ def test_image_right_cached_per_point_and_averaged_onto_voxels(tmp_path):
     assert cached.item() == pytest.approx(online.item(), rel=1e-2, abs=1e-3)
     # a cache written without it keeps its manifest as before
     write_scene_cache(tmp_path / "old", "s", t_vox[inverse], topk=c)
-    assert "has_image_right" not in read_manifest(tmp_path / "old")
+    assert "has_image_right" not in read_manifest(tmp_path / "old") and "has_shift" not in read_manifest(
+        tmp_path / "old")
+
+
+def test_image_shift_cached_per_point_in_float16(tmp_path):
+    """trust=image_shift in cached mode: the label-free rule stored per point (float16) and averaged back onto the
+    voxels, within float16 rounding of the online value."""
+    from haskd.distill.ihd import image_shift
+
+    g = torch.Generator().manual_seed(4)
+    inverse, n_vox = _voxelize()
+    t_vox, z3_vox = torch.randn(n_vox, 4, generator=g) * 3, torch.randn(n_vox, 4, generator=g) * 3
+    shift = image_shift(t_vox, z3_vox)
+    write_scene_cache(tmp_path, "s", t_vox[inverse], topk=4, shift=shift[inverse])
+    assert read_manifest(tmp_path)["has_shift"] is True
+    e = load_scene_cache(tmp_path, "s", expected_points=inverse.numel())
+    assert e["shift"].dtype == np.float16 and e["shift"].shape == (inverse.numel(),)
+    assert torch.allclose(gather_to_voxels(e["shift"], inverse, n_vox).float(), shift, atol=1e-3)
+    with pytest.raises(ValueError, match="shift must be"):
+        write_scene_cache(tmp_path / "bad", "s", t_vox[inverse], shift=shift)

@@ -350,11 +350,37 @@ def test_image_trust_weights_hand_values():
         IHDLoss(2, 2, trust="images")
 
 
+def test_image_shift_hand_values_and_weights():
+    """trust=image_shift: the weight is the total-variation distance between the fused and 3D-branch heads' softmax,
+    labels or none (times visibility); the logit term is the weighted mean of the KL."""
+    from haskd.distill.ihd import image_shift
+
+    fused = torch.tensor([[LN3, 0.0], [LN3, 0.0], [0.0, 0.0], [LN3, 0.0]])  # p(0) = 0.75, 0.75, 0.5, 0.75
+    three = torch.tensor([[0.0, LN3], [LN3, 0.0], [0.0, 0.0], [0.0, 0.0]])  # p(0) = 0.25, 0.75, 0.5, 0.5
+    shift = image_shift(fused, three)
+    # 0.5 * (|0.75 - 0.25| + |0.25 - 0.75|) = 0.5; equal heads 0; point 3: 0.5 * (0.25 + 0.25) = 0.25
+    assert shift.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.25], abs=1e-6)
+    labels = torch.tensor([-1, 0, -1, 1])  # unlabeled or not, wrong or right: the rule ignores labels
+    vis = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    w = information_weights(fused, labels, vis, trust="image_shift", image=shift)
+    assert w.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0], abs=1e-6)  # point 3 unseen
+    # the loss reads "shift" from the teacher dict; only point 0 weighs: the KL of the 0.75 target at tau 2 there
+    s = {"logits": torch.zeros(4, 2)}
+    t = {"logits": 2 * fused, "visible": torch.ones(4), "shift": shift}
+    loss = IHDLoss(2, 2, tau=2.0, trust="image_shift", feat_weight=0)(s, t, labels)["ihd_logit"].item()
+    kl = [KD_075_TAU2, KD_075_TAU2, 0.0, KD_075_TAU2]  # per point, the tau^2-scaled KL (point 2's target is flat)
+    assert loss == pytest.approx((0.5 * kl[0] + 0.25 * kl[3]) / 0.75, rel=1e-5)
+    assert IHDLoss(4, 4, feat_weight=0, trust="image_shift").target_keys == {"visible", "shift"}
+    with pytest.raises(ValueError, match="shift"):
+        IHDLoss(2, 2, trust="image_shift")(s, {"logits": 2 * fused}, labels)
+
+
 def test_image_trust_is_a_closed_choice_of_distill_trust_only():
     from haskd.config import load_config
     from haskd.errors import HaskdError
 
     assert load_config("scannet20_haskd", ["distill.trust=image"]).distill.trust == "image"
     assert load_config("scannet20_haskd", ["distill.trust=image_soft"]).distill.trust == "image_soft"
+    assert load_config("scannet20_haskd", ["distill.trust=image_shift"]).distill.trust == "image_shift"
     with pytest.raises(HaskdError, match="asd_trust"):
         load_config("scannet20_haskd", ["distill.asd_trust=image"])

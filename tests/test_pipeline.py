@@ -771,8 +771,9 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
 
 
 def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
-    """distill.trust=image / image_soft through the real task: the cache holds the teacher's image rules per point
-    (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the online ones."""
+    """distill.trust=image / image_soft / image_shift through the real task: the cache holds the teacher's image
+    rules per point (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the
+    online ones."""
     from haskd.distill.cache import read_manifest
     from haskd.data.transforms import collate
     from haskd.distill.setup import build_distill_task
@@ -786,14 +787,17 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
     torch.manual_seed(0)
     student = build_from_config(cfg).eval()
     losses, rules = {}, {}
-    for trust in ("image", "image_soft"):
+    from haskd.distill.ihd import IMAGE_RULE_KEYS
+
+    for trust in ("image", "image_soft", "image_shift"):
         for cache in (True, False):
             cfg.distill.cache, cfg.distill.trust = cache, trust
             ds = build_datasets(cfg)
             torch.manual_seed(1)
             task = build_distill_task(student, cfg, "cpu", ds["train"]).eval()
             if cache:
-                assert read_manifest(task.targets["teacher"].cache.cache_dir)["has_image_right"] is True
+                manifest = read_manifest(task.targets["teacher"].cache.cache_dir)
+                assert manifest["has_image_right"] is True and manifest["has_shift"] is True
             sample = scene_sample(ds["train"].scenes[0], cfg.data.voxel_size, cfg.data.num_classes,
                                   cfg.data.use_normal)
             if not cache:
@@ -802,12 +806,14 @@ def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
             with torch.no_grad():
                 losses[trust, cache], _ = task(batch)
                 t = task.targets["teacher"](batch)
-                rules[trust, cache] = t["image_right" if trust == "image" else "gain"]
+                rules[trust, cache] = t[IMAGE_RULE_KEYS[trust]]
         # per point vs per voxel labels (a voxel of mixed classes) and float16 storage: close, not equal
         assert torch.allclose(rules[trust, True], rules[trust, False], atol=2e-2), trust
         for k in ("ihd_logit", "ihd_feat"):
             assert torch.allclose(losses[trust, True][k], losses[trust, False][k], rtol=2e-2, atol=2e-3), (trust, k)
     assert rules["image_soft", True].sum() > 0  # the images add something somewhere: the soft rule is not all 0
+    # no label in it: two heads that differ at all differ a little almost everywhere, unlike image_right's 0/1
+    assert (rules["image_shift", True] > 0).float().mean() > 0.5
 
 
 def test_ablate_row_flags_reach_the_seed_processes():

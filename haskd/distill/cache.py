@@ -13,6 +13,8 @@ Layout (our choice)::
                                    gain        (P,) float16          optional (what the images add, ihd.image_gain)
                                    image_right (P,) bool             optional (fused head right, 3D branch wrong,
                                                                      ihd.image_right)
+                                   shift       (P,) float16          optional (how far the images moved the
+                                                                     teacher's answer, ihd.image_shift)
                                    hint<l>     (N_l, D_l) float16    optional (per-level hints: the teacher's 3D
                                    hint_rows<l> (P,) int32             branch's level-l voxel features, and the
                                                                      level-l voxel of every point; l = 0..L-1)
@@ -115,7 +117,7 @@ def _ensure_manifest(cache_dir, settings: dict, stored: str = STORED) -> None:
 
 
 def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=None,
-                      topk: Optional[int] = None, gain=None, hints=None, image_right=None) -> Path:
+                      topk: Optional[int] = None, gain=None, hints=None, image_right=None, shift=None) -> Path:
     """Store one scene's frozen outputs; returns the ``.npz`` path.
 
     logits: (..., P, C) per original point (torch or numpy; e.g. (P, C) teacher, (M, P, C) experts).
@@ -161,6 +163,11 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
         if r.shape[0] != p:
             raise ValueError(f"image_right must be ({p},), got {tuple(r.shape)}")
         arrays["image_right"] = (r > 0).numpy()
+    if shift is not None:
+        g = _as_tensor(shift).detach().float().cpu().reshape(-1)
+        if g.shape[0] != p:
+            raise ValueError(f"shift must be ({p},), got {tuple(g.shape)}")
+        arrays["shift"] = g.numpy().astype(np.float16)
     hint_dims = None
     if hints is not None:
         hint_dims = []
@@ -175,6 +182,8 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
                 "has_visible": visible is not None, "has_gain": gain is not None}
     if image_right is not None:  # only then: caches without it keep their manifest as it was
         settings["has_image_right"] = True
+    if shift is not None:
+        settings["has_shift"] = True
     if hint_dims is not None:
         settings["hint_dims"] = hint_dims
     _ensure_manifest(cache_dir, settings)
@@ -225,7 +234,7 @@ def load_scene_cache(cache_dir, scene_name: str, expected_points: Optional[int] 
 
     Returns numpy arrays ``{"topk_logits": (..., P, k) float16, "topk_index": (..., P, k) int16,
     "num_classes": int, "feat": (P, D) float16 (if stored), "visible": (P,) bool (if stored),
-    "gain": (P,) float16 (if stored), "image_right": (P,) bool (if stored)}``.
+    "gain": (P,) float16 (if stored), "image_right": (P,) bool (if stored), "shift": (P,) float16 (if stored)}``.
     Raises :class:`InputError` when the file is missing, broken, or (``expected_points``) stale.
     """
     manifest = read_manifest(cache_dir)
@@ -388,12 +397,12 @@ def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=
     model gives them, ``feat`` (P,D) and ``visible`` (P,). With ``hint_model`` (the teacher's 3D branch), also
     ``hints``: per level, its voxel features ``(N_l, D_l)`` and every point's level-l voxel ``(P,)``. With
     ``heads`` (a teacher's per-class head choice, :func:`haskd.distill.ihd.head_logits`), ``logits`` are those of
-    the chosen heads; the image rules (``gain``, ``image_right``) stay the fused head's."""
+    the chosen heads; the image rules (``gain``, ``image_right``, ``shift``) stay the fused head's."""
     from ..data.transforms import collate
     from ..engine.evaluate import scene_sample
     from ..engine.tasks import move_to
     from .hints import run_with_hints
-    from .ihd import head_logits, image_gain, image_right
+    from .ihd import head_logits, image_gain, image_right, image_shift
 
     sample = scene_sample(scene, cfg.data.voxel_size, cfg.data.num_classes, cfg.data.use_normal, angle=angle)
     if extra is not None:
@@ -414,10 +423,13 @@ def scene_outputs(model, scene, cfg, device, extra=None, hint_model=None, angle=
     if "visible" in out:
         res["visible"] = out["visible"][inv].cpu() > 0.5
         res["feat"] = out["feat"].float()[inv].cpu()
-    if "logits_3d" in out and scene.segment is not None:
-        z3, seg = out["logits_3d"].float()[inv].cpu(), torch.from_numpy(scene.segment)
-        res["gain"] = image_gain(res["logits"], z3, seg)
-        res["image_right"] = image_right(res["logits"], z3, seg) > 0
+    if "logits_3d" in out:
+        z3 = out["logits_3d"].float()[inv].cpu()
+        res["shift"] = image_shift(res["logits"], z3)
+        if scene.segment is not None:
+            seg = torch.from_numpy(scene.segment)
+            res["gain"] = image_gain(res["logits"], z3, seg)
+            res["image_right"] = image_right(res["logits"], z3, seg) > 0
     if heads is not None:
         res["logits"] = head_logits(out["logits"], out["logits_3d"], heads)[inv].cpu()
     return res
@@ -494,10 +506,11 @@ def build_cache(teacher, dataset, cfg, device, cache_dir, feat=True, extra=None,
         o = scene_outputs(teacher, scene, cfg, device, extra=(lambda s: extra(s, i)) if extra else None,
                           heads=heads)
         write_scene_cache(folder, scene.name, o["logits"], feat=o.get("feat") if feat else None,
-                          visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"))
+                          visible=o.get("visible"), topk=topk, gain=o.get("gain"), image_right=o.get("image_right"),
+                          shift=o.get("shift"))
 
     logits = "teacher logits" if heads is None else "teacher heads " + heads_tag(heads)
-    content = f"{logits}, {'features, ' * bool(feat)}visibility, image gain, image right"
+    content = f"{logits}, {'features, ' * bool(feat)}visibility, image gain, image right, image shift"
     return _build(cache_dir, dataset.scenes, sources, content, "teacher soft labels", write)
 
 
@@ -582,7 +595,7 @@ class CacheReader:
     ``tau``), and per batch the per-point rows are averaged onto the batch's (augmented, cropped) voxels through the
     point -> voxel ``inverse``: per point ``softmax(topk / tau)``, then the mean over the points of each voxel.
     ``keys``: the stored per-point targets besides the probabilities that the loss reads (``feat``, ``visible``,
-    ``gain``, ``image_right``); None = every one stored. The others are not averaged per batch."""
+    ``gain``, ``image_right``, ``shift``); None = every one stored. The others are not averaged per batch."""
 
     def __init__(self, cache_dir, num_classes: int, tau: float, keys=None):
         self.cache_dir = Path(cache_dir)
@@ -594,7 +607,7 @@ class CacheReader:
     def scene(self, name) -> dict:
         """One scene's cache as tensors, read once: the probabilities at ``tau`` (float16; the softmax is done here,
         not per batch), dense in class order when the cache kept every class, else top-k with their class ids; and
-        feat / visible / gain / image_right / hints when stored."""
+        feat / visible / gain / image_right / shift / hints when stored."""
         if name not in self._mem:
             c = load_scene_cache(self.cache_dir, name)
             p = torch.softmax(torch.from_numpy(c["topk_logits"]).float() / self.tau, -1)
@@ -604,7 +617,7 @@ class CacheReader:
                 t = {"dense": (d.permute(1, 0, 2) if d.dim() == 3 else d).contiguous().half()}
             else:
                 t = {"probs": p.half(), "index": idx.short()}
-            for k in ("feat", "visible", "gain", "image_right"):
+            for k in ("feat", "visible", "gain", "image_right", "shift"):
                 if k in c:
                     t[k] = torch.from_numpy(c[k])
             levels = sorted(int(k[4:]) for k in c if k.startswith("hint") and k[4:].isdigit())
@@ -615,8 +628,8 @@ class CacheReader:
         return self._mem[name]
 
     def voxels(self, batch) -> dict:
-        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain / image_right
-        when stored. Always computed in float32, outside any autocast of the training step (``optim.amp``)."""
+        """Per-voxel targets from the per-point cache: probs (..., N, C), and feat / visible / gain / image_right /
+        shift when stored. Always computed in float32, outside any autocast of the training step (``optim.amp``)."""
         with torch.autocast("cpu", enabled=False):
             return self._voxels_fp32(batch)
 
@@ -651,8 +664,9 @@ class CacheReader:
             out["feat"] = mean(cat["feat"]).to(dev)
         if "visible" in cat:
             out["visible"] = (mean(cat["visible"]) > 0.5).float().to(dev)
-        if "gain" in cat:
-            out["gain"] = mean(cat["gain"]).to(dev)
+        for k in ("gain", "shift"):
+            if k in cat:
+                out[k] = mean(cat[k]).to(dev)
         if "image_right" in cat:  # per voxel: the share of its points where only the images made the teacher right
             out["image_right"] = mean(cat["image_right"]).to(dev)
         return out

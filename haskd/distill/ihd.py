@@ -8,7 +8,8 @@ Our design (METHOD.md "IHD"; the paper's abstract gives only the idea). Per stud
 * information weights ``w_i = visible_i * trust_i`` (optionally ``* gain_i``, see :func:`image_gain`); both terms
   are normalised by ``sum(w)`` (by the batch's point count with ``distill.ihd_norm=points``, ours). The trust can
   also be what the images alone know (``trust="image"``: the fused head right where the teacher's 3D-branch head is
-  wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``).
+  wrong, :func:`image_right`; ``"image_soft"``: ``image_gain``; ``"image_shift"``: how far the images moved the
+  teacher's answer, :func:`image_shift`, the one rule that needs no label).
 * the target itself: the teacher's fused head (METHOD.md), its 3D-branch head, or per class the head that is better
   on val (``distill.teacher_head``, ours: :func:`head_logits`, :func:`classwise_heads`).
 
@@ -26,8 +27,11 @@ import torch.nn as nn
 from .kd import (IHD_TRUST_MODES, IMAGE_TRUST_MODES, KD_TARGETS, TRUST_MODES, Projector, _check_choice,
                  class_balance, feature_loss, information_weights, kd_kl)
 
-__all__ = ["IHDLoss", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right", "IHD_TRUST_MODES",
-           "IMAGE_TRUST_MODES", "TRUST_MODES"]
+__all__ = ["IHDLoss", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right", "image_shift",
+           "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
+
+# distill.trust -> the teacher's per-point image rule it reads (computed where the 3D-branch logits are)
+IMAGE_RULE_KEYS = {"image": "image_right", "image_soft": "gain", "image_shift": "shift"}
 
 
 def image_gain(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: torch.Tensor,
@@ -59,6 +63,22 @@ def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: tor
     right = fused_logits.detach().argmax(-1) == labels
     wrong_3d = logits_3d.detach().to(fused_logits.device).argmax(-1) != labels
     return (right & wrong_3d & (labels != ignore_index)).float()
+
+
+def image_shift(fused_logits: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
+    """How far the images moved the teacher's answer at a point: the total-variation distance
+    ``0.5 * sum_c |p_fused(c) - p_3d(c)|`` between its fused head and its own 3D-branch head at temperature 1, in
+    [0, 1]; labels play no part. ``(N, C), (N, C) -> (N,)`` float32, detached.
+
+    Ours (``distill.trust=image_shift``): :func:`image_right` and :func:`image_gain` need the label, so under
+    limited annotation (``data.labeled_points``) they are 0 on almost every point, and the points they keep already
+    have cross-entropy. This rule distils, on every point, as much as the images changed the teacher's
+    distribution. With a frozen-baseline 3D branch (``teacher.freeze_3d``) the 3D head is the point-only baseline,
+    so where the two heads agree the student would learn nothing from the teacher that training alone does not
+    give it, and where they differ the images told the teacher something."""
+    p_f = torch.softmax(fused_logits.detach().float(), -1)
+    p_3 = torch.softmax(logits_3d.detach().float().to(p_f.device), -1)
+    return 0.5 * (p_f - p_3).abs().sum(-1)
 
 
 def head_logits(fused_logits: torch.Tensor, logits_3d: torch.Tensor, use_fused) -> torch.Tensor:
@@ -97,7 +117,7 @@ class IHDLoss(nn.Module):
       teacher: ``{"logits": (N, C)}`` or ``{"probs": (N, C)}`` (see :func:`kd_kl`), optional
       ``"feat": (N, D_t) or None``, optional ``"visible": (N,)`` (None/absent = all visible), ``"gain": (N,)``
       (needed with ``image_gain`` and ``trust="image_soft"``), ``"image_right": (N,)`` (needed with
-      ``trust="image"``).
+      ``trust="image"``), ``"shift": (N,)`` (needed with ``trust="image_shift"``).
       labels: (N,) int64, ``ignore_index`` = unlabeled.
     Returns ``{"ihd_logit": logit_weight * L_logit, "ihd_feat": feat_weight * L_feat}``; ``ihd_feat`` is absent
     when the teacher gives no features or ``feat_weight == 0``; ``ihd_logit`` is absent when ``logit_weight == 0``.
@@ -129,10 +149,10 @@ class IHDLoss(nn.Module):
         keys = {"visible"}
         if self.feat_weight != 0:
             keys.add("feat")
-        if self.image_gain or self.trust == "image_soft":
+        if self.image_gain:
             keys.add("gain")
-        if self.trust == "image":
-            keys.add("image_right")
+        if self.trust in IMAGE_RULE_KEYS:
+            keys.add(IMAGE_RULE_KEYS[self.trust])
         return keys
 
     def forward(self, student_out: dict, teacher: dict, labels: torch.Tensor,
@@ -147,7 +167,7 @@ class IHDLoss(nn.Module):
             raise ValueError("teacher dict needs 'logits' or 'probs'")
         image = None
         if self.trust in IMAGE_TRUST_MODES:  # the per-point rule, computed where the 3D-branch logits were
-            key = "image_right" if self.trust == "image" else "gain"
+            key = IMAGE_RULE_KEYS[self.trust]
             image = teacher.get(key)
             if image is None:
                 raise ValueError(f"distill.trust={self.trust} needs the teacher's {key!r} (its 3D-branch head)")

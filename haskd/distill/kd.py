@@ -19,7 +19,8 @@ from ..config import CHOICES
 TRUST_MODES = CHOICES["distill.asd_trust"]
 IHD_TRUST_MODES = CHOICES["distill.trust"]
 # distill.trust only (ASD's experts have no 3D branch): distil where the images, not the points, made the teacher
-# right (:func:`haskd.distill.ihd.image_right`, :func:`haskd.distill.ihd.image_gain`)
+# right or moved its answer (:func:`haskd.distill.ihd.image_right`, :func:`haskd.distill.ihd.image_gain`,
+# :func:`haskd.distill.ihd.image_shift`)
 IMAGE_TRUST_MODES = tuple(m for m in IHD_TRUST_MODES if m not in TRUST_MODES)
 TARGET_KINDS = ("logits", "probs")
 
@@ -115,10 +116,11 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     (1 for unlabeled points), from ``softmax(logits)`` at temperature 1, or from the given probabilities when
     ``target_kind="probs"``. ``"none"``: 1. ``visible`` (bool or float, None = all visible) is the fraction
     of the point the teacher saw in images (0/1 per point, a fraction after averaging onto voxels).
-    ``"image"`` / ``"image_soft"`` (ours, distil only what the images know): the trust is ``image`` (N,), the
-    per-point rule computed from the teacher's fused and 3D-branch heads (:func:`haskd.distill.ihd.image_right`
-    for ``"image"``, :func:`haskd.distill.ihd.image_gain` for ``"image_soft"``; both 0 on unlabeled points), given
-    by the caller because the 3D branch's logits are not in ``teacher_logits``.
+    ``"image"`` / ``"image_soft"`` / ``"image_shift"`` (ours, distil only what the images know): the trust is
+    ``image`` (N,), the per-point rule computed from the teacher's fused and 3D-branch heads
+    (:func:`haskd.distill.ihd.image_right` for ``"image"``, :func:`haskd.distill.ihd.image_gain` for
+    ``"image_soft"``, both 0 on unlabeled points; :func:`haskd.distill.ihd.image_shift` for ``"image_shift"``, on
+    every point), given by the caller because the 3D branch's logits are not in ``teacher_logits``.
     """
     _check_choice("trust", trust, IHD_TRUST_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..engine.tasks import ce_loss
 from .asd import teacher_route
 from .hints import run_with_hints
-from .ihd import head_logits, image_gain, image_right
+from .ihd import head_logits, image_gain, image_right, image_shift
 
 LOSSES = ("ihd", "asd", "hint")  # registration order (the task's state dict and parameter order)
 SOURCES = {"ihd": "teacher", "asd": "experts", "hint": "hints"}
@@ -129,9 +129,10 @@ def frozen(model):
 
 
 class TeacherTargets:
-    """IHD's targets for a batch's voxels: ``{"probs", "feat", "visible", "gain", "image_right"}`` from ``cache`` (a
-    :class:`~haskd.distill.cache.CacheReader`; keys as stored), else ``{"logits", "feat", "visible", "gain",
-    "image_right"}`` from the frozen ``teacher`` run on the batch (which then needs the batch's frames)."""
+    """IHD's targets for a batch's voxels: ``{"probs", "feat", "visible", "gain", "image_right", "shift"}`` from
+    ``cache`` (a :class:`~haskd.distill.cache.CacheReader`; keys as stored), else ``{"logits", "feat", "visible",
+    "gain", "image_right", "shift"}`` from the frozen ``teacher`` run on the batch (which then needs the batch's
+    frames)."""
 
     def __init__(self, teacher=None, cache=None, heads=None):
         if teacher is None and cache is None:
@@ -147,7 +148,8 @@ class TeacherTargets:
                                                                                 self.heads)
         return {"logits": logits, "feat": out["feat"].float(), "visible": out["visible"],
                 "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"]),
-                "image_right": image_right(out["logits"], out["logits_3d"], batch["segment"])}
+                "image_right": image_right(out["logits"], out["logits_3d"], batch["segment"]),
+                "shift": image_shift(out["logits"], out["logits_3d"])}
 
 
 class ExpertTargets:
