@@ -148,26 +148,15 @@ def write_scene_cache(cache_dir, scene_name: str, logits, feat=None, visible=Non
             raise ValueError(f"feat must be ({p}, D), got {tuple(f.shape)}")
         feat_dim = int(f.shape[1])
         arrays["feat"] = f.numpy().astype(np.float16)
-    if visible is not None:
-        v = _as_tensor(visible).detach().cpu().reshape(-1)
-        if v.shape[0] != p:
-            raise ValueError(f"visible must be ({p},), got {tuple(v.shape)}")
-        arrays["visible"] = (v > 0).numpy() if v.dtype != torch.bool else v.numpy()
-    if gain is not None:
-        g = _as_tensor(gain).detach().float().cpu().reshape(-1)
-        if g.shape[0] != p:
-            raise ValueError(f"gain must be ({p},), got {tuple(g.shape)}")
-        arrays["gain"] = g.numpy().astype(np.float16)
-    if image_right is not None:
-        r = _as_tensor(image_right).detach().cpu().reshape(-1)
-        if r.shape[0] != p:
-            raise ValueError(f"image_right must be ({p},), got {tuple(r.shape)}")
-        arrays["image_right"] = (r > 0).numpy()
-    if shift is not None:
-        g = _as_tensor(shift).detach().float().cpu().reshape(-1)
-        if g.shape[0] != p:
-            raise ValueError(f"shift must be ({p},), got {tuple(g.shape)}")
-        arrays["shift"] = g.numpy().astype(np.float16)
+    # per-point rules: bool (visibility, image_right) or float16 (gain, shift), one value a point
+    for name, x, flag in (("visible", visible, True), ("gain", gain, False), ("image_right", image_right, True),
+                          ("shift", shift, False)):
+        if x is None:
+            continue
+        t = _as_tensor(x).detach().cpu().reshape(-1)
+        if t.shape[0] != p:
+            raise ValueError(f"{name} must be ({p},), got {tuple(t.shape)}")
+        arrays[name] = (t > 0).numpy() if flag else t.float().numpy().astype(np.float16)
     hint_dims = None
     if hints is not None:
         hint_dims = []

@@ -84,7 +84,7 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
                                               views=d.hint_cache_views)
         else:  # the online teacher sees each training sample's frames
             train_set.frames = frames.load(train_set.scenes)
-            targets["teacher"] = TeacherTargets(teacher=teacher, heads=teacher_heads)
+            targets["teacher"] = TeacherTargets(teacher=teacher, heads=teacher_heads, keys=losses["ihd"].target_keys)
         if "hint" in losses:
             if hint_cache is None:
                 targets["hints"] = TeacherHints(backbone=teacher.backbone)

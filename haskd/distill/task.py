@@ -130,14 +130,15 @@ def frozen(model):
 
 class TeacherTargets:
     """IHD's targets for a batch's voxels: ``{"probs", "feat", "visible", "gain", "image_right", "shift"}`` from
-    ``cache`` (a :class:`~haskd.distill.cache.CacheReader`; keys as stored), else ``{"logits", "feat", "visible",
-    "gain", "image_right", "shift"}`` from the frozen ``teacher`` run on the batch (which then needs the batch's
-    frames)."""
+    ``cache`` (a :class:`~haskd.distill.cache.CacheReader`; keys as stored), else ``{"logits", "feat", "visible"}``
+    and the image rules in ``keys`` (None: all three) from the frozen ``teacher`` run on the batch (which then needs
+    the batch's frames)."""
 
-    def __init__(self, teacher=None, cache=None, heads=None):
+    def __init__(self, teacher=None, cache=None, heads=None, keys=None):
         if teacher is None and cache is None:
             raise ValueError("TeacherTargets needs a teacher or a cache")
         self.teacher, self.cache, self.heads = teacher, cache, heads  # heads: distill.teacher_head (cache: built in)
+        self.keys = None if keys is None else frozenset(keys)  # online: the image rules the loss reads (None: all)
 
     @torch.no_grad()
     def __call__(self, batch) -> dict:
@@ -146,10 +147,12 @@ class TeacherTargets:
         out = self.teacher(batch)
         logits = out["logits"].float() if self.heads is None else head_logits(out["logits"], out["logits_3d"],
                                                                                 self.heads)
-        return {"logits": logits, "feat": out["feat"].float(), "visible": out["visible"],
-                "gain": image_gain(out["logits"], out["logits_3d"], batch["segment"]),
-                "image_right": image_right(out["logits"], out["logits_3d"], batch["segment"]),
-                "shift": image_shift(out["logits"], out["logits_3d"])}
+        res = {"logits": logits, "feat": out["feat"].float(), "visible": out["visible"]}
+        rules = {"gain": lambda: image_gain(out["logits"], out["logits_3d"], batch["segment"]),
+                 "image_right": lambda: image_right(out["logits"], out["logits_3d"], batch["segment"]),
+                 "shift": lambda: image_shift(out["logits"], out["logits_3d"])}
+        res.update({k: rule() for k, rule in rules.items() if self.keys is None or k in self.keys})
+        return res
 
 
 class ExpertTargets:
