@@ -171,6 +171,9 @@ class DistillConfig:
     asd_trust: str = "none"              # none (METHOD.md) | hard | soft: gate ASD by the expert's correctness (ours)
     teacher_expert: bool = _teacher_side(False)  # the teacher joins the expert pool: one logit source per class (ours)
     init_from_teacher: bool = _teacher_side(False)  # start the student from the teacher's 3D branch (ours)
+    kd_fade: str = "none"                # none (METHOD.md) | linear | cosine: every distillation term fades from
+                                         # weight 1 to 0 over the run (ours; haskd/distill/fade.py)
+    kd_fade_end: float = 1.0             # the fraction of the run at which the faded weight reaches 0
     cache: bool = True                   # cached soft labels (else online teacher/expert forward)
     cache_topk: int = 20
 
@@ -242,6 +245,7 @@ CHOICES = {
     "distill.ihd_norm": ("weights", "points"),
     "distill.teacher_head": ("fused", "3d", "classwise"),
     "distill.asd_unlabeled": ("final", "skip"),
+    "distill.kd_fade": ("none", "linear", "cosine"),
 }
 
 
@@ -458,6 +462,8 @@ def check_config(cfg: Config) -> Config:
     positive("distill.tau", di.tau)
     for key in ("logit_weight", "feat_weight", "hint_weight", "asd_weight"):
         positive(f"distill.{key}", getattr(di, key), strict=False)
+    if not isinstance(di.kd_fade_end, (int, float)) or not 0 < di.kd_fade_end <= 1:
+        bad("distill.kd_fade_end", "must be in (0, 1]", di.kd_fade_end)
     for key in ("asd_topk", "cache_topk", "hint_cache_views"):
         if getattr(di, key) < 1:
             bad(f"distill.{key}", "must be at least 1", getattr(di, key))

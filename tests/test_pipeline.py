@@ -954,3 +954,21 @@ def test_teacher_keeps_the_baseline_as_its_frozen_3d_branch(pipeline_run, tiny_r
     err = capsys.readouterr().err
     assert rc != 0 and "teacher.init_3d=baseline names the pipeline's own baseline run" in err
     assert "Traceback" not in err and not (tmp_path / "cli").exists()
+
+
+def test_faded_kd_weight_reaches_the_run_and_bad_values_are_one_line_errors(pipeline_run, tiny_rooms, tmp_path):
+    """distill.kd_fade=linear through `haskd train`: each epoch's record holds the scale of its last step, 1 - s/S
+    for step s of S; a bad rule or end is refused when the config is read."""
+    from haskd.errors import HaskdError
+    from haskd.workflow.train import train
+
+    out, _ = pipeline_run
+    over = [*PIPE, f"data.root={tiny_rooms}", "train.snapshots=0", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}"]
+    train(load_config("scannet20_haskd", [*over, "distill.kd_fade=linear"]), tmp_path / "fade", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "fade" / "metrics.jsonl").read_text().splitlines()]
+    total = rows[-1]["step"]
+    assert [r["kd_scale"] for r in rows] == [pytest.approx(1 - (r["step"] - 1) / total) for r in rows]
+    with pytest.raises(HaskdError, match="kd_fade_end"):
+        load_config("scannet20_haskd", [*over, "distill.kd_fade=cosine", "distill.kd_fade_end=0"])
+    with pytest.raises(HaskdError, match="distill.kd_fade"):
+        load_config("scannet20_haskd", [*over, "distill.kd_fade=step"])

@@ -57,6 +57,7 @@ class DistillTask(nn.Module):
         for name in LOSSES:
             setattr(self, name, losses.get(name))
         self.targets = dict(targets)  # plain objects: frozen models inside are not registered
+        self.kd_scale = 1.0  # every distillation term times this (distill.kd_fade: haskd.distill.fade.KDFade)
 
     @property
     def losses(self) -> dict:
@@ -81,7 +82,7 @@ class DistillTask(nn.Module):
 
     def terms(self, batch, out, tap=None) -> dict:
         """The distillation terms (no CE) for the student's ``out`` on ``batch``: ``ihd_hint`` (needs ``tap``),
-        ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given. For a training loop that runs the student
+        ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given, each times :attr:`kd_scale`. For a training loop that runs the student
         itself (``examples/library_distill.py``). Targets in ``batch["ahead"]`` (:meth:`ahead`) are not computed
         again."""
         y = batch["segment"]
@@ -110,6 +111,8 @@ class DistillTask(nn.Module):
             losses.update(self.ihd(out, t, y, logit_mask=route))
         if ex is not None:
             losses.update(self.asd(out, ex, y, point_mask=None if route is None else 1.0 - route))
+        if self.kd_scale != 1.0:
+            losses = {k: v * self.kd_scale for k, v in losses.items()}
         return losses
 
     def forward(self, batch):

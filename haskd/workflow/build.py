@@ -250,13 +250,19 @@ def snapshot_schedule(cfg: Config) -> list:
                            cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)
 
 
-def build_hooks(cfg: Config, out, model, datasets, main: bool, progress: bool, best: float = -1.0) -> list:
+def build_hooks(cfg: Config, out, model, datasets, main: bool, progress: bool, best: float = -1.0,
+                total_steps: int = 0) -> list:
     """The run's hooks, in the order they run: progress, evaluation, metrics log, checkpoints, snapshots, epoch
-    line; a teacher's frame list first. Ranks other than the main one only evaluate (their shard)."""
+    line; a teacher's frame list first, a distilled student's fading KD weight (``distill.kd_fade``, over
+    ``total_steps``) before all. Ranks other than the main one only evaluate (their shard) and fade."""
     from ..engine import hooks as H
 
     epochs = cfg.train.epochs
     out_hooks = []
+    if cfg.role == "student" and cfg.distill.kd_fade != "none" and (cfg.distill.teacher_ckpt or cfg.distill.experts):
+        from ..distill.fade import KDFade
+
+        out_hooks.append(KDFade(cfg.distill.kd_fade, cfg.distill.kd_fade_end, total_steps))
     if main and cfg.role == "teacher":
         out_hooks.append(H.FrameList(out, [datasets["train"], datasets["val"]]))
     if main and progress:

@@ -120,7 +120,8 @@ def _fit(cfg, out, model, datasets, device, main, ck, progress) -> dict:
         start_epoch, best = int(ck["epoch"]), float(ck.get("best_miou", -1.0))
         if main:
             log.info("resumed from %s at epoch %d", out / "last.pt", start_epoch)
-    trainer.hooks = B.build_hooks(cfg, out, model, datasets, main, progress, best)
+    trainer.hooks = B.build_hooks(cfg, out, model, datasets, main, progress, best,
+                                  total_steps=cfg.train.epochs * per_epoch)
     trainer.step = start_epoch * per_epoch
 
     def loader_of_epoch(epoch):
