@@ -158,6 +158,8 @@ class DistillConfig:
     ihd_norm: str = "weights"            # IHD terms divided by: weights = sum of the information weights (METHOD.md)
                                          # | points = the batch's point count, so a rule that keeps few points
                                          # weighs as little as it covers (ours; for trust=image)
+    unlabeled_conf: float = 0.0          # > 0: IHD keeps an unlabeled point only where the teacher's top probability
+                                         # is at least this (0 = every point, METHOD.md; ours)
     teacher_head: str = _teacher_side("fused")  # the IHD target: fused = the teacher's output (METHOD.md) | 3d = its
                                          # 3D-branch head, points only (a control) | classwise = per class the head
                                          # with the higher val IoU (ours)
@@ -462,6 +464,8 @@ def check_config(cfg: Config) -> Config:
     positive("distill.tau", di.tau)
     for key in ("logit_weight", "feat_weight", "hint_weight", "asd_weight"):
         positive(f"distill.{key}", getattr(di, key), strict=False)
+    if not isinstance(di.unlabeled_conf, (int, float)) or not 0 <= di.unlabeled_conf < 1:
+        bad("distill.unlabeled_conf", "must be in [0, 1)", di.unlabeled_conf)
     if not isinstance(di.kd_fade_end, (int, float)) or not 0 < di.kd_fade_end <= 1:
         bad("distill.kd_fade_end", "must be in (0, 1]", di.kd_fade_end)
     for key in ("asd_topk", "cache_topk", "hint_cache_views"):

@@ -147,6 +147,28 @@ def test_information_weights_hard_soft_none():
         information_weights(logits, labels, visible, "maybe")
 
 
+def test_unlabeled_confidence_gate():
+    """distill.unlabeled_conf: an unlabeled point keeps its trust only where the target's top probability reaches
+    the threshold; labeled points are never gated."""
+    labels = torch.tensor([-1, -1, 0, -1])
+    logits = torch.tensor([
+        [5.0, 0.0, 0.0],            # unlabeled, top p = e^5 / (e^5 + 2) = 0.98670
+        [0.0, 0.0, 0.0],            # unlabeled, top p = 1/3
+        [0.0, 0.0, 0.0],            # labeled 0, p(label) = 1/3: kept, the label's trust rule decides
+        [LN3, 0.0, 0.0],            # unlabeled, top p = 3/5 = 0.6
+    ])
+    top0 = math.exp(5) / (math.exp(5) + 2)
+    assert information_weights(logits, labels, None, "none", unlabeled_conf=0.6).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert information_weights(logits, labels, None, "none", unlabeled_conf=0.9).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert information_weights(logits, labels, None, "none", unlabeled_conf=top0 + 1e-4).tolist() == [0, 0, 1, 0]
+    soft = information_weights(logits, labels, torch.tensor([1.0, 1.0, 0.5, 1.0]), "soft", unlabeled_conf=0.9)
+    assert soft.tolist() == pytest.approx([1.0, 0.0, 0.5 / 3, 0.0], abs=1e-6)
+    probs = torch.softmax(logits, -1)  # cached targets: the gate reads the probabilities as given
+    assert information_weights(probs, labels, None, "hard", target_kind="probs",
+                               unlabeled_conf=0.9).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert information_weights(logits, labels, None, "hard", unlabeled_conf=0.0).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
 def test_feature_loss_hand_value():
     a = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 0.0]])
     b = torch.tensor([[0.0, 2.0], [1.0, 0.0], [-1.0, 0.0]])

@@ -125,8 +125,10 @@ class IHDLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, tau: float = 2.0, logit_weight: float = 1.0,
                  feat_weight: float = 1.0, trust: str = "hard", ignore_index: int = -1, image_gain: bool = False,
-                 kd_target: str = "full", class_balance: bool = False, norm: str = "weights"):
+                 kd_target: str = "full", class_balance: bool = False, norm: str = "weights",
+                 unlabeled_conf: float = 0.0):
         super().__init__()
+        self.unlabeled_conf = float(unlabeled_conf)  # distill.unlabeled_conf: gate of the unlabeled points
         self.norm = norm  # distill.ihd_norm: what both terms are divided by (kd.weighted_mean)
         self.class_balance = bool(class_balance)
         _check_choice("kd_target", kd_target, KD_TARGETS)
@@ -172,7 +174,8 @@ class IHDLoss(nn.Module):
             if image is None:
                 raise ValueError(f"distill.trust={self.trust} needs the teacher's {key!r} (its 3D-branch head)")
         w = information_weights(t, labels, teacher.get("visible"), trust=self.trust,
-                                ignore_index=self.ignore_index, target_kind=kind, image=image)
+                                ignore_index=self.ignore_index, target_kind=kind, image=image,
+                                unlabeled_conf=self.unlabeled_conf)
         if self.image_gain:
             if teacher.get("gain") is None:
                 raise ValueError("distill.image_gain needs the teacher's 'gain' (its 3D-branch logits)")

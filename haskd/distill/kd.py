@@ -108,7 +108,7 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
 
 def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visible: Optional[torch.Tensor] = None,
                         trust: str = "hard", ignore_index: int = -1, target_kind: str = "logits",
-                        image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        image: Optional[torch.Tensor] = None, unlabeled_conf: float = 0.0) -> torch.Tensor:
     """Information-oriented weights ``w = visible * trust``: ``(N, C), (N,), (N,) -> (N,) float32``.
 
     ``trust="hard"``: 1 where the teacher's argmax equals the label or the point is unlabeled
@@ -121,6 +121,9 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     (:func:`haskd.distill.ihd.image_right` for ``"image"``, :func:`haskd.distill.ihd.image_gain` for
     ``"image_soft"``, both 0 on unlabeled points; :func:`haskd.distill.ihd.image_shift` for ``"image_shift"``, on
     every point), given by the caller because the 3D branch's logits are not in ``teacher_logits``.
+    ``unlabeled_conf`` > 0 (ours, ``distill.unlabeled_conf``): an unlabeled point keeps its weight only where the
+    target's top probability (temperature 1, as for ``"soft"``) is at least this, else 0; labeled points are not
+    gated (their trust rule sees the label).
     """
     _check_choice("trust", trust, IHD_TRUST_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)
@@ -144,6 +147,9 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     else:
         probs = target_distribution(t, 1.0, target_kind)
         tr = torch.where(unlabeled, torch.ones(n, device=t.device), probs.gather(1, safe[:, None])[:, 0])
+    if unlabeled_conf > 0:
+        sure = target_distribution(t, 1.0, target_kind).max(-1).values >= unlabeled_conf
+        tr = tr * (sure | ~unlabeled).float()
     if visible is None:
         return tr
     visible = visible.detach().to(t.device).float().reshape(-1)

@@ -40,7 +40,8 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
         frozen(teacher)
         losses["ihd"] = IHDLoss(student.feat_dim, teacher.feat_dim, tau=d.tau, logit_weight=d.logit_weight,
                                 feat_weight=d.feat_weight, trust=d.trust, image_gain=d.image_gain,
-                                kd_target=d.kd_target, class_balance=d.class_balance, norm=d.ihd_norm)
+                                kd_target=d.kd_target, class_balance=d.class_balance, norm=d.ihd_norm,
+                                unlabeled_conf=d.unlabeled_conf)
         from ..images.provider import FrameProvider
 
         if d.hint_weight > 0:
