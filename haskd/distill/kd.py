@@ -122,8 +122,8 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     ``"image_soft"``, both 0 on unlabeled points; :func:`haskd.distill.ihd.image_shift` for ``"image_shift"``, on
     every point), given by the caller because the 3D branch's logits are not in ``teacher_logits``.
     ``unlabeled_conf`` > 0 (ours, ``distill.unlabeled_conf``): an unlabeled point keeps its weight only where the
-    target's top probability (temperature 1, as for ``"soft"``) is at least this, else 0; labeled points are not
-    gated (their trust rule sees the label).
+    target's top probability (as for ``"soft"``: logits at temperature 1, probabilities as given) is at least this,
+    else 0; labeled points are not gated (their trust rule sees the label).
     """
     _check_choice("trust", trust, IHD_TRUST_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)
