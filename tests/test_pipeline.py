@@ -963,7 +963,8 @@ def test_faded_kd_weight_reaches_the_run_and_bad_values_are_one_line_errors(pipe
     from haskd.workflow.train import train
 
     out, _ = pipeline_run
-    over = [*PIPE, f"data.root={tiny_rooms}", "train.snapshots=0", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}"]
+    over = [*PIPE, f"data.root={tiny_rooms}", "train.snapshots=0",
+            f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}"]
     train(load_config("scannet20_haskd", [*over, "distill.kd_fade=linear"]), tmp_path / "fade", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "fade" / "metrics.jsonl").read_text().splitlines()]
     total = rows[-1]["step"]

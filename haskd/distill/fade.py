@@ -1,8 +1,9 @@
 """A distillation weight that fades over training (``distill.kd_fade``, ours; METHOD.md keeps it constant).
 
-Why: where the student trains to convergence, a constant KD term on every unlabeled point holds it to its teacher
-while CE alone keeps improving (docs/benchmarks.md 7d, E = 240). Fading the term lets the teacher shape the early
-epochs and the labels have the last word. Every distillation term fades together (``ihd_logit``, ``ihd_feat``,
+The idea: the teacher shapes the early epochs and the labels have the last word, for a student trained to
+convergence, where a constant KD term looked like what held it below the baseline (docs/benchmarks.md 7d, E = 240).
+Measured (7e): fading costs more than the constant weight, and once the term is gone cross-entropy does not undo
+what it did; kept as an option for that lesson. Every distillation term fades together (``ihd_logit``, ``ihd_feat``,
 ``ihd_hint``, ``asd``): :class:`KDFade` sets :attr:`haskd.distill.task.DistillTask.kd_scale` before each step.
 The terms are still computed at scale 0 (under DDP every projector must take part in each step's gradient).
 """

@@ -82,9 +82,9 @@ class DistillTask(nn.Module):
 
     def terms(self, batch, out, tap=None) -> dict:
         """The distillation terms (no CE) for the student's ``out`` on ``batch``: ``ihd_hint`` (needs ``tap``),
-        ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given, each times :attr:`kd_scale`. For a training loop that runs the student
-        itself (``examples/library_distill.py``). Targets in ``batch["ahead"]`` (:meth:`ahead`) are not computed
-        again."""
+        ``ihd_logit`` / ``ihd_feat``, ``asd``, for the losses given, each times :attr:`kd_scale`. For a training loop
+        that runs the student itself (``examples/library_distill.py``). Targets in ``batch["ahead"]`` (:meth:`ahead`)
+        are not computed again."""
         y = batch["segment"]
         pre = batch.get("ahead") or {}
         if not isinstance(pre, dict):
