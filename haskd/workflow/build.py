@@ -250,8 +250,8 @@ def snapshot_schedule(cfg: Config) -> list:
                            cycles=cfg.optim.cycles if cfg.optim.scheduler == "cyclic_cosine" else None)
 
 
-def build_hooks(cfg: Config, out, model, datasets, main: bool, progress: bool, best: float = -1.0,
-                total_steps: int = 0) -> list:
+def build_hooks(cfg: Config, out, model, datasets, main: bool, progress: bool, best: float = -1.0, *,
+                total_steps: int) -> list:
     """The run's hooks, in the order they run: progress, evaluation, metrics log, checkpoints, snapshots, epoch
     line; a teacher's frame list first, a distilled student's fading KD weight (``distill.kd_fade``, over
     ``total_steps``) before all. Ranks other than the main one only evaluate (their shard) and fade."""
