@@ -158,8 +158,8 @@ class DistillConfig:
     ihd_norm: str = "weights"            # IHD terms divided by: weights = sum of the information weights (METHOD.md)
                                          # | points = the batch's point count, so a rule that keeps few points
                                          # weighs as little as it covers (ours; for trust=image)
-    unlabeled_conf: float = 0.0          # > 0: IHD keeps an unlabeled point only where the teacher's top probability
-                                         # is at least this (0 = every point, METHOD.md; ours)
+    unlabeled_conf: float = 0.0          # > 0: IHD and ASD keep an unlabeled point only where their target's top
+                                         # probability is at least this (0 = every point, METHOD.md; ours)
     teacher_head: str = _teacher_side("fused")  # the IHD target: fused = the teacher's output (METHOD.md) | 3d = its
                                          # 3D-branch head, points only (a control) | classwise = per class the head
                                          # with the higher val IoU (ours)

@@ -240,6 +240,22 @@ def test_asd_class_balance_hand_value():
     assert m.item() == pytest.approx(0.75 * KD_075, rel=1e-6)
 
 
+def test_asd_unlabeled_confidence_gate():
+    """distill.unlabeled_conf (ours): an unlabeled point stays only where its expert target's top probability
+    reaches the threshold; labeled points are never gated."""
+    s, e, y, table = _toy()
+    # point 2 (unlabeled) -> expert 1 -> [.25, .75], top 0.75; point 1 (labeled) has a uniform target, top 0.5
+    ungated = 2 * KD_075 / 3
+    assert asd_loss(s, e, y, table, 2.0, "final", unlabeled_conf=0.7).item() == pytest.approx(ungated, rel=1e-6)
+    # at 0.8 point 2 leaves the sum and the normaliser: (0.52325 + 0) / 2; point 1 (0.5 < 0.8) stays
+    assert asd_loss(s, e, y, table, 2.0, "final", unlabeled_conf=0.8).item() == pytest.approx(KD_075 / 2, rel=1e-6)
+    m = ASDLoss(table, tau=2.0, unlabeled_conf=0.8)(s, e, y)["asd"]
+    assert m.item() == pytest.approx(KD_075 / 2, rel=1e-6)
+    # with the hard trust (labeled point 1's uniform target has argmax 0, not its label 1: dropped) only point 0 is left
+    v = asd_loss(s, e, y, table, 2.0, "final", trust="hard", unlabeled_conf=0.8)
+    assert v.item() == pytest.approx(KD_075, rel=1e-6)
+
+
 def _table(iou, teacher=None):
     t = {"iou": iou, "split": "val"}
     if teacher is not None:

@@ -975,8 +975,9 @@ def test_faded_kd_weight_reaches_the_run_and_bad_values_are_one_line_errors(pipe
         load_config("scannet20_haskd", [*over, "distill.kd_fade=step"])
 
 
-def test_unlabeled_conf_reaches_the_ihd_loss(pipeline_run, tiny_rooms):
-    """distill.unlabeled_conf goes from the config to the IHD weights (hand values in test_ihd.py)."""
+def test_unlabeled_conf_reaches_the_ihd_and_asd_losses(pipeline_run, tiny_rooms):
+    """distill.unlabeled_conf goes from the config to the IHD weights and the ASD loss (hand values in test_ihd.py
+    and test_asd.py)."""
     from haskd.distill.setup import build_distill_task
     from haskd.models import build_from_config
     from haskd.workflow.build import build_datasets
@@ -984,6 +985,7 @@ def test_unlabeled_conf_reaches_the_ihd_loss(pipeline_run, tiny_rooms):
     out, _ = pipeline_run
     cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "distill.cache=false",
                                           f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
+                                          f"distill.experts={out / 'stage1' / 'experts.json'}",
                                           "distill.unlabeled_conf=0.9"])
     task = build_distill_task(build_from_config(cfg), cfg, "cpu", build_datasets(cfg)["train"])
-    assert task.ihd.unlabeled_conf == 0.9
+    assert task.ihd.unlabeled_conf == 0.9 and task.asd.unlabeled_conf == 0.9

@@ -125,7 +125,7 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
              tau: float = 2.0, unlabeled: str = "final", final_pred: Optional[torch.Tensor] = None,
              target_kind: str = "logits", ignore_index: int = -1, trust: str = "none",
              kd_target: str = "full", point_mask: Optional[torch.Tensor] = None,
-             balance: bool = False) -> torch.Tensor:
+             balance: bool = False, unlabeled_conf: float = 0.0) -> torch.Tensor:
     """Adept snapshot distillation loss (scalar).
 
     student_logits: (N, C). expert_logits: (M, N, C) logits of the M snapshots on the same voxels
@@ -144,6 +144,9 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     points whose class the teacher supervises instead (:func:`teacher_route`); they leave the sum, not the
     normaliser (:func:`haskd.distill.kd.weighted_mean`). ``balance`` (ours, ``distill.class_balance``): each point
     also weighs :func:`haskd.distill.kd.class_balance` of its assigned class, so every class has the same share.
+    ``unlabeled_conf`` > 0 (ours, ``distill.unlabeled_conf``, the gate IHD has): an unlabeled point stays only where
+    its target (the experts' mixture, as distilled) has a top probability of at least this; it leaves the sum and
+    the normaliser, as a point of weight 0 does.
     Targets are detached: the experts are frozen and never receive gradients.
     """
     _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
@@ -198,6 +201,9 @@ def asd_loss(student_logits: torch.Tensor, expert_logits: torch.Tensor, labels: 
     if balance:  # over the used points' assigned classes, as the IHD term does over its own
         b = class_balance(cls, c)
         wts = b if wts is None else wts * b
+    if unlabeled_conf > 0:
+        sure = ((target.max(-1).values >= unlabeled_conf) | ~unl[rows]).float()
+        wts = sure if wts is None else wts * sure
     if wts is None and mask is None:
         return kl.mean()
     return weighted_mean(kl, wts, mask)
@@ -267,8 +273,10 @@ class ASDLoss(nn.Module):
     """
 
     def __init__(self, expert_table, tau: float = 2.0, weight: float = 1.0, unlabeled: str = "final",
-                 ignore_index: int = -1, trust: str = "none", kd_target: str = "full", class_balance: bool = False):
+                 ignore_index: int = -1, trust: str = "none", kd_target: str = "full", class_balance: bool = False,
+                 unlabeled_conf: float = 0.0):
         super().__init__()
+        self.unlabeled_conf = float(unlabeled_conf)
         self.class_balance = bool(class_balance)
         _check_choice("kd_target", kd_target, KD_TARGETS)
         self.kd_target = kd_target
@@ -296,7 +304,7 @@ class ASDLoss(nn.Module):
         loss = asd_loss(logits, experts, labels, {"indices": self.indices, "weights": self.weights},
                         tau=self.tau, unlabeled=self.unlabeled, final_pred=final_pred, target_kind=kind,
                         ignore_index=self.ignore_index, trust=self.trust, kd_target=self.kd_target,
-                        point_mask=point_mask, balance=self.class_balance)
+                        point_mask=point_mask, balance=self.class_balance, unlabeled_conf=self.unlabeled_conf)
         return {"asd": self.weight * loss}
 
 

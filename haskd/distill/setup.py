@@ -102,7 +102,7 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
         if d.teacher_expert and d.teacher_ckpt:  # ASD alone (no teacher): the pool is the snapshots
             routed = _teacher_classes(table, d)
         losses["asd"] = ASDLoss(sel, tau=d.tau, weight=d.asd_weight, unlabeled=d.asd_unlabeled, trust=d.asd_trust,
-                                kd_target=d.kd_target, class_balance=d.class_balance)
+                                kd_target=d.kd_target, class_balance=d.class_balance, unlabeled_conf=d.unlabeled_conf)
         if d.cache:
             expert_cache = build_expert_cache(experts, train_set, cfg, device, cache_dir_for(d.experts, cfg, "experts"),
                                               topk=d.cache_topk, sources=[d.experts, *snap_paths])
