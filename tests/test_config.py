@@ -81,6 +81,16 @@ def test_limited_annotation_preset_is_the_converged_preset_with_its_documented_c
         load_config("synthetic_converged", diff))
 
 
+def test_e240_preset_is_the_limited_annotation_preset_with_its_documented_changes():
+    """synthetic_converged_la500_e240 (docs/benchmarks.md 7f) differs from synthetic_converged_la500 only in the
+    epochs of every model, the validation interval and the confidence gate its comments give."""
+    import dataclasses
+
+    diff = ["train.epochs=240", "teacher.epochs=240", "train.eval_every=4", "distill.unlabeled_conf=0.99"]
+    assert dataclasses.asdict(load_config("synthetic_converged_la500_e240")) == dataclasses.asdict(
+        load_config("synthetic_converged_la500", diff))
+
+
 def test_ablate_seed_lists():
     import argparse
 
