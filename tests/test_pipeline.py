@@ -139,6 +139,16 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     ds = SceneDataset(tiny_rooms, "test", mcfg.data.num_classes, mcfg.data.voxel_size, use_normal=True)
     assert test["rows"]["HAS-KD"]["miou"][0] == pytest.approx(100 * evaluate(model, ds)["miou"])
     assert 0 <= test["teacher"]["teacher (IOF frames)"]["mean"] <= 100
+    # --split-data: the split's rooms from another root (here the val rooms, linked in as its "test"); the tables of
+    # the data's own splits stay, and each row is its checkpoint on those rooms
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "test").symlink_to(Path(tiny_rooms) / "val", target_is_directory=True)
+    more = run_ablation(cfg, tmp_path / "abl", seeds=(0,), progress=False, split="test", split_root=tmp_path / "more")
+    assert (tmp_path / "abl" / "ablation_test_more.md").read_text().startswith("| variant | test of more mIoU")
+    assert more["split_root"] == str((tmp_path / "more").resolve())
+    per_class = lambda t: [t[g][r]["per_class_iou"] for g in ("rows", "teacher") for r in t[g]]
+    assert per_class(more) == per_class(table) != per_class(test)
+    assert json.loads((tmp_path / "abl" / "ablation_test.json").read_text()) == test
     # the cached test metrics belong to these rooms: another root's "test" is not answered from them
     from haskd.errors import HaskdError
     from haskd.workflow.runs import split_metrics

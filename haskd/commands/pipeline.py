@@ -57,7 +57,7 @@ def register(sub):
         f"The ablation table over seeds (config default: {HASKD_PRESET}); finished runs are reused.\n\n"
         "Reads:  scene folders <DATA>/<split>/<scene>/ (with frames/ or rendered virtual views, cached).\n"
         "Writes: OUT/seed<S>/... run folders, OUT/ablation.md and OUT/ablation.json (ablation_<split>.* with\n"
-        "        --split); mIoU in percent.\n"
+        "        --split, ablation_<split>_<DIR>.* with --split-data DIR); mIoU in percent.\n"
         "Prints: the ablation table and the per-class table (mean +- std over seeds, percent)."))
     add_common(a, out_default="runs/ablate")
     a.add_argument("--seeds", type=_seed_list, default=(0, 1, 2),
@@ -66,6 +66,10 @@ def register(sub):
     a.add_argument("--split", default=None,
                    help="split the table reports (default: data.val_split). Experts and every stage still use val; "
                         "a held-out split (`prepare synthetic --test N`) keeps choices made on val out of the numbers")
+    a.add_argument("--split-data", default=None, metavar="DIR",
+                   help="read the --split rooms from DIR/<split>/ instead of --data: more held-out rooms made "
+                        "apart, e.g. `prepare synthetic --out DIR --train 0 --val 0 --test 48 --seed 2`; nothing is "
+                        "trained on them. The table is ablation_<split>_<DIR's name>.*")
     a.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds trained side by side in that many processes, each with cores/N torch threads "
                         "(default 1). Each seed's runs are what `--seeds S, train.threads=cores/N` gives alone")
@@ -208,12 +212,12 @@ def run_ablate(args) -> int:
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
                          equal_time_epochs=args.equal_time_epochs,  # reuses the runs the processes finished
-                         table_dir=args.table_dir)
-    from ..workflow.pipeline import ablation_markdown, per_class_markdown
+                         table_dir=args.table_dir, split_root=args.split_data)
+    from ..workflow.pipeline import ablation_markdown, ablation_table_name, per_class_markdown
 
     print(ablation_markdown(table))
     print("\n" + per_class_markdown(table))
-    name = f"ablation_{table['split']}" if table["split"] != cfg.data.val_split else "ablation"
+    name = ablation_table_name(cfg, table["split"], args.split_data)
     where = Path(args.table_dir or out)
     print(f"\n{where / (name + '.md')}  {where / (name + '.json')}")
     return 0

@@ -256,7 +256,7 @@ def equal_time_row(epochs: int) -> str:
 
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
-                 double_baseline=False, equal_time_epochs=None, table_dir=None) -> dict:
+                 double_baseline=False, equal_time_epochs=None, table_dir=None, split_root=None) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
@@ -269,13 +269,19 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
     ``split``: the split the table reports (default ``data.val_split``); every stage and the expert tables use val
     whatever it is. Another split's table goes to ``ablation_<split>.md/json`` beside the val one, in ``table_dir``
-    (default ``out``).
+    (default ``out``). ``split_root``: the reported split's rooms are read from ``split_root/<split>/`` instead of
+    ``data.root`` (more held-out rooms, made apart from the training data); its table is
+    ``ablation_<split>_<split_root's name>`` (:func:`ablation_table_name`).
     """
     import numpy as np
 
     from .experts import asd_pointless, build_expert_table
 
-    _check_splits(cfg, split)
+    _check_splits(cfg, None if split_root else split)
+    if split_root:
+        from ..data.scene import list_scenes
+
+        list_scenes(split_root, split or cfg.data.val_split)
     out = Path(out)
     longer = {}  # row -> epochs of the longer baselines asked for
     if double_baseline:
@@ -346,12 +352,13 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             runs[r] = run_stage(r, long_cfg, long_dirs[r], progress)
         if ensemble:
             runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
-        if split is not None and split != c.data.val_split:
-            runs = _runs_on_split(d, split, c.data.root, c.teacher.frame_policy, dev, skip=kept)
+        if split_root or (split is not None and split != c.data.val_split):
+            s_split, s_root = split or c.data.val_split, split_root or c.data.root
+            runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=kept)
             for r, run_dir in long_dirs.items():
-                runs[r] = split_metrics(run_dir, split, c.data.root, dev)
+                runs[r] = split_metrics(run_dir, s_split, s_root, dev)
             if ensemble:
-                runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", split, c.data.root, dev, progress)
+                runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
         for r, (src, _) in kept.items():
             runs[r] = runs[src]
         if equal_time_epochs:  # the training times the equal-time row is set against
@@ -366,6 +373,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             per_class[r].append(runs[r]["per_class_iou"])
     split = split or cfg.data.val_split
     table = {"seeds": list(seeds), "split": split, "rows": {}, "teacher": {}}
+    if split_root:
+        table["split_root"] = str(Path(split_root).resolve())
     if same_as:
         table["same_as"] = same_as
     if seconds:
@@ -376,12 +385,20 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
                  "per_class_iou": per_class[r]}
         table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
     md = ablation_markdown(table) + "\n\n" + per_class_markdown(table)
-    name = "ablation" if split == cfg.data.val_split else f"ablation_{split}"
+    name = ablation_table_name(cfg, split, split_root)
     where = Path(table_dir or out)
     where.mkdir(parents=True, exist_ok=True)
     (where / f"{name}.md").write_text(md + "\n")
     (where / f"{name}.json").write_text(json.dumps(table, indent=1))
     return table
+
+
+def ablation_table_name(cfg: Config, split: str, split_root=None) -> str:
+    """``ablation`` for the val split of the data, ``ablation_<split>`` for another, and
+    ``ablation_<split>_<name of split_root>`` for a split read from another root."""
+    if split_root:
+        return f"ablation_{split}_{Path(split_root).resolve().name}"
+    return "ablation" if split == cfg.data.val_split else f"ablation_{split}"
 
 
 def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=()) -> dict:
@@ -469,7 +486,8 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     base = table["rows"]["baseline"]["mean"]
     hard = {r: _class_mean(v.get("per_class_iou") or [], hard_classes) for r, v in rows.items()}
     show_hard = any(np.isfinite(h).any() for h in hard.values() if h)
-    head = f"| variant | {table.get('split', 'val')} mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |"
+    where = f" of {Path(table['split_root']).name}" if table.get("split_root") else ""
+    head = f"| variant | {table.get('split', 'val')}{where} mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |"
     rule = "|---|---|---|"
     if show_hard:
         head += f" {' / '.join(hard_classes)} mean IoU |"
