@@ -149,6 +149,9 @@ def test_ablation_rows_and_tables(tiny_rooms, tmp_path):
     per_class = lambda t: [t[g][r]["per_class_iou"] for g in ("rows", "teacher") for r in t[g]]
     assert per_class(more) == per_class(table) != per_class(test)
     assert json.loads((tmp_path / "abl" / "ablation_test.json").read_text()) == test
+    student_test = json.loads((tmp_path / "abl" / "seed0" / "student" / "metrics_test.json").read_text())
+    assert student_test["data_root"] == str(Path(tiny_rooms).resolve())  # the own test rooms' cache is kept
+    assert (tmp_path / "abl" / "seed0" / "student" / "metrics_test_more.json").is_file()
     # the cached test metrics belong to these rooms: another root's "test" is not answered from them
     from haskd.errors import HaskdError
     from haskd.workflow.runs import split_metrics

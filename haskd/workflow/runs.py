@@ -62,22 +62,30 @@ def train_seconds(run_dir) -> float:
     return float(sum(read_curve(run_dir, "epoch_time_s")[1]))
 
 
+def _root_tag(root, own_root) -> str:
+    """``_<folder name>`` for rooms read from a root other than the run's own (so that another folder's "test" never
+    overwrites the cached metrics of the run's own test rooms), else ``""``."""
+    root = Path(root).resolve()
+    return "" if root == Path(own_root).resolve() else f"_{root.name}"
+
+
 def split_metrics(run_dir: Path, split=None, root=None, device="cpu", frame_policy=None, branch_3d=False,
                   ckpt_name="last.pt") -> dict:
     """Metrics of a run's ``last.pt`` (or ``ckpt_name``) on ``split`` (default: its config's val split) of ``root``
     (default: the run's data root), every point.
 
     A teacher sees the frames ``frame_policy`` picks (default: its config's); ``branch_3d`` evaluates its 3D
-    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>][_<ckpt>].json`` while newer than
-    the checkpoint."""
+    branch alone, points only. Cached as ``run_dir/metrics_<split>[_3d|_<policy>][_<ckpt>][_<root>].json`` while
+    newer than the checkpoint (``_<root>``: the folder name of a ``root`` other than the run's own data root)."""
     from .build import build_datasets
 
     run_dir, ckpt = Path(run_dir), Path(run_dir) / ckpt_name
     model, cfg = load_model(ckpt, device=device, return_config=True)
     split = split or cfg.data.val_split
+    own_root = cfg.data.root
     cfg.data.root, cfg.data.val_split = str(root or cfg.data.root), split
     tag = ("_3d" if branch_3d else (f"_{frame_policy}" if frame_policy else "")) \
-        + ("" if ckpt_name == "last.pt" else f"_{ckpt.stem}")
+        + ("" if ckpt_name == "last.pt" else f"_{ckpt.stem}") + _root_tag(cfg.data.root, own_root)
     path = run_dir / f"metrics_{split}{tag}.json"
     where = str(Path(cfg.data.root).resolve())
     if path.is_file() and path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:
@@ -146,14 +154,14 @@ def evaluate_ensemble(snapshots, data_root=None, split="val", device="cpu", prog
 def ensemble_metrics(run_dir: Path, split=None, root=None, device="cpu", progress=False) -> dict:
     """Metrics of the mean softmax of a run's snapshots (``run_dir/snapshots/epoch_*.pt``) on ``split`` (default:
     the run's val split) of ``root`` (default: the run's data root), every point
-    (:func:`evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble.json`` while newer than
+    (:func:`evaluate_ensemble`). Cached as ``run_dir/metrics_<split>_ensemble[_<root>].json`` while newer than
     every snapshot and of the same snapshots and rooms."""
     run_dir = Path(run_dir)
     snaps = find_snapshots(run_dir)
     cfg = load_checkpoint(snaps[-1])["config"]
     split = split or cfg["data"]["val_split"]
     where = str(Path(root or cfg["data"]["root"]).resolve())
-    path = run_dir / f"metrics_{split}_ensemble.json"
+    path = run_dir / f"metrics_{split}_ensemble{_root_tag(where, cfg['data']['root'])}.json"
     members = [str(p.resolve()) for p in snaps]
     if path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in snaps):
         cached = json.loads(path.read_text())
