@@ -276,7 +276,7 @@ def test_teacher_in_the_expert_pool_routes_each_class_to_one_logit_source(pipeli
     assert main(["experts", "--run", str(out / "stage1"), "--data", str(other), "--split", "sel", "--teacher",
                  str(out / "teacher"), "--out", str(tmp_path / "sel.json"), "--device", "cpu"]) == 0
     sel = json.loads((tmp_path / "sel.json").read_text())
-    assert sel["split"] == "sel" and (out / "teacher" / "metrics_sel.json").is_file()
+    assert sel["split"] == "sel" and (out / "teacher" / "metrics_sel_other_root.json").is_file()
     assert [None if v is None else pytest.approx(v, abs=1e-9) for v in teacher_iou] == sel["teacher_iou"]
     base = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
             "distill.asd_trust=none", "distill.trust=none"]

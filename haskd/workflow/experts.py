@@ -17,14 +17,15 @@ from ..errors import HaskdError
 from .runs import find_snapshots, split_metrics
 
 
-def teacher_iou(teacher, split: str, num_classes: int) -> list:
+def teacher_iou(teacher, split: str, num_classes: int, metrics: dict = None) -> list:
     """The teacher's per-class IoU on ``split`` from its run folder's ``val_metrics.json`` (written when it was
-    trained, with its own frames) or from that file given directly; None for an absent class."""
+    trained, with its own frames), from that file given directly, or from ``metrics`` (the teacher evaluated
+    elsewhere); None for an absent class."""
     p = Path(teacher)
     p = p / "val_metrics.json" if p.is_dir() else p
-    if not p.is_file():
+    if metrics is None and not p.is_file():
         raise HaskdError(f"{p}: no teacher metrics (train the teacher first, or pass its run folder)")
-    m = json.loads(p.read_text())
+    m = metrics if metrics is not None else json.loads(p.read_text())
     if m.get("split", split) != split:
         raise HaskdError(f"{p}: teacher metrics are on split {m['split']!r}, the snapshots on {split!r}")
     iou = list(m.get("per_class_iou", {}).values())
@@ -61,13 +62,12 @@ def build_expert_table(run_dir, data_root, split="val", device="cpu", topk=3, ou
         "weights": np.asarray(sel["weights"]).astype(float).tolist(),
     }
     if teacher is not None:
-        source, root = Path(teacher), Path(data_root or cfg.data.root).resolve()
+        source, root, elsewhere = Path(teacher), Path(data_root or cfg.data.root).resolve(), None
         if source.is_dir() and (split != cfg.data.val_split or root != Path(cfg.data.root).resolve()):
             # other rooms than the ones it was validated on: evaluate the teacher there (its frames; cached)
-            split_metrics(source, split, root, device)
-            source = source / f"metrics_{split}.json"
+            elsewhere = split_metrics(source, split, root, device)
         table["teacher"] = str(Path(teacher).resolve())
-        table["teacher_iou"] = teacher_iou(source, split, len(names))
+        table["teacher_iou"] = teacher_iou(source, split, len(names), elsewhere)
     out = Path(out) if out else Path(run_dir) / "experts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1))

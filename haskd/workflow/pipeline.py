@@ -487,7 +487,8 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     hard = {r: _class_mean(v.get("per_class_iou") or [], hard_classes) for r, v in rows.items()}
     show_hard = any(np.isfinite(h).any() for h in hard.values() if h)
     where = f" of {Path(table['split_root']).name}" if table.get("split_root") else ""
-    head = f"| variant | {table.get('split', 'val')}{where} mIoU (mean +- std over seeds {table['seeds']}) | vs baseline |"
+    seeds = table["seeds"]
+    head = f"| variant | {table.get('split', 'val')}{where} mIoU (mean +- std over seeds {seeds}) | vs baseline |"
     rule = "|---|---|---|"
     if show_hard:
         head += f" {' / '.join(hard_classes)} mean IoU |"
