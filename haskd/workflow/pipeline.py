@@ -131,13 +131,15 @@ def _render_views(cfg: Config, progress: bool) -> None:
     barrier()
 
 
-def _check_splits(cfg: Config, *more) -> None:
-    """A missing or empty train/val split (or one of ``more``) stops a multi-stage run with one line before any
-    folder is made."""
+def _check_splits(cfg: Config, *more, root=None) -> None:
+    """A missing or empty train/val split (or one of ``more``, read from ``root``, default the data root) stops a
+    multi-stage run with one line before any folder is made."""
     from ..data.scene import list_scenes
 
-    for split in (cfg.data.train_split, cfg.data.val_split, *filter(None, more)):
+    for split in (cfg.data.train_split, cfg.data.val_split):
         list_scenes(cfg.data.root, split)
+    for split in filter(None, more):
+        list_scenes(root or cfg.data.root, split)
 
 
 def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, progress=True, report=True,
@@ -277,11 +279,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
 
     from .experts import asd_pointless, build_expert_table
 
-    _check_splits(cfg, None if split_root else split)
-    if split_root:
-        from ..data.scene import list_scenes
-
-        list_scenes(split_root, split or cfg.data.val_split)
+    _check_splits(cfg, split or (cfg.data.val_split if split_root else None), root=split_root)
     out = Path(out)
     longer = {}  # row -> epochs of the longer baselines asked for
     if double_baseline:
