@@ -783,6 +783,77 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert "HAS-KD is not a model of its own" in (tmp_path / "d" / "ablation.md").read_text()
 
 
+def test_ablation_train_seeds_retrain_the_students_from_the_seeds_teacher(tiny_rooms, tmp_path, monkeypatch):
+    """train_seeds=2: the students' rows are trained again with train.seed S+10 into seed<S>/train_seed<S+10>/, from
+    seed S's teacher and their own stage 1's experts; the teachers are not retrained; each row labels its runs, and
+    the reported split scores the retrained runs too. No training here: stand-ins record the configs."""
+    import haskd.workflow.experts
+    import haskd.workflow.pipeline as pl
+
+    trained, scored = {}, []
+
+    def fake_stage(name, cfg, run_dir, progress=True):
+        trained[str(Path(run_dir).relative_to(tmp_path))] = cfg
+        return {"miou": 0.5 + 0.01 * cfg.train.seed, "per_class_iou": {"wall": 0.5}}
+
+    def fake_split(run_dir, split, root, device, **kw):
+        scored.append(str(Path(run_dir).relative_to(tmp_path)))
+        return {"miou": 0.25, "per_class_iou": {"wall": 0.25}}
+
+    monkeypatch.setattr(pl, "run_stage", fake_stage)
+    monkeypatch.setattr(pl, "split_metrics", fake_split)
+    monkeypatch.setattr(pl, "eval_teacher_3d", lambda *a, **k: {"miou": 0.9, "per_class_iou": {"wall": 0.9}})
+    monkeypatch.setattr(pl, "reuse_teacher", lambda *a, **k: {"miou": 0.8, "per_class_iou": {"wall": 0.8}})
+    monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
+    monkeypatch.setattr(haskd.workflow.experts, "asd_pointless", lambda *a, **k: None)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
+    table = pl.run_ablation(cfg, tmp_path / "a", seeds=(0, 1), progress=False, train_seeds=2)
+    assert pl.train_seed_list(1, 3) == [1, 11, 21]
+    for s, t in ((0, 10), (1, 11)):
+        again = {k.split("/")[-1]: c for k, c in trained.items() if k.startswith(f"a/seed{s}/train_seed{t}/")}
+        assert sorted(again) == ["asd_only", "baseline", "stage1", "student"]
+        assert all(c.train.seed == t for c in again.values())
+        teacher = str(tmp_path / "a" / f"seed{s}" / "teacher" / "last.pt")
+        assert again["stage1"].distill.teacher_ckpt == again["student"].distill.teacher_ckpt == teacher
+        assert again["student"].distill.experts == str(tmp_path / "a" / f"seed{s}" / f"train_seed{t}" / "stage1"
+                                                       / "experts.json")
+        assert again["baseline"].train.snapshots == trained[f"a/seed{s}/baseline"].train.snapshots > 0
+    assert not [k for k in trained if "train_seed" in k and "teacher" in k.split("/")[-1]]
+    for r in pl.RESEEDED_ROWS:
+        assert table["rows"][r]["runs"] == ["0", "0/10", "1", "1/11"]
+    assert table["rows"]["baseline"]["miou"] == pytest.approx([50.0, 60.0, 51.0, 61.0])
+    assert table["rows"]["+IHD (uniform frames)"]["runs"] == ["0", "1"] and table["train_seeds"] == 2
+    md = (tmp_path / "a" / "ablation.md").read_text()
+    assert "| baseline (4 runs) | 55.50 +- 5.80 |" in md and "| +IHD (uniform frames) | 50.50" in md
+    assert "HAS-KD - +IHD (IOF): +0.00 +- 0.00 (0 of 4 positive)" in md
+    test = pl.run_ablation(cfg, tmp_path / "a", seeds=(0, 1), progress=False, train_seeds=2, split="test")
+    assert {"a/seed0/train_seed10/student", "a/seed1/train_seed11/asd_only"} <= set(scored)
+    assert not [k for k in scored if "train_seed" in k and ("teacher" in k or "uniform" in k)]
+    assert test["rows"]["HAS-KD"]["miou"] == [25.0] * 4 and len(test["teacher"]["teacher (IOF frames)"]["miou"]) == 2
+
+
+def test_ablation_markdown_pairs_rows_by_run():
+    """'vs baseline' and the paired line match values by run label, not by position; hand-computed."""
+    from haskd.workflow.pipeline import ablation_markdown, paired_deltas
+
+    row = lambda runs, v: {"miou": v, "runs": runs, "mean": sum(v) / len(v), "std": 0.0, "per_class_iou": [{}] * len(v)}
+    table = {"seeds": [0, 1], "split": "val", "train_seeds": 2,
+             "rows": {"baseline": row(["0", "0/10", "1", "1/11"], [50.0, 40.0, 60.0, 70.0]),
+                      "+IHD (IOF)": row(["0", "0/10", "1", "1/11"], [52.0, 41.0, 59.0, 74.0]),
+                      "HAS-KD": row(["1/11", "0"], [75.0, 51.0])},
+             "teacher": {"teacher (IOF frames)": row(["0", "1"], [58.0, 63.0])}}
+    assert paired_deltas(table, "HAS-KD", "+IHD (IOF)") == [1.0, -1.0]
+    assert paired_deltas(table, "teacher (IOF frames)", "baseline") == [8.0, 3.0]
+    assert paired_deltas(table, "+ASD only", "baseline") == []
+    md = ablation_markdown(table)
+    # IHD: +2, +1, -1, +4 -> mean 1.5, std sqrt(((0.5)^2 + 0.5^2 + 2.5^2 + 2.5^2) / 3) = 2.08
+    assert "+IHD (IOF) - baseline: +1.50 +- 2.08 (3 of 4 positive)" in md
+    assert "HAS-KD - +IHD (IOF): +0.00 +- 1.41 (1 of 2 positive)" in md
+    assert "| teacher (IOF frames) | 60.50 +- 0.00 | +5.50 |" in md  # paired with its own seeds' baselines
+    assert "| HAS-KD (2 runs) | 63.00 +- 0.00 | +3.00 |" in md  # 75 - 70 and 51 - 50
+    assert "Teacher - baseline gap: +5.50 mIoU; HAS-KD closes 55% of it (+3.00)." in md
+
+
 def test_image_trust_cached_and_online_agree(pipeline_run, tiny_rooms):
     """distill.trust=image / image_soft / image_shift through the real task: the cache holds the teacher's image
     rules per point (from its fused and 3D-branch heads), and on an unaugmented batch the cached IHD terms equal the
@@ -835,11 +906,11 @@ def test_ablate_row_flags_reach_the_seed_processes():
 
     p = build_parser()
     assert _extra_row_flags(p.parse_args(["ablate"])) == []
-    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7"])
+    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7", "--train-seeds", "3"])
     flags = _extra_row_flags(args)
-    assert flags == ["--ensemble", "--double-baseline", "--equal-time-epochs", "7"]
+    assert flags == ["--ensemble", "--double-baseline", "--train-seeds", "3", "--equal-time-epochs", "7"]
     again = p.parse_args(["ablate", *flags])  # what a seed process parses
-    assert (again.ensemble, again.double_baseline, again.equal_time_epochs) == (True, True, 7)
+    assert (again.ensemble, again.double_baseline, again.equal_time_epochs, again.train_seeds) == (True, True, 7, 3)
 
 
 def test_baseline_beside_the_teacher_gives_the_sequential_runs(tiny_rooms, tmp_path, caplog):

@@ -82,6 +82,11 @@ def register(sub):
                    help="add the row 'baseline (N epochs)': the baseline trained N epochs (N set so its wall time "
                         "matches the HAS-KD student's, stage 1 + final: an equal-time baseline); the table then "
                         "gives every seed's training seconds and their ratios")
+    a.add_argument("--train-seeds", type=positive_int, default=1, metavar="K",
+                   help="train the students' rows (baseline, +IHD (IOF), +ASD only, HAS-KD) K times a seed, with "
+                        "train.seed S, S+10, ..., S+10(K-1), from seed S's teacher, into OUT/seed<S>/train_seed<T>/; "
+                        "those rows are then compared paired by run over K runs a seed (one config's runs can "
+                        "spread by more than the rows differ: docs/benchmarks.md 7f)")
     # where a per-seed process of --jobs writes its one-seed table (its seed folder), so that it never overwrites
     # the table of all seeds in --out, e.g. the val table while a --split test call runs
     a.add_argument("--table-dir", default=None, help=argparse.SUPPRESS)
@@ -212,7 +217,7 @@ def run_ablate(args) -> int:
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
                          equal_time_epochs=args.equal_time_epochs,  # reuses the runs the processes finished
-                         table_dir=args.table_dir, split_root=args.split_data)
+                         table_dir=args.table_dir, split_root=args.split_data, train_seeds=args.train_seeds)
     from ..workflow.pipeline import ablation_markdown, ablation_table_name, per_class_markdown
 
     print(ablation_markdown(table))
@@ -226,6 +231,7 @@ def run_ablate(args) -> int:
 def _extra_row_flags(args) -> list:
     """The optional-row flags of ``haskd ablate``, to hand to the per-seed processes (they train those rows too)."""
     flags = ["--ensemble"] * args.ensemble + ["--double-baseline"] * args.double_baseline
+    flags += ["--train-seeds", str(args.train_seeds)] if args.train_seeds > 1 else []
     return flags + (["--equal-time-epochs", str(args.equal_time_epochs)] if args.equal_time_epochs else [])
 
 

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 STAGES = ("teacher", "baseline", "stage1", "experts", "student")
 
 
-def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path = None) -> dict:
+def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path = None, teacher_run: Path = None
+                  ) -> dict:
     """Configs of the training stages. ``variant`` switches parts off for ablations:
     ``ihd`` (bool), ``asd`` (bool), ``frame_policy`` (str). ``baseline``: the baseline run that
-    ``teacher.init_3d=baseline`` starts the teacher's 3D branch from (default ``out/baseline``)."""
+    ``teacher.init_3d=baseline`` starts the teacher's 3D branch from (default ``out/baseline``). ``teacher_run``:
+    the teacher run the students distil from (default ``out/teacher``)."""
     v = {"ihd": True, "asd": True, "frame_policy": cfg.teacher.frame_policy, **(variant or {})}
     teacher = point_only(cfg)
     teacher.role = "teacher"
@@ -40,13 +42,14 @@ def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path =
     if cfg.teacher.epochs:
         teacher.train.epochs = cfg.teacher.epochs
     baseline = point_only(cfg)
+    teacher_ckpt = Path(teacher_run or out / "teacher") / "last.pt"
     stage1 = point_only(cfg)
     if v["ihd"]:
-        with_teacher(stage1, cfg, out / "teacher" / "last.pt")
+        with_teacher(stage1, cfg, teacher_ckpt)
     stage1.train.snapshots = cfg.train.snapshots or 5
     student = point_only(cfg)
     if v["ihd"]:
-        with_teacher(student, cfg, out / "teacher" / "last.pt")
+        with_teacher(student, cfg, teacher_ckpt)
     if v["asd"]:
         student.distill.experts = str(out / "stage1" / "experts.json")
     return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}
@@ -257,8 +260,41 @@ def equal_time_row(epochs: int) -> str:
     return f"baseline ({int(epochs)} epochs)"
 
 
+RESEEDED_ROWS = ("baseline", "+IHD (IOF)", "+ASD only", "HAS-KD")  # the students' rows, over training seeds too
+
+
+def train_seed_list(seed: int, train_seeds: int) -> list:
+    """The ``train.seed`` values of ablation seed ``seed``'s student runs: ``seed``, then ``seed + 10 k``."""
+    return [seed + 10 * k for k in range(max(1, int(train_seeds)))]
+
+
+def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress) -> tuple:
+    """The expert tables of ``d/baseline`` and ``d/stage1`` (built when missing or stale), then "+ASD only" (the
+    baseline distilling its own snapshots) and "HAS-KD" (``student``). Returns ``(runs, kept)``: an ASD row whose
+    expert table gives no class to any snapshot would retrain its stage 1, so it is not trained and ``kept`` maps
+    it to ``(the row it is, why)``."""
+    from .experts import asd_pointless, build_expert_table
+
+    for run_dir, t in ((d / "baseline", None), (d / "stage1", teacher)):
+        if _stale_table(run_dir / "experts.json", t):
+            build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
+                               progress=progress, teacher=t)
+    runs, kept = {}, {}
+    asd_only = point_only(c)
+    asd_only.distill.experts = str(d / "baseline" / "experts.json")
+    for row, src, name, rc, run_dir in (("+ASD only", "baseline", "asd-only", asd_only, d / "asd_only"),
+                                        ("HAS-KD", "+IHD (IOF)", "student", student, d / "student")):
+        why = asd_pointless(rc.distill.experts, _teacher_routes(rc))
+        if why:
+            kept[row] = (src, why)
+        else:
+            runs[row] = run_stage(name, rc, run_dir, progress)
+    return runs, kept
+
+
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
-                 double_baseline=False, equal_time_epochs=None, table_dir=None, split_root=None) -> dict:
+                 double_baseline=False, equal_time_epochs=None, table_dir=None, split_root=None,
+                 train_seeds=1) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
@@ -274,10 +310,13 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     (default ``out``). ``split_root``: the reported split's rooms are read from ``split_root/<split>/`` instead of
     ``data.root`` (more held-out rooms, made apart from the training data); its table is
     ``ablation_<split>_<split_root's name>`` (:func:`ablation_table_name`).
+    ``train_seeds=K`` > 1: the students' rows (:data:`RESEEDED_ROWS`, and the ensemble of each stage 1) are also
+    trained with ``train.seed = seed + 10 k``, k = 1 .. K-1 (:func:`train_seed_list`), from the same seed's teacher,
+    in ``out/seed<S>/train_seed<T>/``: one configuration's runs spread by more than the rows differ (docs/
+    benchmarks.md 7f), so those rows are compared over K runs a seed, paired by run. Each row's ``runs`` labels its
+    values, ``"S"`` or ``"S/T"``.
     """
     import numpy as np
-
-    from .experts import asd_pointless, build_expert_table
 
     _check_splits(cfg, split or (cfg.data.val_split if split_root else None), root=split_root)
     out = Path(out)
@@ -288,10 +327,11 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         longer[equal_time_row(equal_time_epochs)] = int(equal_time_epochs)
     extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + tuple(longer)
     rows = ABLATION_ROWS + extra_rows + TEACHER_ROWS
-    results = {r: [] for r in rows}
-    per_class = {r: [] for r in rows}
-    same_as = {}  # row -> {seed: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
+    results = {r: {} for r in rows}  # row -> {run label: metrics}
+    same_as = {}  # row -> {run label: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
     seconds = {}  # row -> training seconds per seed (with equal_time_epochs)
+    other_split = bool(split_root or (split is not None and split != cfg.data.val_split))
+    s_split, s_root = split or cfg.data.val_split, split_root or cfg.data.root
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -316,28 +356,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
-        for run_dir, teacher in ((d / "baseline", None), (d / "stage1", d / "teacher")):
-            if _stale_table(run_dir / "experts.json", teacher):
-                build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
-                                   progress=progress, teacher=teacher)
-        # an ASD run whose expert table gives no class to any snapshot would retrain its stage 1: that row is
-        # the stage-1 row itself, and the table says so
-        kept = {}
-        asd_only = point_only(c)
-        asd_only.distill.experts = str(d / "baseline" / "experts.json")
-        why = asd_pointless(asd_only.distill.experts, _teacher_routes(asd_only))
-        if why:
-            kept["+ASD only"] = ("baseline", why)
-        else:
-            runs["+ASD only"] = run_stage("asd-only", asd_only, d / "asd_only", progress)
-        why = asd_pointless(iof["student"].distill.experts, _teacher_routes(iof["student"]))
-        if why:
-            kept["HAS-KD"] = ("+IHD (IOF)", why)
-        else:
-            runs["HAS-KD"] = run_stage("student", iof["student"], d / "student", progress)
-        for r, (src, why) in kept.items():
-            log.info("[seed %s] %s not trained, its row is %s: %s", seed, r, src, why)
-            same_as.setdefault(r, {})[str(seed)] = {"row": src, "why": why}
+        asd_runs, kept = _asd_rows(c, d, iof["student"], d / "teacher", dev, progress)
+        runs.update(asd_runs)
         long_dirs = {}
         for r, n in longer.items():
             if n == base_cfg.train.epochs:
@@ -350,15 +370,12 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             runs[r] = run_stage(r, long_cfg, long_dirs[r], progress)
         if ensemble:
             runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
-        if split_root or (split is not None and split != c.data.val_split):
-            s_split, s_root = split or c.data.val_split, split_root or c.data.root
+        if other_split:
             runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=kept)
             for r, run_dir in long_dirs.items():
                 runs[r] = split_metrics(run_dir, s_split, s_root, dev)
             if ensemble:
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
-        for r, (src, _) in kept.items():
-            runs[r] = runs[src]
         if equal_time_epochs:  # the training times the equal-time row is set against
             stage2 = 0.0 if "HAS-KD" in kept else train_seconds(d / "student")
             for r, t in ((STUDENT_PATH, train_seconds(d / "stage1") + stage2), ("HAS-KD", stage2),
@@ -366,11 +383,38 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
                          (equal_time_row(equal_time_epochs),
                           train_seconds(long_dirs[equal_time_row(equal_time_epochs)]))):
                 seconds.setdefault(r, []).append(t)
-        for r in rows:
-            results[r].append(runs[r]["miou"])
-            per_class[r].append(runs[r]["per_class_iou"])
-    split = split or cfg.data.val_split
-    table = {"seeds": list(seeds), "split": split, "rows": {}, "teacher": {}}
+        by_run = {str(seed): (runs, kept)}
+        for t_seed in train_seed_list(seed, train_seeds)[1:]:
+            # the students again with another training seed, from this seed's teacher
+            ct = copy.deepcopy(c)
+            ct.train.seed = t_seed
+            dt = d / f"train_seed{t_seed}"
+            cfgs = stage_configs(ct, dt, teacher_run=d / "teacher")
+            base_t = copy.deepcopy(cfgs["baseline"])
+            base_t.train.snapshots = base_cfg.train.snapshots
+            runs_t = {"baseline": run_stage("baseline", base_t, dt / "baseline", progress),
+                      "+IHD (IOF)": run_stage("stage1", cfgs["stage1"], dt / "stage1", progress)}
+            asd_runs, kept_t = _asd_rows(ct, dt, cfgs["student"], d / "teacher", dev, progress)
+            runs_t.update(asd_runs)
+            if ensemble:
+                runs_t[ENSEMBLE_ROW] = ensemble_metrics(dt / "stage1", None, None, dev, progress)
+            if other_split:
+                runs_t = _runs_on_split(dt, s_split, s_root, c.teacher.frame_policy, dev, skip=kept_t,
+                                        rows=RESEEDED_ROWS)
+                if ensemble:
+                    runs_t[ENSEMBLE_ROW] = ensemble_metrics(dt / "stage1", s_split, s_root, dev, progress)
+            by_run[f"{seed}/{t_seed}"] = (runs_t, kept_t)
+        for label, (runs, kept) in by_run.items():
+            for r, (src, why) in kept.items():
+                log.info("[run %s] %s not trained, its row is %s: %s", label, r, src, why)
+                same_as.setdefault(r, {})[label] = {"row": src, "why": why}
+                runs[r] = runs[src]
+            for r in rows:
+                if r in runs:
+                    results[r][label] = runs[r]
+    table = {"seeds": list(seeds), "split": s_split, "rows": {}, "teacher": {}}
+    if train_seeds > 1:
+        table["train_seeds"] = int(train_seeds)
     if split_root:
         table["split_root"] = str(Path(split_root).resolve())
     if same_as:
@@ -378,12 +422,13 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     if seconds:
         table["train_seconds"] = seconds
     for r in rows:
-        v = np.array(results[r]) * 100
-        entry = {"miou": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                 "per_class_iou": per_class[r]}
+        v = np.array([m["miou"] for m in results[r].values()]) * 100
+        entry = {"miou": v.tolist(), "runs": list(results[r]), "mean": float(v.mean()),
+                 "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                 "per_class_iou": [m["per_class_iou"] for m in results[r].values()]}
         table["teacher" if r in TEACHER_ROWS else "rows"][r] = entry
     md = ablation_markdown(table) + "\n\n" + per_class_markdown(table)
-    name = ablation_table_name(cfg, split, split_root)
+    name = ablation_table_name(cfg, s_split, split_root)
     where = Path(table_dir or out)
     where.mkdir(parents=True, exist_ok=True)
     (where / f"{name}.md").write_text(md + "\n")
@@ -399,9 +444,9 @@ def ablation_table_name(cfg: Config, split: str, split_root=None) -> str:
     return "ablation" if split == cfg.data.val_split else f"ablation_{split}"
 
 
-def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=()) -> dict:
-    """Every ablation row of one seed folder ``d`` evaluated on ``split`` (see :func:`split_metrics`), but the rows
-    in ``skip`` (not trained: their run folder does not exist)."""
+def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=(), rows=None) -> dict:
+    """Every ablation row of one seed folder ``d`` (or only ``rows``) evaluated on ``split`` (see
+    :func:`split_metrics`), but the rows in ``skip`` (not trained: their run folder does not exist)."""
     where = {"baseline": (d / "baseline", {}),
              "teacher (IOF frames)": (d / "teacher", {"frame_policy": policy}),
              "teacher's 3D branch (points only)": (d / "teacher", {"branch_3d": True}),
@@ -410,7 +455,8 @@ def _runs_on_split(d: Path, split: str, root, policy: str, device, skip=()) -> d
              "+IHD (uniform frames)": (d / "uniform" / "stage1", {}),
              "+ASD only": (d / "asd_only", {}),
              "HAS-KD": (d / "student", {})}
-    return {r: split_metrics(run, split, root, device, **kw) for r, (run, kw) in where.items() if r not in skip}
+    return {r: split_metrics(run, split, root, device, **kw) for r, (run, kw) in where.items()
+            if r not in skip and (rows is None or r in rows)}
 
 
 def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
@@ -475,6 +521,21 @@ def per_class_markdown(table: dict, rows=("baseline", "HAS-KD", "teacher (IOF fr
     return "\n".join(lines)
 
 
+PAIRED_ROWS = (("+IHD (IOF)", "baseline"), ("+ASD only", "baseline"), ("HAS-KD", "+IHD (IOF)"),
+               (ENSEMBLE_ROW, "+IHD (IOF)"))  # the issue's comparisons, each row against its reference
+
+
+def paired_deltas(table: dict, row: str, ref: str) -> list:
+    """mIoU of ``row`` minus ``ref`` for each run both have (matched by the ``runs`` labels; a table without them
+    labels its values by seed); [] when either row or its values are missing."""
+    entries = {**table["rows"], **table.get("teacher", {})}
+    if "miou" not in entries.get(row, {}) or "miou" not in entries.get(ref, {}):
+        return []
+    by_run = lambda e: dict(zip(e.get("runs") or [str(s) for s in table["seeds"]], e["miou"]))  # noqa: E731
+    a, b = by_run(entries[row]), by_run(entries[ref])
+    return [a[k] - b[k] for k in a if k in b]
+
+
 def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     """Markdown table: mIoU mean +- std, the gain over the baseline, and the mean IoU over ``hard_classes``
     (the classes that points show weakly; on data without them the column is left out)."""
@@ -486,22 +547,27 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     show_hard = any(np.isfinite(h).any() for h in hard.values() if h)
     where = f" of {Path(table['split_root']).name}" if table.get("split_root") else ""
     seeds = table["seeds"]
-    head = f"| variant | {table.get('split', 'val')}{where} mIoU (mean +- std over seeds {seeds}) | vs baseline |"
+    over = f"seeds {seeds}"
+    if table.get("train_seeds", 1) > 1:
+        over += f"; rows marked (N runs): also train.seed S+10k, {table['train_seeds']} a seed"
+    head = f"| variant | {table.get('split', 'val')}{where} mIoU (mean +- std over {over}) | vs baseline |"
     rule = "|---|---|---|"
     if show_hard:
         head += f" {' / '.join(hard_classes)} mean IoU |"
         rule += "---|"
     lines = [head, rule]
     for r, v in rows.items():
-        line = f"| {r} | {v['mean']:.2f} +- {v['std']:.2f} | {v['mean'] - base:+.2f} |"
+        d = paired_deltas(table, r, "baseline")  # [] in a table without per-run values: the means' difference
+        runs = f" ({len(v['miou'])} runs)" if any("/" in k for k in v.get("runs", ())) else ""
+        line = f"| {r}{runs} | {v['mean']:.2f} +- {v['std']:.2f} | {np.mean(d) if d else v['mean'] - base:+.2f} |"
         if show_hard:
             h = np.array(hard[r], float)
             line += f" {np.nanmean(h):.2f} +- {np.nanstd(h, ddof=1) if np.isfinite(h).sum() > 1 else 0.0:.2f} |"
         lines.append(line)
     t = table.get("teacher", {}).get("teacher (IOF frames)")
     if t is not None and "HAS-KD" in table["rows"]:
-        gap = t["mean"] - base
-        got = table["rows"]["HAS-KD"]["mean"] - base
+        gap, got = (float(np.mean(d)) if d else rows[r]["mean"] - base
+                    for r in ("teacher (IOF frames)", "HAS-KD") for d in [paired_deltas(table, r, "baseline")])
         frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
         lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
         if show_hard:  # the classes the images explain: does the teacher's lead there reach the student?
@@ -511,6 +577,15 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
             share = f"{100 * moved / lead:.0f}%" if lead > 0 else "n/a (the teacher does not lead there)"
             lines.append(f"On {' / '.join(hard_classes)} (mean IoU) the teacher leads by {lead:+.2f}; HAS-KD gets "
                          f"{share} of it ({moved:+.2f}).")
+    paired = []
+    for a, b in PAIRED_ROWS:
+        d = np.array(paired_deltas(table, a, b))
+        if d.size:
+            sd = f" +- {d.std(ddof=1):.2f}" if d.size > 1 else ""
+            paired.append(f"{a} - {b}: {d.mean():+.2f}{sd} ({int((d > 0).sum())} of {d.size} positive)")
+    if paired:
+        lines.append("\nPaired by run (same teacher, same train.seed), mean +- std of the differences: "
+                     + "; ".join(paired) + ".")
     secs = table.get("train_seconds", {})
     if STUDENT_PATH in secs:
         mean = lambda r: sum(secs[r]) / len(secs[r])
