@@ -170,6 +170,8 @@ class DistillConfig:
     asd_weight: float = 1.0
     asd_topk: int = 1
     asd_unlabeled: str = "final"         # final | skip
+    asd_source: str = "stage1"           # whose snapshots the pipeline's final student distils: stage1 (METHOD.md:
+                                         # the CE + IHD student's) | baseline (the point-only baseline's, ours)
     asd_trust: str = "none"              # none (METHOD.md) | hard | soft: gate ASD by the expert's correctness (ours)
     teacher_expert: bool = _teacher_side(False)  # the teacher joins the expert pool: one logit source per class (ours)
     init_from_teacher: bool = _teacher_side(False)  # start the student from the teacher's 3D branch (ours)
@@ -247,6 +249,7 @@ CHOICES = {
     "distill.ihd_norm": ("weights", "points"),
     "distill.teacher_head": ("fused", "3d", "classwise"),
     "distill.asd_unlabeled": ("final", "skip"),
+    "distill.asd_source": ("stage1", "baseline"),
     "distill.kd_fade": ("none", "linear", "cosine"),
 }
 

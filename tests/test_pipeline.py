@@ -832,6 +832,30 @@ def test_ablation_train_seeds_retrain_the_students_from_the_seeds_teacher(tiny_r
     assert test["rows"]["HAS-KD"]["miou"] == [25.0] * 4 and len(test["teacher"]["teacher (IOF frames)"]["miou"]) == 2
 
 
+def test_asd_source_baseline_gives_the_final_student_the_baselines_snapshots(tiny_rooms, tmp_path):
+    """distill.asd_source=baseline: the final student's experts are the baseline run's table, the baseline saves
+    snapshots for it, and a pipeline without its baseline says so in one line; the default stays stage 1's."""
+    from haskd.errors import HaskdError
+    from haskd.workflow.pipeline import run_pipeline, stage_configs
+
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "train.snapshots=0"])
+    plain = stage_configs(cfg, tmp_path)
+    assert plain["student"].distill.experts == str(tmp_path / "stage1" / "experts.json")
+    assert plain["baseline"].train.snapshots == 0
+    cfg.distill.asd_source = "baseline"
+    c = stage_configs(cfg, tmp_path)
+    assert c["student"].distill.experts == str(tmp_path / "baseline" / "experts.json")
+    assert c["baseline"].train.snapshots == 5 and c["stage1"].train == plain["stage1"].train
+    assert stage_configs(cfg, tmp_path, {"asd": False})["baseline"].train.snapshots == 0
+    with pytest.raises(HaskdError, match="asd_source=baseline"):
+        run_pipeline(cfg, tmp_path / "p", with_baseline=False, progress=False, report=False)
+    p = Path("haskd/configs/synthetic_converged_la500_e240_bexp.yaml")
+    bexp, e240 = load_config(str(p)), load_config("synthetic_converged_la500_e240")
+    assert (bexp.distill.asd_source, bexp.distill.teacher_expert) == ("baseline", False)
+    bexp.distill.asd_source, bexp.distill.teacher_expert = "stage1", True
+    assert bexp == e240  # the e240 preset but for those two keys
+
+
 def test_ablation_markdown_pairs_rows_by_run():
     """'vs baseline' and the paired line match values by run label, not by position; hand-computed."""
     from haskd.workflow.pipeline import ablation_markdown, paired_deltas

@@ -42,6 +42,8 @@ def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path =
     if cfg.teacher.epochs:
         teacher.train.epochs = cfg.teacher.epochs
     baseline = point_only(cfg)
+    if v["asd"] and expert_run(cfg) == "baseline":
+        baseline.train.snapshots = cfg.train.snapshots or 5  # its snapshots are the final student's experts
     teacher_ckpt = Path(teacher_run or out / "teacher") / "last.pt"
     stage1 = point_only(cfg)
     if v["ihd"]:
@@ -51,8 +53,14 @@ def stage_configs(cfg: Config, out: Path, variant: dict = None, baseline: Path =
     if v["ihd"]:
         with_teacher(student, cfg, teacher_ckpt)
     if v["asd"]:
-        student.distill.experts = str(out / "stage1" / "experts.json")
+        student.distill.experts = str(out / expert_run(cfg) / "experts.json")
     return {"teacher": teacher, "baseline": baseline, "stage1": stage1, "student": student}
+
+
+def expert_run(cfg: Config) -> str:
+    """The run whose snapshots are the final student's ASD experts: ``stage1`` (METHOD.md) or, with
+    ``distill.asd_source=baseline`` (ours), the point-only ``baseline``."""
+    return "baseline" if cfg.distill.asd_source == "baseline" else "stage1"
 
 
 def _done(run_dir: Path, epochs: int) -> bool:
@@ -167,6 +175,8 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     if after_baseline and not with_baseline:
         raise HaskdError("teacher.init_3d=baseline starts the teacher from the pipeline's own baseline: drop "
                          "--no-baseline, or give teacher.init_3d a point-only checkpoint")
+    if v["asd"] and expert_run(cfg) == "baseline" and not with_baseline:
+        raise HaskdError("distill.asd_source=baseline distils the baseline's snapshots: drop --no-baseline")
     # weights: epochs; a teacher epoch (images) and a student epoch are priced apart
     first = [("teacher", cfgs["teacher"].train.epochs, "teacher")] if v["ihd"] else []
     first += [("baseline", cfgs["baseline"].train.epochs, "student")] if with_baseline else []
@@ -196,12 +206,12 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
         summary["teacher"] = _entry(out / "teacher", stage("teacher"))
     if v["asd"]:
         stage1 = stage("stage1")
-        exp = out / "stage1" / "experts.json"
+        exp = Path(cfgs["student"].distill.experts)
         teacher = out / "teacher" if v["ihd"] else None
         clock.start("experts")
         stale = _stale_table(exp, teacher)
         if stale and is_main():
-            build_expert_table(out / "stage1", cfg.data.root, cfg.data.val_split, "cpu"
+            build_expert_table(exp.parent, cfg.data.root, cfg.data.val_split, "cpu"
                                if cfg.train.device in ("auto", "cpu") else cfg.train.device,
                                topk=max(1, cfg.distill.asd_topk), out=exp, progress=progress, teacher=teacher)
         clock.done("experts", stale)
@@ -275,7 +285,8 @@ def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress)
     it to ``(the row it is, why)``."""
     from .experts import asd_pointless, build_expert_table
 
-    for run_dir, t in ((d / "baseline", None), (d / "stage1", teacher)):
+    # the table of the final student's experts names the teacher (for distill.teacher_expert)
+    for run_dir, t in ((d / "baseline", teacher if expert_run(c) == "baseline" else None), (d / "stage1", teacher)):
         if _stale_table(run_dir / "experts.json", t):
             build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
                                progress=progress, teacher=t)
