@@ -849,6 +849,13 @@ def test_asd_source_baseline_gives_the_final_student_the_baselines_snapshots(tin
     assert stage_configs(cfg, tmp_path, {"asd": False})["baseline"].train.snapshots == 0
     with pytest.raises(HaskdError, match="asd_source=baseline"):
         run_pipeline(cfg, tmp_path / "p", with_baseline=False, progress=False, report=False)
+    # the pipeline: no stage 1 (the final student needs only the baseline's snapshots and the teacher)
+    cfg.train.snapshots = 2
+    summary = run_pipeline(cfg, tmp_path / "p", progress=False, report=False)
+    assert not (tmp_path / "p" / "stage1").exists() and summary["student"]["ckpt"].endswith("student/last.pt")
+    assert json.loads((tmp_path / "p" / "baseline" / "experts.json").read_text())["teacher_iou"]
+    used = load_checkpoint(tmp_path / "p" / "student" / "last.pt")["config"]["distill"]["experts"]
+    assert used == str(tmp_path / "p" / "baseline" / "experts.json")
     p = Path("haskd/configs/synthetic_converged_la500_e240_bexp.yaml")
     bexp, e240 = load_config(str(p)), load_config("synthetic_converged_la500_e240")
     assert (bexp.distill.asd_source, bexp.distill.teacher_expert) == ("baseline", False)

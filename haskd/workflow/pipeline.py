@@ -205,7 +205,14 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
     if after_baseline:
         summary["teacher"] = _entry(out / "teacher", stage("teacher"))
     if v["asd"]:
-        stage1 = stage("stage1")
+        # distill.asd_source=baseline: the final student's experts are the baseline's snapshots, so stage 1 trains
+        # only when the final student would be stage 1 (the table gives the snapshots no class)
+        stage1 = None
+        if expert_run(cfg) == "baseline":
+            clock.start("stage1")
+            clock.done("stage1", False)
+        else:
+            stage1 = stage("stage1")
         exp = Path(cfgs["student"].distill.experts)
         teacher = out / "teacher" if v["ihd"] else None
         clock.start("experts")
@@ -220,7 +227,7 @@ def run_pipeline(cfg: Config, out, variant: dict = None, with_baseline=True, pro
         reason = asd_pointless(exp, _teacher_routes(cfgs["student"]))
         if reason:  # the "final student" would be stage 1 trained again under another name: keep stage 1
             log.info("[student] not trained, the final student is stage 1: %s", reason)
-            summary["student"] = _entry(out / "stage1", stage1)
+            summary["student"] = _entry(out / "stage1", stage1 if stage1 is not None else stage("stage1"))
             summary["student_is_stage1"] = reason
             clock.done("student", False)
         else:
@@ -264,6 +271,7 @@ TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3
 ENSEMBLE_ROW = "M-snapshot ensemble"
 DOUBLE_ROW = "baseline (2E)"
 STUDENT_PATH = "HAS-KD student (stage 1 + final)"  # the training a HAS-KD student costs beside its teacher
+# (with distill.asd_source=baseline its "stage 1" is the baseline, whose snapshots are the experts)
 
 
 def equal_time_row(epochs: int) -> str:
@@ -389,7 +397,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
         if equal_time_epochs:  # the training times the equal-time row is set against
             stage2 = 0.0 if "HAS-KD" in kept else train_seconds(d / "student")
-            for r, t in ((STUDENT_PATH, train_seconds(d / "stage1") + stage2), ("HAS-KD", stage2),
+            stage1 = d / ("stage1" if "HAS-KD" in kept else expert_run(c))  # the run the final student needs
+            for r, t in ((STUDENT_PATH, train_seconds(stage1) + stage2), ("HAS-KD", stage2),
                          ("teacher", train_seconds(d / "teacher")), ("baseline", train_seconds(d / "baseline")),
                          (equal_time_row(equal_time_epochs),
                           train_seconds(long_dirs[equal_time_row(equal_time_epochs)]))):
@@ -432,6 +441,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         table["same_as"] = same_as
     if seconds:
         table["train_seconds"] = seconds
+        table["expert_run"] = expert_run(cfg)
     for r in rows:
         v = np.array([m["miou"] for m in results[r].values()]) * 100
         entry = {"miou": v.tolist(), "runs": list(results[r]), "mean": float(v.mean()),
@@ -601,10 +611,11 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     if STUDENT_PATH in secs:
         mean = lambda r: sum(secs[r]) / len(secs[r])
         path = mean(STUDENT_PATH)
+        first = "baseline (its experts)" if table.get("expert_run") == "baseline" else "stage 1"
         others = ", ".join(f"{'final student (stage 2)' if r == 'HAS-KD' else r} {mean(r):.0f} s "
                            f"({mean(r) / path:.2f}x)" for r in secs if r != STUDENT_PATH)
         lines.append(f"\nTraining time (sum of the epochs' training loops, mean over seeds; validation and "
-                     f"soft-label cache building not included): HAS-KD student, stage 1 + final, {path:.0f} s; "
+                     f"soft-label cache building not included): HAS-KD student, {first} + final, {path:.0f} s; "
                      f"{others}. The whole pipeline with its teacher is "
                      f"{(path + mean('teacher')) / mean('baseline'):.2f}x the baseline's time.")
     for r, by_seed in table.get("same_as", {}).items():
