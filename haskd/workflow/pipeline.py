@@ -397,8 +397,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
         if equal_time_epochs:  # the training times the equal-time row is set against
             stage2 = 0.0 if "HAS-KD" in kept else train_seconds(d / "student")
-            stage1 = d / ("stage1" if "HAS-KD" in kept else expert_run(c))  # the run the final student needs
-            for r, t in ((STUDENT_PATH, train_seconds(stage1) + stage2), ("HAS-KD", stage2),
+            needed = d / ("stage1" if "HAS-KD" in kept else expert_run(c))  # the run the final student needs
+            for r, t in ((STUDENT_PATH, train_seconds(needed) + stage2), ("HAS-KD", stage2),
                          ("teacher", train_seconds(d / "teacher")), ("baseline", train_seconds(d / "baseline")),
                          (equal_time_row(equal_time_epochs),
                           train_seconds(long_dirs[equal_time_row(equal_time_epochs)]))):
