@@ -287,10 +287,10 @@ def train_seed_list(seed: int, train_seeds: int) -> list:
 
 
 def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress) -> tuple:
-    """The expert tables of ``d/baseline`` and ``d/stage1`` (built when missing or stale), then "+ASD only" (the
-    baseline distilling its own snapshots) and "HAS-KD" (``student``). Returns ``(runs, kept)``: an ASD row whose
-    expert table gives no class to any snapshot would retrain its stage 1, so it is not trained and ``kept`` maps
-    it to ``(the row it is, why)``."""
+    """The expert tables of ``d/baseline`` and ``d/stage1`` (built when missing or stale), then "HAS-KD"
+    (``student``) and "+ASD only" (the baseline distilling its own snapshots). Returns ``(runs, kept)``: an ASD
+    row whose expert table gives no class to any snapshot would retrain its stage 1, so it is not trained and
+    ``kept`` maps it to ``(the row it is, why)``."""
     from .experts import asd_pointless, build_expert_table
 
     # the table of the final student's experts names the teacher (for distill.teacher_expert)
@@ -301,8 +301,8 @@ def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress)
     runs, kept = {}, {}
     asd_only = point_only(c)
     asd_only.distill.experts = str(d / "baseline" / "experts.json")
-    for row, src, name, rc, run_dir in (("+ASD only", "baseline", "asd-only", asd_only, d / "asd_only"),
-                                        ("HAS-KD", "+IHD (IOF)", "student", student, d / "student")):
+    for row, src, name, rc, run_dir in (("HAS-KD", "+IHD (IOF)", "student", student, d / "student"),
+                                        ("+ASD only", "baseline", "asd-only", asd_only, d / "asd_only")):
         why = asd_pointless(rc.distill.experts, _teacher_routes(rc))
         if why:
             kept[row] = (src, why)
@@ -365,6 +365,9 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         runs["teacher (IOF frames)"] = run_stage("teacher", iof["teacher"], d / "teacher", progress)
         runs["teacher's 3D branch (points only)"] = eval_teacher_3d(d / "teacher", dev)
         runs["+IHD (IOF)"] = run_stage("stage1", iof["stage1"], d / "stage1", progress)
+        asd_runs, kept = _asd_rows(c, d, iof["student"], d / "teacher", dev, progress)
+        runs.update(asd_runs)
+        # the uniform-frame rows after the rows the method's claims rest on: an ablation cut short has those
         if c.teacher.train_frames == "random":
             # The teacher trained on random frames does not depend on the frame policy: only the frames it
             # sees when it writes soft labels do. Reuse its weights with uniformly chosen frames.
@@ -375,8 +378,6 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
-        asd_runs, kept = _asd_rows(c, d, iof["student"], d / "teacher", dev, progress)
-        runs.update(asd_runs)
         long_dirs = {}
         for r, n in longer.items():
             if n == base_cfg.train.epochs:
