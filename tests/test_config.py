@@ -91,6 +91,16 @@ def test_e240_preset_is_the_limited_annotation_preset_with_its_documented_change
         load_config("synthetic_converged_la500", diff))
 
 
+def test_32_room_preset_is_the_bexp_preset_at_half_the_epochs():
+    """synthetic_converged32_la500_bexp runs on twice the training rooms (its data folder, not a config key) and so
+    differs from synthetic_converged_la500_e240_bexp only in the epochs of every model: the same number of steps."""
+    import dataclasses
+
+    diff = ["train.epochs=120", "teacher.epochs=120"]
+    assert dataclasses.asdict(load_config("synthetic_converged32_la500_bexp")) == dataclasses.asdict(
+        load_config("synthetic_converged_la500_e240_bexp", diff))
+
+
 def test_ablate_seed_lists():
     import argparse
 
