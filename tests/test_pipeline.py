@@ -809,6 +809,9 @@ def test_ablation_train_seeds_retrain_the_students_from_the_seeds_teacher(tiny_r
     cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
     table = pl.run_ablation(cfg, tmp_path / "a", seeds=(0, 1), progress=False, train_seeds=2)
     assert pl.train_seed_list(1, 3) == [1, 11, 21]
+    # the rows the method's claims rest on first, so that an ablation cut short has them
+    assert [k.split("/", 2)[2] for k in trained if k.startswith("a/seed0/") and "train_seed" not in k] == [
+        "baseline", "teacher", "stage1", "student", "asd_only", "uniform/stage1"]
     for s, t in ((0, 10), (1, 11)):
         again = {k.split("/")[-1]: c for k, c in trained.items() if k.startswith(f"a/seed{s}/train_seed{t}/")}
         assert sorted(again) == ["asd_only", "baseline", "stage1", "student"]
