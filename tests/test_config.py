@@ -91,6 +91,15 @@ def test_e240_preset_is_the_limited_annotation_preset_with_its_documented_change
         load_config("synthetic_converged_la500", diff))
 
 
+def test_bexp_preset_is_the_e240_preset_with_the_baselines_experts():
+    """synthetic_converged_la500_e240_bexp (docs/benchmarks.md 7g) is the e240 preset but for whose snapshots ASD
+    distils and the teacher out of the expert pool."""
+    bexp, e240 = load_config("synthetic_converged_la500_e240_bexp"), load_config("synthetic_converged_la500_e240")
+    assert (bexp.distill.asd_source, bexp.distill.teacher_expert) == ("baseline", False)
+    bexp.distill.asd_source, bexp.distill.teacher_expert = "stage1", True
+    assert bexp == e240  # the e240 preset but for those two keys
+
+
 def test_32_room_preset_is_the_bexp_preset_at_half_the_epochs():
     """synthetic_converged32_la500_bexp runs on twice the training rooms (its data folder, not a config key) and so
     differs from synthetic_converged_la500_e240_bexp only in the epochs of every model: the same number of steps."""
