@@ -720,8 +720,9 @@ def test_eval_ensemble_reports_the_snapshots_beside_the_checkpoint(pipeline_run,
 
 
 def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
-    """--ensemble / --double-baseline / --equal-time-epochs add their rows after the five (which stay as they are),
-    each from the run it names; no training here: the stages are replaced by stand-ins that record their configs."""
+    """--ensemble / --image-control / --double-baseline / --equal-time-epochs add their rows after the five (which
+    stay as they are), each from the run it names; no training here: the stages are replaced by stand-ins that
+    record their configs."""
     import haskd.workflow.experts
     import haskd.workflow.pipeline as pl
 
@@ -749,8 +750,15 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert list(plain["rows"]) == list(pl.ABLATION_ROWS) and "same_as" not in plain
     trained.clear()
     table = pl.run_ablation(cfg, tmp_path / "b", seeds=(0,), progress=False, ensemble=True, double_baseline=True,
-                            equal_time_epochs=3)
-    assert list(table["rows"]) == [*pl.ABLATION_ROWS, "M-snapshot ensemble", "baseline (2E)", "baseline (3 epochs)"]
+                            equal_time_epochs=3, image_control=True)
+    assert list(table["rows"]) == [*pl.ABLATION_ROWS, "M-snapshot ensemble", "+IHD (3D head: no image)",
+                                   "baseline (2E)", "baseline (3 epochs)"]
+    # the control is stage 1 but for its IHD target (the teacher's points-only head) and its snapshots
+    control, stage1 = trained["b/seed0/stage1_3d"], trained["b/seed0/stage1"]
+    assert control.distill.teacher_head == "3d" and stage1.distill.teacher_head == "fused"
+    assert control.train.snapshots == 0 and stage1.train.snapshots > 0
+    control.distill.teacher_head, control.train.snapshots = "fused", stage1.train.snapshots
+    assert control == stage1
     assert table["rows"]["M-snapshot ensemble"]["mean"] == pytest.approx(77.0)
     assert trained["b/seed0/baseline_e4"].train.epochs == 4 and trained["b/seed0/baseline_e3"].train.epochs == 3
     base = trained["b/seed0/baseline"]
@@ -760,6 +768,12 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
         assert c.optim == base.optim and c.model == base.model
     md = (tmp_path / "b" / "ablation.md").read_text()
     assert "| M-snapshot ensemble | 77.00" in md and "| baseline (3 epochs) |" in md
+    assert "+IHD (IOF) - +IHD (3D head: no image)" in md
+    scored = []
+    monkeypatch.setattr(pl, "split_metrics", lambda run_dir, *a, **k: scored.append(Path(run_dir).name)
+                        or fake_metrics(0.25))
+    on_test = pl.run_ablation(cfg, tmp_path / "b", seeds=(0,), progress=False, split="test", image_control=True)
+    assert "stage1_3d" in scored and on_test["rows"]["+IHD (3D head: no image)"]["mean"] == pytest.approx(25.0)
     # training times: 2 epochs x 10 s (stage 1, the final student), 2 x 5 s (teacher, baseline), 3 x 5 s (equal
     # time); the student's path is stage 1 + the final student
     assert table["train_seconds"] == {pl.STUDENT_PATH: [40.0], "HAS-KD": [20.0], "teacher": [10.0],
@@ -935,11 +949,14 @@ def test_ablate_row_flags_reach_the_seed_processes():
 
     p = build_parser()
     assert _extra_row_flags(p.parse_args(["ablate"])) == []
-    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7", "--train-seeds", "3"])
+    args = p.parse_args(["ablate", "--ensemble", "--double-baseline", "--equal-time-epochs", "7", "--train-seeds", "3",
+                         "--image-control"])
     flags = _extra_row_flags(args)
-    assert flags == ["--ensemble", "--double-baseline", "--train-seeds", "3", "--equal-time-epochs", "7"]
+    assert flags == ["--ensemble", "--image-control", "--double-baseline", "--train-seeds", "3",
+                     "--equal-time-epochs", "7"]
     again = p.parse_args(["ablate", *flags])  # what a seed process parses
-    assert (again.ensemble, again.double_baseline, again.equal_time_epochs, again.train_seeds) == (True, True, 7, 3)
+    assert (again.ensemble, again.double_baseline, again.equal_time_epochs, again.train_seeds,
+            again.image_control) == (True, True, 7, 3, True)
 
 
 def test_baseline_beside_the_teacher_gives_the_sequential_runs(tiny_rooms, tmp_path, caplog):

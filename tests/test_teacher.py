@@ -131,6 +131,12 @@ def test_ablation_table_shows_the_hard_classes_when_scored():
     assert "| teacher (IOF frames) | 45.00 +- 0.00 | +5.00 | 30.00 +- 0.00 |" in md
     # the teacher's lead on those classes (30 - 5) and the share of it the student got (20 - 5 = 60%)
     assert "On picture / window (mean IoU) the teacher leads by +25.00; HAS-KD gets 60% of it (+15.00)." in md
+    # with IHD and its image control: each one's share of the lead, and IHD's lead over the control (the images')
+    table["rows"]["+IHD (IOF)"] = row(41.5, 0.15, 0.35)  # 25 - 5 = 20 of 25: 80%
+    table["rows"]["+IHD (3D head: no image)"] = row(41.0, 0.05, 0.25)  # 15 - 5 = 10: 40%
+    assert ("+IHD (IOF) gets 80% (+20.00), +IHD (3D head: no image) 40% (+10.00): the images' own part is 40% "
+            "(+10.00).") in ablation_markdown(table)
+    del table["rows"]["+IHD (IOF)"], table["rows"]["+IHD (3D head: no image)"]
     table["rows"]["baseline"]["per_class_iou"] = [{"wall": 0.9}]
     for r in ("HAS-KD",):
         table["rows"][r]["per_class_iou"] = [{"wall": 0.9}]

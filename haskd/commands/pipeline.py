@@ -76,6 +76,10 @@ def register(sub):
     a.add_argument("--ensemble", action="store_true",
                    help="add the row 'M-snapshot ensemble': the mean softmax of the stage-1 snapshots, to set "
                         "against its final model, the '+IHD (IOF)' row")
+    a.add_argument("--image-control", action="store_true",
+                   help="add the row '+IHD (3D head: no image)': stage 1 distilling the teacher's points-only "
+                        "head (distill.teacher_head=3d), same soft labels, gate and seed; '+IHD (IOF)' minus it is "
+                        "what the images themselves give the student")
     a.add_argument("--double-baseline", action="store_true",
                    help="add the row 'baseline (2E)': the baseline trained twice train.epochs (has it plateaued?)")
     a.add_argument("--equal-time-epochs", type=positive_int, default=None, metavar="N",
@@ -217,7 +221,8 @@ def run_ablate(args) -> int:
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
                          equal_time_epochs=args.equal_time_epochs,  # reuses the runs the processes finished
-                         table_dir=args.table_dir, split_root=args.split_data, train_seeds=args.train_seeds)
+                         table_dir=args.table_dir, split_root=args.split_data, train_seeds=args.train_seeds,
+                         image_control=args.image_control)
     from ..workflow.pipeline import ablation_markdown, ablation_table_name, per_class_markdown
 
     print(ablation_markdown(table))
@@ -230,7 +235,8 @@ def run_ablate(args) -> int:
 
 def _extra_row_flags(args) -> list:
     """The optional-row flags of ``haskd ablate``, to hand to the per-seed processes (they train those rows too)."""
-    flags = ["--ensemble"] * args.ensemble + ["--double-baseline"] * args.double_baseline
+    flags = ["--ensemble"] * args.ensemble + ["--image-control"] * args.image_control
+    flags += ["--double-baseline"] * args.double_baseline
     flags += ["--train-seeds", str(args.train_seeds)] if args.train_seeds > 1 else []
     return flags + (["--equal-time-epochs", str(args.equal_time_epochs)] if args.equal_time_epochs else [])
 

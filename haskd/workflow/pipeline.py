@@ -269,6 +269,7 @@ TEACHER_ROWS = ("teacher (IOF frames)", "teacher (uniform frames)", "teacher's 3
 
 
 ENSEMBLE_ROW = "M-snapshot ensemble"
+CONTROL_ROW = "+IHD (3D head: no image)"  # IHD from the teacher's 3D-branch head: the control for the images' part
 DOUBLE_ROW = "baseline (2E)"
 STUDENT_PATH = "HAS-KD student (stage 1 + final)"  # the training a HAS-KD student costs beside its teacher
 # (with distill.asd_source=baseline its "stage 1" is the baseline, whose snapshots are the experts)
@@ -313,11 +314,15 @@ def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress)
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
                  double_baseline=False, equal_time_epochs=None, table_dir=None, split_root=None,
-                 train_seeds=1) -> dict:
+                 train_seeds=1, image_control=False) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
     stage-1 snapshots, :func:`ensemble_metrics`; the final model it is measured against is "+IHD (IOF)"),
+    ``image_control`` "+IHD (3D head: no image)" (:data:`CONTROL_ROW`: stage 1's config with
+    ``distill.teacher_head=3d``, in ``seed<S>/stage1_3d``: the same teacher, soft labels, gate and student seed, but
+    the targets come from the teacher's points-only head, so "+IHD (IOF)" minus it is what the images themselves
+    give the student),
     ``double_baseline`` "baseline (2E)" (the baseline's config trained ``2 * train.epochs``) and
     ``equal_time_epochs=N`` "baseline (N epochs)" (the same, ``N`` epochs: N chosen so that its wall time matches
     the HAS-KD student's). A baseline of as many epochs as the baseline row is that row.
@@ -344,7 +349,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         longer[DOUBLE_ROW] = 2 * cfg.train.epochs
     if equal_time_epochs:
         longer[equal_time_row(equal_time_epochs)] = int(equal_time_epochs)
-    extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + tuple(longer)
+    extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + (CONTROL_ROW,) * bool(image_control) + tuple(longer)
     rows = ABLATION_ROWS + extra_rows + TEACHER_ROWS
     results = {r: {} for r in rows}  # row -> {run label: metrics}
     same_as = {}  # row -> {run label: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
@@ -378,6 +383,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
+        if image_control:
+            runs[CONTROL_ROW] = run_stage("ihd-3d-head", control_config(iof["stage1"]), d / "stage1_3d", progress)
         long_dirs = {}
         for r, n in longer.items():
             if n == base_cfg.train.epochs:
@@ -392,7 +399,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
         if other_split:
             runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=kept)
-            for r, run_dir in long_dirs.items():
+            for r, run_dir in {**({CONTROL_ROW: d / "stage1_3d"} if image_control else {}), **long_dirs}.items():
                 runs[r] = split_metrics(run_dir, s_split, s_root, dev)
             if ensemble:
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
@@ -456,6 +463,15 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     (where / f"{name}.md").write_text(md + "\n")
     (where / f"{name}.json").write_text(json.dumps(table, indent=1))
     return table
+
+
+def control_config(stage1: Config) -> Config:
+    """The image control of :data:`CONTROL_ROW`: ``stage1`` distilling the teacher's 3D-branch head
+    (``distill.teacher_head=3d``), without snapshots (nothing distils from them)."""
+    c = copy.deepcopy(stage1)
+    c.distill.teacher_head = "3d"
+    c.train.snapshots = 0
+    return c
 
 
 def ablation_table_name(cfg: Config, split: str, split_root=None) -> str:
@@ -544,7 +560,7 @@ def per_class_markdown(table: dict, rows=("baseline", "HAS-KD", "teacher (IOF fr
 
 
 PAIRED_ROWS = (("+IHD (IOF)", "baseline"), ("+ASD only", "baseline"), ("HAS-KD", "+IHD (IOF)"),
-               (ENSEMBLE_ROW, "+IHD (IOF)"))  # the issue's comparisons, each row against its reference
+               (ENSEMBLE_ROW, "+IHD (IOF)"), ("+IHD (IOF)", CONTROL_ROW))  # the issue's comparisons, row - reference
 
 
 def paired_deltas(table: dict, row: str, ref: str) -> list:
@@ -599,6 +615,14 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
             share = f"{100 * moved / lead:.0f}%" if lead > 0 else "n/a (the teacher does not lead there)"
             lines.append(f"On {' / '.join(hard_classes)} (mean IoU) the teacher leads by {lead:+.2f}; HAS-KD gets "
                          f"{share} of it ({moved:+.2f}).")
+            if lead > 0 and "+IHD (IOF)" in rows:  # IHD's share, and the part of it its control gets without images
+                ihd = hard_mean("+IHD (IOF)") - hard_mean("baseline")
+                more = f"+IHD (IOF) gets {100 * ihd / lead:.0f}% ({ihd:+.2f})"
+                if CONTROL_ROW in rows:
+                    ctrl = hard_mean(CONTROL_ROW) - hard_mean("baseline")
+                    more += (f", {CONTROL_ROW} {100 * ctrl / lead:.0f}% ({ctrl:+.2f}): the images' own part is "
+                             f"{100 * (ihd - ctrl) / lead:.0f}% ({ihd - ctrl:+.2f})")
+                lines[-1] += f" {more}."
     paired = []
     for a, b in PAIRED_ROWS:
         d = np.array(paired_deltas(table, a, b))
