@@ -156,6 +156,10 @@ def test_per_class_table_averages_seeds_and_skips_absent_classes():
     assert md.splitlines()[0] == "| class | baseline | HAS-KD | teacher (IOF frames) |"
     assert "| wall | 85.0 +- 7.1 | 95.0 +- 7.1 | 100.0 +- 0.0 |" in md
     assert "sink" not in md
+    table["rows"]["+IHD (IOF)"] = row([0.7, 0.7])  # IHD and its image control sit beside the baseline when scored
+    table["rows"]["+IHD (3D head: no image)"] = row([0.6, 0.6])
+    assert per_class_markdown(table).splitlines()[0] == ("| class | baseline | +IHD (IOF) | +IHD (3D head: no image) "
+                                                         "| HAS-KD | teacher (IOF frames) |")
 
 
 def _teacher_step(cfg, batch, threads):

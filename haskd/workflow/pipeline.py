@@ -534,8 +534,10 @@ def _class_mean(per_class: list, classes) -> list:
     return out
 
 
-def per_class_markdown(table: dict, rows=("baseline", "HAS-KD", "teacher (IOF frames)")) -> str:
-    """Per-class val IoU (x100, mean +- std over seeds) of ``rows``; classes absent from every seed are left out."""
+def per_class_markdown(table: dict, rows=("baseline", "+IHD (IOF)", CONTROL_ROW, "HAS-KD", "teacher (IOF frames)")
+                       ) -> str:
+    """Per-class IoU (x100, mean +- std over seeds) of those of ``rows`` the table has; classes absent from every
+    seed are left out."""
     import numpy as np
 
     entries = {**table["rows"], **table.get("teacher", {})}
