@@ -383,23 +383,25 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
         runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
+        row_dirs = {}  # the optional rows' run folders (scored again on another split)
         if image_control:
-            runs[CONTROL_ROW] = run_stage("ihd-3d-head", control_config(iof["stage1"]), d / "stage1_3d", progress)
-        long_dirs = {}
+            row_dirs[CONTROL_ROW] = d / "stage1_3d"
+            runs[CONTROL_ROW] = run_stage("ihd-3d-head", control_config(iof["stage1"]), row_dirs[CONTROL_ROW],
+                                          progress)
         for r, n in longer.items():
             if n == base_cfg.train.epochs:
-                long_dirs[r] = d / "baseline"
+                row_dirs[r] = d / "baseline"
                 runs[r] = runs["baseline"]
                 continue
             long_cfg = copy.deepcopy(base_cfg)
             long_cfg.train.epochs = n
-            long_dirs[r] = d / f"baseline_e{n}"
-            runs[r] = run_stage(r, long_cfg, long_dirs[r], progress)
+            row_dirs[r] = d / f"baseline_e{n}"
+            runs[r] = run_stage(r, long_cfg, row_dirs[r], progress)
         if ensemble:
             runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
         if other_split:
             runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=kept)
-            for r, run_dir in {**({CONTROL_ROW: d / "stage1_3d"} if image_control else {}), **long_dirs}.items():
+            for r, run_dir in row_dirs.items():
                 runs[r] = split_metrics(run_dir, s_split, s_root, dev)
             if ensemble:
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
@@ -409,7 +411,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             for r, t in ((STUDENT_PATH, train_seconds(needed) + stage2), ("HAS-KD", stage2),
                          ("teacher", train_seconds(d / "teacher")), ("baseline", train_seconds(d / "baseline")),
                          (equal_time_row(equal_time_epochs),
-                          train_seconds(long_dirs[equal_time_row(equal_time_epochs)]))):
+                          train_seconds(row_dirs[equal_time_row(equal_time_epochs)]))):
                 seconds.setdefault(r, []).append(t)
         by_run = {str(seed): (runs, kept)}
         for t_seed in train_seed_list(seed, train_seeds)[1:]:
