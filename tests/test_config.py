@@ -110,6 +110,15 @@ def test_32_room_preset_is_the_bexp_preset_at_half_the_epochs():
         load_config("synthetic_converged_la500_e240_bexp", diff))
 
 
+def test_32_room_e240_preset_is_the_32_room_preset_with_students_at_twice_the_epochs():
+    """synthetic_converged32_e240 doubles the students' (and so the baseline's) epochs; the teacher's image branch
+    keeps its 120, on top of the 240-epoch baseline it starts from."""
+    import dataclasses
+
+    assert dataclasses.asdict(load_config("synthetic_converged32_e240")) == dataclasses.asdict(
+        load_config("synthetic_converged32_la500_bexp", ["train.epochs=240"]))
+
+
 def test_ablate_seed_lists():
     import argparse
 
