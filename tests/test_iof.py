@@ -139,3 +139,68 @@ def test_frames_cli_select_and_coverage(tmp_path):
     args = parser.parse_args(["frames", "coverage", *common, "--policies", "best", "--out", str(tmp_path / "x.md")])
     with pytest.raises(HaskdError, match="unknown"):
         args.func(args)
+
+
+# ---------------------------------------------------------------- what the teacher's cached targets hand the student
+
+def _teacher_cache(folder, scene, probs, visible):
+    from haskd.distill.cache import write_scene_cache
+
+    write_scene_cache(folder, scene, np.log(np.asarray(probs, dtype=np.float64)), visible=np.asarray(visible, bool))
+
+
+def test_target_counts_by_hand(tmp_path):
+    from haskd.distill.cache import load_scene_cache
+    from haskd.distill.ihd import target_counts
+
+    # 3 classes, 5 points: labels 0 0 1 2 -1
+    probs = [[0.995, 0.004, 0.001],   # class 0, kept (>= 0.99), right
+             [0.2, 0.7, 0.1],         # class 0, not kept, wrong (top-1 is 1)
+             [0.005, 0.994, 0.001],   # class 1, kept, right
+             [0.992, 0.004, 0.004],   # class 2, kept, wrong
+             [0.1, 0.1, 0.8]]         # ignored
+    _teacher_cache(tmp_path / "c", "s", probs, [True, False, True, False, True])
+    counts = target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]), gate=0.99)
+    # columns: points, seen, kept, kept_right, top1_right
+    assert counts.tolist() == [[2, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 0, 0]]
+    # a softer temperature flattens the targets: at tau 2 no point reaches 0.99
+    assert target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]), 0.99, 2.0)[:, 2].sum() == 0
+    with pytest.raises(ValueError, match="labels for 5"):
+        target_counts(load_scene_cache(tmp_path / "c", "s"), np.zeros(4, int))
+
+
+def test_frames_cli_targets_pools_folders_under_a_name(tmp_path):
+    from haskd.commands.frames import register
+
+    for name in ("a", "b"):
+        d = tmp_path / "data" / "train" / name
+        d.mkdir(parents=True)
+        np.save(d / "segment20.npy", np.array([7, 7, 8], dtype=np.int16))    # door, door, window
+    sure, unsure = [0.0] * 20, [0.0] * 20
+    sure[7], sure[8] = 0.999, 0.001
+    unsure[7], unsure[8] = 0.6, 0.4
+    for seed, (first, seen) in enumerate(((sure, True), (unsure, False))):
+        for name in ("a", "b"):
+            p = np.full((3, 20), 1e-6)
+            p[:2] = np.asarray(first) + 1e-6
+            p[2, 8] = 1.0
+            _teacher_cache(tmp_path / f"t{seed}", name, p, [seen, seen, True])
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    out = tmp_path / "targets.md"
+    args = parser.parse_args(["frames", "targets", "--data", str(tmp_path / "data"), "--cache",
+                              f"iof={tmp_path / 't0'},{tmp_path / 't1'}", "--cache", f"one={tmp_path / 't0'}",
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.read_text().splitlines()
+            if r.startswith("| door") or r.startswith("| window")}
+    # door: 4 points; pooled over t0 (seen, kept, right) and t1 (unseen, below the gate, right): half seen and kept
+    assert rows["door"] == ["4", "0.500", "0.500", "1.000", "1.000", "1.000", "1.000", "1.000", "1.000"]
+    assert rows["window"][:5] == ["2", "1.000", "1.000", "1.000", "1.000"]
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["counts"]["iof"][7] == [8, 4, 4, 4, 8] and res["classes"][7] == "door"
+    for bad in ("iof", "=x", "iof="):
+        args = parser.parse_args(["frames", "targets", "--data", str(tmp_path / "data"), "--cache", bad,
+                                  "--out", str(out)])
+        with pytest.raises(HaskdError, match="NAME=DIR"):
+            args.func(args)

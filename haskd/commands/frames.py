@@ -1,4 +1,5 @@
-"""``haskd frames select|coverage``: IOF frame selection per scene, and the point-coverage comparison of policies.
+"""``haskd frames select|coverage|targets``: IOF frame selection per scene, the point-coverage comparison of policies,
+and what a teacher's cached targets (built from its frames) hand the student per class.
 
 A scene folder is ``<root>/<split>/<scene>/`` with ``coord.npy``, ``color.npy`` and optional ``frames/``; scenes
 without frames get rendered virtual views (cached outside the data, see :mod:`haskd.images.views`). The points must be
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import HaskdError
+from ..errors import HaskdError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,24 @@ def register(subparsers):
     c.add_argument("--seeds", default="0,1,2,3,4", help="seeds averaged for the random policies")
     c.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
     c.set_defaults(func=run_coverage)
+    t = sub.add_parser("targets", help="per class: what a teacher's soft-label caches hand the student -> "
+                                       "Markdown + JSON", description=(
+        "Per class, what the soft-label caches of teachers hand a student on a split: the share of the class's\n"
+        "points seen in the teacher's frames, the share the unlabeled-point gate keeps (the target's top-1\n"
+        "probability >= --gate, as distill.unlabeled_conf), how many kept targets name the class, and how many\n"
+        "targets name it overall. Compare frame policies (IOF vs uniform) or teachers side by side; several\n"
+        "folders under one name (e.g. three seeds) are pooled.\n\n"
+        "Reads:  each cache folder (a teacher run's soft_labels_* folder) and <DATA>/<split>/<scene>/ labels.\n"
+        "Writes: OUT (a Markdown table, fractions 0..1) and OUT with .json (the counts).\n"
+        "Prints: the table."))
+    t.add_argument("--data", required=True, help="data root holding <split>/<scene>/")
+    t.add_argument("--split", default="train", help="split folder the caches were built on")
+    t.add_argument("--cache", action="append", required=True, metavar="NAME=DIR[,DIR...]",
+                   help="a column: its name and the cache folders pooled under it (repeat the flag per column)")
+    t.add_argument("--gate", type=float, default=0.99, help="top-1 probability a target needs to be kept")
+    t.add_argument("--tau", type=float, default=1.0, help="temperature of the targets (distill.tau)")
+    t.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
+    t.set_defaults(func=run_targets)
     r = sub.add_parser("render", help="render virtual views for scenes without RGB-D frames (before the teacher)",
                        description=(
         f"{RENDER_WHY}\n\nReads:  <DATA>/<split>/<scene>/ points (scenes with frames/ or frames_virtual/ are left "
@@ -214,6 +233,76 @@ def run_coverage(args) -> int:
     md.with_suffix(".json").write_text(json.dumps({"scenes": table, "mean": mean, "ks": ks, "policies": policies,
                                                    "seeds": seeds, "tau": args.tau,
                                                    "voxel_size": args.voxel_size}, indent=1))
+    print("\n".join(lines[2:]))
+    print(f"-> {md}, {md.with_suffix('.json')}")
+    return 0
+
+
+def _named_caches(specs) -> dict:
+    out = {}
+    for spec in specs:
+        name, sep, dirs = spec.partition("=")
+        folders = [Path(d) for d in dirs.split(",") if d.strip()]
+        if not sep or not name.strip() or not folders:
+            raise HaskdError(f"--cache must be NAME=DIR[,DIR...], got '{spec}'")
+        if name in out:
+            raise HaskdError(f"--cache: the name '{name}' is given twice")
+        out[name] = folders
+    return out
+
+
+def run_targets(args) -> int:
+    from ..classes import DATASETS
+    from ..data.scene import LABEL_FILES, list_scenes
+    from ..distill.cache import load_scene_cache
+    from ..distill.ihd import TARGET_COUNTS, target_counts
+
+    if not 0 <= args.gate < 1 or args.tau <= 0:
+        raise HaskdError(f"--gate must be in [0, 1) and --tau > 0, got {args.gate} and {args.tau}")
+    caches = _named_caches(args.cache)
+    labels = {}
+    for d in list_scenes(args.data, args.split):
+        f = next((d / n for n in LABEL_FILES if (d / n).is_file()), None)
+        if f is None:
+            raise InputError(d, f"no labels ({' or '.join(LABEL_FILES)})")
+        labels[d.name] = np.load(f)
+    counts = {}
+    for name, folders in caches.items():
+        total = 0
+        for folder in folders:
+            for scene, y in labels.items():
+                total = total + target_counts(load_scene_cache(folder, scene, expected_points=len(y)), y,
+                                              args.gate, args.tau)
+        counts[name] = total
+    c = next(iter(counts.values())).shape[0]
+    names = next((list(v["classes"]) for v in DATASETS.values() if len(v["classes"]) == c), [str(i) for i in range(c)])
+    cols = ("seen", "kept", "kept right", "top-1 right")
+    lines = [
+        f"What the teachers' cached targets hand the student on the {len(labels)} '{args.split}' scenes of "
+        f"{args.data}, per class: share of its points seen in the frames; share kept by the gate (top-1 probability "
+        f">= {args.gate} at tau {args.tau}); of those kept, share whose target names the class; share of all whose "
+        "target names it.",
+        "",
+        "| class | points | " + " | ".join(f"{n}: {col}" for n in counts for col in cols) + " |",
+        "|---|---:|" + "---:|" * (len(cols) * len(counts)),
+    ]
+    points = sum(np.bincount(y[(y >= 0) & (y < c)].astype(np.int64), minlength=c) for y in labels.values())
+    for k in range(c):
+        if points[k] == 0:
+            continue
+        cells = []
+        for n in counts:
+            pts, seen, kept, kept_right, right = (int(v) for v in counts[n][k])
+            cells += [f"{seen / pts:.3f}", f"{kept / pts:.3f}", f"{kept_right / kept:.3f}" if kept else "-",
+                      f"{right / pts:.3f}"]
+        lines.append(f"| {names[k]} | {int(points[k])} | " + " | ".join(cells) + " |")
+    md = Path(args.out)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+    md.with_suffix(".json").write_text(json.dumps({
+        "columns": list(TARGET_COUNTS), "classes": names, "gate": args.gate, "tau": args.tau, "split": args.split,
+        "caches": {n: [str(f) for f in caches[n]] for n in counts},
+        "counts": {n: counts[n].tolist() for n in counts}}, indent=1))
     print("\n".join(lines[2:]))
     print(f"-> {md}, {md.with_suffix('.json')}")
     return 0

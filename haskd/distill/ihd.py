@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .kd import (IHD_TRUST_MODES, IMAGE_TRUST_MODES, KD_TARGETS, TRUST_MODES, Projector, _check_choice,
                  class_balance, feature_loss, information_weights, kd_kl)
 
-__all__ = ["IHDLoss", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right", "image_shift",
+__all__ = ["IHDLoss", "TARGET_COUNTS", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right",
+           "image_shift", "target_counts",
            "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
 
 # distill.trust -> the teacher's per-point image rule it reads (computed where the 3D-branch logits are)
@@ -63,6 +65,33 @@ def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: tor
     right = fused_logits.detach().argmax(-1) == labels
     wrong_3d = logits_3d.detach().to(fused_logits.device).argmax(-1) != labels
     return (right & wrong_3d & (labels != ignore_index)).float()
+
+
+TARGET_COUNTS = ("points", "seen", "kept", "kept_right", "top1_right")
+
+
+def target_counts(cache: dict, labels, gate: float = 0.0, tau: float = 1.0) -> np.ndarray:
+    """What one scene's cached teacher targets hand a student, per class (ours, a diagnostic: ``haskd frames
+    targets``). ``cache``: :func:`haskd.distill.cache.load_scene_cache` of a teacher (one target per point);
+    ``labels`` (P,) int, -1 ignored. Returns (C, 5) int64 counts, columns :data:`TARGET_COUNTS`: the class's points,
+    those seen in the teacher's frames (all of them when the cache has no ``visible``), those the unlabeled-point gate
+    keeps (the target's top-1 probability at ``tau`` >= ``gate``, as ``distill.unlabeled_conf`` does), those kept
+    whose target's top-1 is the class, and those whose top-1 is the class whether kept or not."""
+    logits = np.asarray(cache["topk_logits"], dtype=np.float32)
+    if logits.ndim != 2:
+        raise ValueError(f"one target per point expected, got top-k logits of shape {logits.shape}")
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"{y.shape[0]} labels for {logits.shape[0]} cached points")
+    c = int(cache["num_classes"])
+    # logits are stored minus the point's max, so the top-1 probability is 1 / sum(exp(z / tau))
+    top1_p = 1.0 / np.exp(logits / tau).sum(-1)
+    right = np.asarray(cache["topk_index"])[:, 0].astype(np.int64) == y
+    seen = np.asarray(cache["visible"], dtype=bool) if "visible" in cache else np.ones_like(right)
+    kept = top1_p >= gate
+    ok = (y >= 0) & (y < c)
+    cols = (np.ones_like(right), seen, kept, kept & right, right)
+    return np.stack([np.bincount(y[ok & m], minlength=c) for m in cols], axis=1).astype(np.int64)
 
 
 def image_shift(fused_logits: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
