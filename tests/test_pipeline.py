@@ -797,6 +797,57 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     assert "HAS-KD is not a model of its own" in (tmp_path / "d" / "ablation.md").read_text()
 
 
+def test_ablation_table_only_trains_nothing_and_names_the_rows_left_out(tiny_rooms, tmp_path, monkeypatch):
+    """--table-only: the table of the finished runs; a row without one (here the final student and the control) is
+    left out and named, the teacher's lead is still given, and nothing is trained or built."""
+    import shutil
+
+    import haskd.workflow.experts
+    import haskd.workflow.pipeline as pl
+    from haskd.errors import HaskdError
+
+    trained = []
+
+    def fake_stage(name, cfg, run_dir, progress=True):
+        trained.append(Path(run_dir).name)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        m = {"miou": 0.5 + 0.01 * len(trained), "per_class_iou": {"wall": 0.5}}
+        (Path(run_dir) / "val_metrics.json").write_text(json.dumps(m))
+        (Path(run_dir) / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_time_s": 5.0}) + "\n")
+        return m
+
+    monkeypatch.setattr(pl, "run_stage", fake_stage)
+    monkeypatch.setattr(pl, "_done", lambda run_dir, epochs: (Path(run_dir) / "val_metrics.json").is_file())
+    monkeypatch.setattr(pl, "eval_teacher_3d", lambda *a, **k: {"miou": 0.4, "per_class_iou": {"wall": 0.4}})
+    monkeypatch.setattr(pl, "reuse_teacher", lambda src, dst, *a, **k: fake_stage("reuse", None, dst))
+    monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: False)
+    monkeypatch.setattr(haskd.workflow.experts, "asd_pointless", lambda *a, **k: None)
+    cfg = load_config("scannet20_haskd", [*PIPE, f"data.root={tiny_rooms}", "teacher.train_frames=random"])
+    full = pl.run_ablation(cfg, tmp_path, seeds=(0,), progress=False, image_control=True, equal_time_epochs=3)
+    assert "train_seconds" in full
+    (tmp_path / "seed0" / "uniform" / "teacher" / "frames.json").write_text("{}")  # what reuse_teacher leaves
+    shutil.rmtree(tmp_path / "seed0" / "student")
+    shutil.rmtree(tmp_path / "seed0" / "stage1_3d")
+    trained.clear()
+    monkeypatch.setattr(pl, "_stale_table", lambda *a, **k: pytest.fail("--table-only builds no expert table"))
+    part = pl.run_ablation(cfg, tmp_path, seeds=(0,), progress=False, image_control=True, equal_time_epochs=3,
+                           train=False)
+    assert trained == []
+    assert part["missing"] == {"HAS-KD": ["0"], "+IHD (3D head: no image)": ["0"]}
+    assert set(part["rows"]) == set(full["rows"]) - {"HAS-KD", "+IHD (3D head: no image)"}
+    for r in part["rows"]:
+        assert part["rows"][r]["miou"] == full["rows"][r]["miou"]
+    assert "train_seconds" not in part  # the student's path is not finished: no time ratios
+    md = (tmp_path / "ablation.md").read_text()
+    assert ("Not finished, so left out of this table (`haskd ablate --table-only`): HAS-KD (run 0); "
+            "+IHD (3D head: no image) (run 0).") in md
+    lead = full["teacher"]["teacher (IOF frames)"]["mean"] - full["rows"]["baseline"]["mean"]
+    assert f"Teacher - baseline gap: {lead:+.2f} mIoU.\n" in md and "HAS-KD closes" not in md
+    shutil.rmtree(tmp_path / "seed0" / "baseline")
+    with pytest.raises(HaskdError, match="no finished baseline"):
+        pl.run_ablation(cfg, tmp_path, seeds=(0,), progress=False, train=False)
+
+
 def test_ablation_train_seeds_retrain_the_students_from_the_seeds_teacher(tiny_rooms, tmp_path, monkeypatch):
     """train_seeds=2: the students' rows are trained again with train.seed S+10 into seed<S>/train_seed<S+10>/, from
     seed S's teacher and their own stage 1's experts; the teachers are not retrained; each row labels its runs, and

@@ -91,6 +91,9 @@ def register(sub):
                         "train.seed S, S+10, ..., S+10(K-1), from seed S's teacher, into OUT/seed<S>/train_seed<T>/; "
                         "those rows are then compared paired by run over K runs a seed (one config's runs can "
                         "spread by more than the rows differ: docs/benchmarks.md 7f)")
+    a.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table of the runs in OUT that are finished (e.g. while the others still "
+                        "train, or where a row was not run); the rows left out are named under the table")
     # where a per-seed process of --jobs writes its one-seed table (its seed folder), so that it never overwrites
     # the table of all seeds in --out, e.g. the val table while a --split test call runs
     a.add_argument("--table-dir", default=None, help=argparse.SUPPRESS)
@@ -216,13 +219,13 @@ def run_ablate(args) -> int:
     if args.epochs is not None:
         cfg.teacher.epochs = args.epochs
     out = Path(args.out or "runs/ablate")
-    if args.jobs > 1 and len(args.seeds) > 1:
+    if args.jobs > 1 and len(args.seeds) > 1 and not args.table_only:
         run_seeds_in_parallel(cfg, out, args.seeds, args.jobs, _extra_row_flags(args))
     table = run_ablation(cfg, out, seeds=args.seeds, split=args.split, ensemble=args.ensemble,
                          double_baseline=args.double_baseline,
                          equal_time_epochs=args.equal_time_epochs,  # reuses the runs the processes finished
                          table_dir=args.table_dir, split_root=args.split_data, train_seeds=args.train_seeds,
-                         image_control=args.image_control)
+                         image_control=args.image_control, train=not args.table_only)
     from ..workflow.pipeline import ablation_markdown, ablation_table_name, per_class_markdown
 
     print(ablation_markdown(table))

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from ..config import Config, point_only, save_config, with_teacher
 from ..engine.checkpoint import load_checkpoint, load_model
@@ -78,6 +79,14 @@ def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
         return json.loads((run_dir / "val_metrics.json").read_text())
     log.info("[%s] training -> %s", name, run_dir)
     return train(cfg, run_dir, resume="auto", progress=progress)
+
+
+def _stage_or_finished(name, cfg: Config, run_dir: Path, progress=True, train=True) -> Optional[dict]:
+    """:func:`run_stage`, or with ``train=False`` (``haskd ablate --table-only``) the run's val metrics only if it is
+    finished, None if not: nothing is trained."""
+    if train:
+        return run_stage(name, cfg, run_dir, progress)
+    return json.loads((run_dir / "val_metrics.json").read_text()) if _done(run_dir, cfg.train.epochs) else None
 
 
 def _baseline_child(cfg_dict: dict, run_dir: str) -> None:
@@ -287,16 +296,17 @@ def train_seed_list(seed: int, train_seeds: int) -> list:
     return [seed + 10 * k for k in range(max(1, int(train_seeds)))]
 
 
-def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress) -> tuple:
+def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress, train=True) -> tuple:
     """The expert tables of ``d/baseline`` and ``d/stage1`` (built when missing or stale), then "HAS-KD"
     (``student``) and "+ASD only" (the baseline distilling its own snapshots). Returns ``(runs, kept)``: an ASD
     row whose expert table gives no class to any snapshot would retrain its stage 1, so it is not trained and
-    ``kept`` maps it to ``(the row it is, why)``."""
+    ``kept`` maps it to ``(the row it is, why)``. ``train=False``: no table is built and nothing trained; a row is
+    its finished run, or None."""
     from .experts import asd_pointless, build_expert_table
 
     # the table of the final student's experts names the teacher (for distill.teacher_expert)
     for run_dir, t in ((d / "baseline", teacher if expert_run(c) == "baseline" else None), (d / "stage1", teacher)):
-        if _stale_table(run_dir / "experts.json", t):
+        if train and _stale_table(run_dir / "experts.json", t):
             build_expert_table(run_dir, c.data.root, c.data.val_split, dev, topk=max(1, c.distill.asd_topk),
                                progress=progress, teacher=t)
     runs, kept = {}, {}
@@ -304,17 +314,18 @@ def _asd_rows(c: Config, d: Path, student: Config, teacher: Path, dev, progress)
     asd_only.distill.experts = str(d / "baseline" / "experts.json")
     for row, src, name, rc, run_dir in (("HAS-KD", "+IHD (IOF)", "student", student, d / "student"),
                                         ("+ASD only", "baseline", "asd-only", asd_only, d / "asd_only")):
-        why = asd_pointless(rc.distill.experts, _teacher_routes(rc))
+        why = asd_pointless(rc.distill.experts, _teacher_routes(rc)) if train or Path(
+            rc.distill.experts).is_file() else ""
         if why:
             kept[row] = (src, why)
         else:
-            runs[row] = run_stage(name, rc, run_dir, progress)
+            runs[row] = _stage_or_finished(name, rc, run_dir, progress, train)
     return runs, kept
 
 
 def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, ensemble=False,
                  double_baseline=False, equal_time_epochs=None, table_dir=None, split_root=None,
-                 train_seeds=1, image_control=False) -> dict:
+                 train_seeds=1, image_control=False, train=True) -> dict:
     """baseline | +IHD (uniform frames) | +IHD (IOF) | +ASD only | HAS-KD, for each seed; mean +- std.
 
     Optional rows (after those, all off by default): ``ensemble`` "M-snapshot ensemble" (the mean softmax of the
@@ -339,6 +350,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     in ``out/seed<S>/train_seed<T>/``: one configuration's runs spread by more than the rows differ (docs/
     benchmarks.md 7f), so those rows are compared over K runs a seed, paired by run. Each row's ``runs`` labels its
     values, ``"S"`` or ``"S/T"``.
+    ``train=False`` (``haskd ablate --table-only``): nothing is trained (and no expert table or uniform-frame teacher
+    built); the table holds the runs that are finished, and ``missing`` names, per row, the runs that are not.
     """
     import numpy as np
 
@@ -354,6 +367,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     results = {r: {} for r in rows}  # row -> {run label: metrics}
     same_as = {}  # row -> {run label: {"row": the row it is, "why": ...}} for ASD rows not trained (asd_pointless)
     seconds = {}  # row -> training seconds per seed (with equal_time_epochs)
+    missing = {}  # row -> run labels without a finished run (train=False)
     other_split = bool(split_root or (split is not None and split != cfg.data.val_split))
     s_split, s_root = split or cfg.data.val_split, split_root or cfg.data.root
     for seed in seeds:
@@ -365,29 +379,31 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         dev = "cpu" if c.train.device in ("auto", "cpu") else c.train.device
         base_cfg = copy.deepcopy(iof["baseline"])
         base_cfg.train.snapshots = c.train.snapshots or 5
+        stage = lambda name, rc, run_dir: _stage_or_finished(name, rc, run_dir, progress, train)  # noqa: E731
         runs = {}
-        runs["baseline"] = run_stage("baseline", base_cfg, d / "baseline", progress)
-        runs["teacher (IOF frames)"] = run_stage("teacher", iof["teacher"], d / "teacher", progress)
-        runs["teacher's 3D branch (points only)"] = eval_teacher_3d(d / "teacher", dev)
-        runs["+IHD (IOF)"] = run_stage("stage1", iof["stage1"], d / "stage1", progress)
-        asd_runs, kept = _asd_rows(c, d, iof["student"], d / "teacher", dev, progress)
+        runs["baseline"] = stage("baseline", base_cfg, d / "baseline")
+        runs["teacher (IOF frames)"] = stage("teacher", iof["teacher"], d / "teacher")
+        runs["teacher's 3D branch (points only)"] = (eval_teacher_3d(d / "teacher", dev)
+                                                     if runs["teacher (IOF frames)"] else None)
+        runs["+IHD (IOF)"] = stage("stage1", iof["stage1"], d / "stage1")
+        asd_runs, kept = _asd_rows(c, d, iof["student"], d / "teacher", dev, progress, train)
         runs.update(asd_runs)
         # the uniform-frame rows after the rows the method's claims rest on: an ablation cut short has those
         if c.teacher.train_frames == "random":
             # The teacher trained on random frames does not depend on the frame policy: only the frames it
             # sees when it writes soft labels do. Reuse its weights with uniformly chosen frames.
-            runs["teacher (uniform frames)"] = reuse_teacher(d / "teacher", d / "uniform" / "teacher", "uniform", dev)
+            reused = d / "uniform" / "teacher"
+            runs["teacher (uniform frames)"] = (reuse_teacher(d / "teacher", reused, "uniform", dev) if train else
+                                                _reused_teacher_metrics(reused))
         else:
-            runs["teacher (uniform frames)"] = run_stage("teacher-uniform", uni["teacher"], d / "uniform" / "teacher",
-                                                         progress)
+            runs["teacher (uniform frames)"] = stage("teacher-uniform", uni["teacher"], d / "uniform" / "teacher")
         ihd_uni = copy.deepcopy(uni["stage1"])
         ihd_uni.train.snapshots = 0
-        runs["+IHD (uniform frames)"] = run_stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1", progress)
+        runs["+IHD (uniform frames)"] = stage("ihd-uniform", ihd_uni, d / "uniform" / "stage1")
         row_dirs = {}  # the optional rows' run folders (scored again on another split)
         if image_control:
             row_dirs[CONTROL_ROW] = d / "stage1_3d"
-            runs[CONTROL_ROW] = run_stage("ihd-3d-head", control_config(iof["stage1"]), row_dirs[CONTROL_ROW],
-                                          progress)
+            runs[CONTROL_ROW] = stage("ihd-3d-head", control_config(iof["stage1"]), row_dirs[CONTROL_ROW])
         for r, n in longer.items():
             if n == base_cfg.train.epochs:
                 row_dirs[r] = d / "baseline"
@@ -396,16 +412,21 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             long_cfg = copy.deepcopy(base_cfg)
             long_cfg.train.epochs = n
             row_dirs[r] = d / f"baseline_e{n}"
-            runs[r] = run_stage(r, long_cfg, row_dirs[r], progress)
+            runs[r] = stage(r, long_cfg, row_dirs[r])
         if ensemble:
-            runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", None, None, dev, progress)
+            runs[ENSEMBLE_ROW] = (ensemble_metrics(d / "stage1", None, None, dev, progress)
+                                  if runs["+IHD (IOF)"] else None)
+        absent = _absent(runs, str(seed), missing)
         if other_split:
-            runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=kept)
+            runs = _runs_on_split(d, s_split, s_root, c.teacher.frame_policy, dev, skip=set(kept) | absent)
             for r, run_dir in row_dirs.items():
-                runs[r] = split_metrics(run_dir, s_split, s_root, dev)
-            if ensemble:
+                if r not in absent:
+                    runs[r] = split_metrics(run_dir, s_split, s_root, dev)
+            if ensemble and ENSEMBLE_ROW not in absent:
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
-        if equal_time_epochs:  # the training times the equal-time row is set against
+        # the training times the equal-time row is set against (with train=False: when every run they need is there)
+        if equal_time_epochs and not absent & {"baseline", "teacher (IOF frames)", "+IHD (IOF)", "HAS-KD",
+                                               equal_time_row(equal_time_epochs)}:
             stage2 = 0.0 if "HAS-KD" in kept else train_seconds(d / "student")
             needed = d / ("stage1" if "HAS-KD" in kept else expert_run(c))  # the run the final student needs
             for r, t in ((STUDENT_PATH, train_seconds(needed) + stage2), ("HAS-KD", stage2),
@@ -422,16 +443,18 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             cfgs = stage_configs(ct, dt, teacher_run=d / "teacher")
             base_t = copy.deepcopy(cfgs["baseline"])
             base_t.train.snapshots = base_cfg.train.snapshots
-            runs_t = {"baseline": run_stage("baseline", base_t, dt / "baseline", progress),
-                      "+IHD (IOF)": run_stage("stage1", cfgs["stage1"], dt / "stage1", progress)}
-            asd_runs, kept_t = _asd_rows(ct, dt, cfgs["student"], d / "teacher", dev, progress)
+            runs_t = {"baseline": stage("baseline", base_t, dt / "baseline"),
+                      "+IHD (IOF)": stage("stage1", cfgs["stage1"], dt / "stage1")}
+            asd_runs, kept_t = _asd_rows(ct, dt, cfgs["student"], d / "teacher", dev, progress, train)
             runs_t.update(asd_runs)
             if ensemble:
-                runs_t[ENSEMBLE_ROW] = ensemble_metrics(dt / "stage1", None, None, dev, progress)
+                runs_t[ENSEMBLE_ROW] = (ensemble_metrics(dt / "stage1", None, None, dev, progress)
+                                        if runs_t["+IHD (IOF)"] else None)
+            absent_t = _absent(runs_t, f"{seed}/{t_seed}", missing)
             if other_split:
-                runs_t = _runs_on_split(dt, s_split, s_root, c.teacher.frame_policy, dev, skip=kept_t,
+                runs_t = _runs_on_split(dt, s_split, s_root, c.teacher.frame_policy, dev, skip=set(kept_t) | absent_t,
                                         rows=RESEEDED_ROWS)
-                if ensemble:
+                if ensemble and ENSEMBLE_ROW not in absent_t:
                     runs_t[ENSEMBLE_ROW] = ensemble_metrics(dt / "stage1", s_split, s_root, dev, progress)
             by_run[f"{seed}/{t_seed}"] = (runs_t, kept_t)
         for label, (runs, kept) in by_run.items():
@@ -442,7 +465,11 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             for r in rows:
                 if r in runs:
                     results[r][label] = runs[r]
+    if not results["baseline"]:
+        raise HaskdError(f"{out}: no finished baseline run, so no row has anything to be compared with")
     table = {"seeds": list(seeds), "split": s_split, "rows": {}, "teacher": {}}
+    if missing:
+        table["missing"] = missing
     if train_seeds > 1:
         table["train_seeds"] = int(train_seeds)
     if split_root:
@@ -452,7 +479,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     if seconds:
         table["train_seconds"] = seconds
         table["expert_run"] = expert_run(cfg)
-    for r in rows:
+    for r in (r for r in rows if results[r]):
         v = np.array([m["miou"] for m in results[r].values()]) * 100
         entry = {"miou": v.tolist(), "runs": list(results[r]), "mean": float(v.mean()),
                  "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -465,6 +492,21 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     (where / f"{name}.md").write_text(md + "\n")
     (where / f"{name}.json").write_text(json.dumps(table, indent=1))
     return table
+
+
+def _absent(runs: dict, label: str, missing: dict) -> set:
+    """Drop the rows of ``runs`` without a finished run (None, ``train=False``) and note them in ``missing``."""
+    absent = [r for r, m in runs.items() if m is None]  # in the rows' order
+    for r in absent:
+        del runs[r]
+        missing.setdefault(r, []).append(label)
+    return set(absent)
+
+
+def _reused_teacher_metrics(dst: Path) -> Optional[dict]:
+    """The val metrics :func:`reuse_teacher` wrote in ``dst``, or None when it has not run there."""
+    done = (dst / "val_metrics.json").is_file() and (dst / "frames.json").is_file()
+    return json.loads((dst / "val_metrics.json").read_text()) if done else None
 
 
 def control_config(stage1: Config) -> Config:
@@ -578,13 +620,21 @@ def paired_deltas(table: dict, row: str, ref: str) -> list:
     return [a[k] - b[k] for k in a if k in b]
 
 
+def _vs_baseline(table: dict, row: str) -> float:
+    """A row's lead over the baseline: the mean of its paired differences, or of the means without per-run values."""
+    import numpy as np
+
+    d = paired_deltas(table, row, "baseline")
+    rows = {**table["rows"], **table.get("teacher", {})}
+    return float(np.mean(d)) if d else rows[row]["mean"] - table["rows"]["baseline"]["mean"]
+
+
 def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
     """Markdown table: mIoU mean +- std, the gain over the baseline, and the mean IoU over ``hard_classes``
     (the classes that points show weakly; on data without them the column is left out)."""
     import numpy as np
 
     rows = {**table["rows"], **table.get("teacher", {})}
-    base = table["rows"]["baseline"]["mean"]
     hard = {r: _class_mean(v.get("per_class_iou") or [], hard_classes) for r, v in rows.items()}
     show_hard = any(np.isfinite(h).any() for h in hard.values() if h)
     where = f" of {Path(table['split_root']).name}" if table.get("split_root") else ""
@@ -599,26 +649,26 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
         rule += "---|"
     lines = [head, rule]
     for r, v in rows.items():
-        d = paired_deltas(table, r, "baseline")  # [] in a table without per-run values: the means' difference
         runs = f" ({len(v['miou'])} runs)" if any("/" in k for k in v.get("runs", ())) else ""
-        line = f"| {r}{runs} | {v['mean']:.2f} +- {v['std']:.2f} | {np.mean(d) if d else v['mean'] - base:+.2f} |"
+        line = f"| {r}{runs} | {v['mean']:.2f} +- {v['std']:.2f} | {_vs_baseline(table, r):+.2f} |"
         if show_hard:
             h = np.array(hard[r], float)
             line += f" {np.nanmean(h):.2f} +- {np.nanstd(h, ddof=1) if np.isfinite(h).sum() > 1 else 0.0:.2f} |"
         lines.append(line)
     t = table.get("teacher", {}).get("teacher (IOF frames)")
-    if t is not None and "HAS-KD" in table["rows"]:
-        gap, got = (float(np.mean(d)) if d else rows[r]["mean"] - base
-                    for r in ("teacher (IOF frames)", "HAS-KD") for d in [paired_deltas(table, r, "baseline")])
+    has_kd = "HAS-KD" in table["rows"]  # not in a --table-only table whose final students are not finished
+    if t is not None:
+        gap, got = (_vs_baseline(table, r) if r in rows else 0.0 for r in ("teacher (IOF frames)", "HAS-KD"))
         frac = f"{100 * got / gap:.0f}%" if gap > 0 else "n/a (the teacher is not above the baseline)"
-        lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU; HAS-KD closes {frac} of it ({got:+.2f}).")
+        lines.append(f"\nTeacher - baseline gap: {gap:+.2f} mIoU" + (f"; HAS-KD closes {frac} of it ({got:+.2f})."
+                                                                     if has_kd else "."))
         if show_hard:  # the classes the images explain: does the teacher's lead there reach the student?
             hard_mean = lambda r: float(np.nanmean(np.array(hard[r], float)))  # noqa: E731
             lead = hard_mean("teacher (IOF frames)") - hard_mean("baseline")
-            moved = hard_mean("HAS-KD") - hard_mean("baseline")
+            moved = hard_mean("HAS-KD") - hard_mean("baseline") if has_kd else 0.0
             share = f"{100 * moved / lead:.0f}%" if lead > 0 else "n/a (the teacher does not lead there)"
-            lines.append(f"On {' / '.join(hard_classes)} (mean IoU) the teacher leads by {lead:+.2f}; HAS-KD gets "
-                         f"{share} of it ({moved:+.2f}).")
+            lines.append(f"On {' / '.join(hard_classes)} (mean IoU) the teacher leads by {lead:+.2f}" + (
+                f"; HAS-KD gets {share} of it ({moved:+.2f})." if has_kd else "."))
             if lead > 0 and "+IHD (IOF)" in rows:  # IHD's share, and the part of it its control gets without images
                 ihd = hard_mean("+IHD (IOF)") - hard_mean("baseline")
                 more = f"+IHD (IOF) gets {100 * ihd / lead:.0f}% ({ihd:+.2f})"
@@ -647,6 +697,9 @@ def ablation_markdown(table: dict, hard_classes=("picture", "window")) -> str:
                      f"soft-label cache building not included): HAS-KD student, {first} + final, {path:.0f} s; "
                      f"{others}. The whole pipeline with its teacher is "
                      f"{(path + mean('teacher')) / mean('baseline'):.2f}x the baseline's time.")
+    if table.get("missing"):
+        lines.append("\nNot finished, so left out of this table (`haskd ablate --table-only`): " + "; ".join(
+            f"{r} (run{'s' * (len(labels) > 1)} {', '.join(labels)})" for r, labels in table["missing"].items()) + ".")
     for r, by_seed in table.get("same_as", {}).items():
         src = sorted({x["row"] for x in by_seed.values()})
         why = next(iter(by_seed.values()))["why"]
