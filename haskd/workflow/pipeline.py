@@ -459,6 +459,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             by_run[f"{seed}/{t_seed}"] = (runs_t, kept_t)
         for label, (runs, kept) in by_run.items():
             for r, (src, why) in kept.items():
+                if src not in runs:  # train=False: the row it is has no finished run either
+                    continue
                 log.info("[run %s] %s not trained, its row is %s: %s", label, r, src, why)
                 same_as.setdefault(r, {})[label] = {"row": src, "why": why}
                 runs[r] = runs[src]
@@ -553,8 +555,9 @@ def reuse_teacher(src: Path, dst: Path, policy: str, device="cpu") -> dict:
     from ..images.provider import save_selection
 
     dst = Path(dst)
-    if (dst / "val_metrics.json").is_file() and (dst / "frames.json").is_file():
-        return json.loads((dst / "val_metrics.json").read_text())
+    done = _reused_teacher_metrics(dst)
+    if done is not None:
+        return done
     model, cfg = load_model(src / "last.pt", device=device, return_config=True)
     cfg.teacher.frame_policy = policy
     cfg.teacher.train_frames = "selected"
