@@ -71,12 +71,18 @@ def _done(run_dir: Path, epochs: int) -> bool:
     return int(load_checkpoint(last).get("epoch", 0)) >= epochs
 
 
+def _finished(run_dir: Path, epochs: int) -> Optional[dict]:
+    """The val metrics of a run that has trained ``epochs``, or None."""
+    return json.loads((run_dir / "val_metrics.json").read_text()) if _done(run_dir, epochs) else None
+
+
 def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
     from .train import train
 
-    if _done(run_dir, cfg.train.epochs):
+    done = _finished(run_dir, cfg.train.epochs)
+    if done is not None:
         log.info("[%s] done already: %s", name, run_dir)
-        return json.loads((run_dir / "val_metrics.json").read_text())
+        return done
     log.info("[%s] training -> %s", name, run_dir)
     return train(cfg, run_dir, resume="auto", progress=progress)
 
@@ -84,9 +90,7 @@ def run_stage(name, cfg: Config, run_dir: Path, progress=True) -> dict:
 def _stage_or_finished(name, cfg: Config, run_dir: Path, progress=True, train=True) -> Optional[dict]:
     """:func:`run_stage`, or with ``train=False`` (``haskd ablate --table-only``) the run's val metrics only if it is
     finished, None if not: nothing is trained."""
-    if train:
-        return run_stage(name, cfg, run_dir, progress)
-    return json.loads((run_dir / "val_metrics.json").read_text()) if _done(run_dir, cfg.train.epochs) else None
+    return run_stage(name, cfg, run_dir, progress) if train else _finished(run_dir, cfg.train.epochs)
 
 
 def _baseline_child(cfg_dict: dict, run_dir: str) -> None:
@@ -370,6 +374,7 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     missing = {}  # row -> run labels without a finished run (train=False)
     other_split = bool(split_root or (split is not None and split != cfg.data.val_split))
     s_split, s_root = split or cfg.data.val_split, split_root or cfg.data.root
+    stage = lambda name, rc, run_dir: _stage_or_finished(name, rc, run_dir, progress, train)  # noqa: E731
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -379,7 +384,6 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
         dev = "cpu" if c.train.device in ("auto", "cpu") else c.train.device
         base_cfg = copy.deepcopy(iof["baseline"])
         base_cfg.train.snapshots = c.train.snapshots or 5
-        stage = lambda name, rc, run_dir: _stage_or_finished(name, rc, run_dir, progress, train)  # noqa: E731
         runs = {}
         runs["baseline"] = stage("baseline", base_cfg, d / "baseline")
         runs["teacher (IOF frames)"] = stage("teacher", iof["teacher"], d / "teacher")
