@@ -786,6 +786,10 @@ def test_ablation_optional_rows(tiny_rooms, tmp_path, monkeypatch):
     again = pl.run_ablation(cfg, tmp_path / "c", seeds=(0,), progress=False, equal_time_epochs=2)
     assert "c/seed0/baseline_e2" not in trained
     assert again["rows"]["baseline (2 epochs)"]["miou"] == again["rows"]["baseline"]["miou"]
+    # equal time at 2E with --double-baseline: one row, "baseline (2E)", whose times are the equal-time ones
+    both = pl.run_ablation(cfg, tmp_path / "b", seeds=(0,), progress=False, double_baseline=True, equal_time_epochs=4)
+    assert list(both["rows"])[len(pl.ABLATION_ROWS):] == ["baseline (2E)"]
+    assert both["train_seconds"]["baseline (2E)"] == [20.0] and "baseline (4 epochs)" not in both["train_seconds"]
     # an expert table with no snapshot class: HAS-KD is not trained, its row is +IHD (IOF), and the table says so
     monkeypatch.setattr(haskd.workflow.experts, "asd_pointless",
                         lambda path, *a: "no snapshot" if "stage1" in str(path) else None)

@@ -84,8 +84,9 @@ def register(sub):
                    help="add the row 'baseline (2E)': the baseline trained twice train.epochs (has it plateaued?)")
     a.add_argument("--equal-time-epochs", type=positive_int, default=None, metavar="N",
                    help="add the row 'baseline (N epochs)': the baseline trained N epochs (N set so its wall time "
-                        "matches the HAS-KD student's, stage 1 + final: an equal-time baseline); the table then "
-                        "gives every seed's training seconds and their ratios")
+                        "matches the HAS-KD student's, stage 1 + final: an equal-time baseline; with "
+                        "--double-baseline and N = 2E it is that row); the table then gives every seed's training "
+                        "seconds and their ratios")
     a.add_argument("--train-seeds", type=positive_int, default=1, metavar="K",
                    help="train the students' rows (baseline, +IHD (IOF), +ASD only, HAS-KD) K times a seed, with "
                         "train.seed S, S+10, ..., S+10(K-1), from seed S's teacher, into OUT/seed<S>/train_seed<T>/; "

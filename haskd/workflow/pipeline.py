@@ -340,7 +340,8 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     give the student),
     ``double_baseline`` "baseline (2E)" (the baseline's config trained ``2 * train.epochs``) and
     ``equal_time_epochs=N`` "baseline (N epochs)" (the same, ``N`` epochs: N chosen so that its wall time matches
-    the HAS-KD student's). A baseline of as many epochs as the baseline row is that row.
+    the HAS-KD student's). A baseline of as many epochs as the baseline row is that row; with ``double_baseline``
+    and N = 2E the equal-time row is "baseline (2E)" (one row, its times set against the student's).
 
     Shared work is not repeated: the baseline run saves the snapshots that "+ASD only" distils from, and the
     stage-1 student of HAS-KD (CE + IHD with IOF frames) is the "+IHD (IOF)" row.
@@ -364,8 +365,11 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
     longer = {}  # row -> epochs of the longer baselines asked for
     if double_baseline:
         longer[DOUBLE_ROW] = 2 * cfg.train.epochs
+    # the equal-time row; when its epochs are 2E it is the 2E row, not a second row of the same runs
+    et_row = (DOUBLE_ROW if double_baseline and equal_time_epochs == 2 * cfg.train.epochs
+              else equal_time_row(equal_time_epochs or 0))
     if equal_time_epochs:
-        longer[equal_time_row(equal_time_epochs)] = int(equal_time_epochs)
+        longer[et_row] = int(equal_time_epochs)
     extra_rows = (ENSEMBLE_ROW,) * bool(ensemble) + (CONTROL_ROW,) * bool(image_control) + tuple(longer)
     rows = ABLATION_ROWS + extra_rows + TEACHER_ROWS
     results = {r: {} for r in rows}  # row -> {run label: metrics}
@@ -429,14 +433,12 @@ def run_ablation(cfg: Config, out, seeds=(0, 1, 2), progress=True, split=None, e
             if ensemble and ENSEMBLE_ROW not in absent:
                 runs[ENSEMBLE_ROW] = ensemble_metrics(d / "stage1", s_split, s_root, dev, progress)
         # the training times the equal-time row is set against (with train=False: when every run they need is there)
-        if equal_time_epochs and not absent & {"baseline", "teacher (IOF frames)", "+IHD (IOF)", "HAS-KD",
-                                               equal_time_row(equal_time_epochs)}:
+        if equal_time_epochs and not absent & {"baseline", "teacher (IOF frames)", "+IHD (IOF)", "HAS-KD", et_row}:
             stage2 = 0.0 if "HAS-KD" in kept else train_seconds(d / "student")
             needed = d / ("stage1" if "HAS-KD" in kept else expert_run(c))  # the run the final student needs
             for r, t in ((STUDENT_PATH, train_seconds(needed) + stage2), ("HAS-KD", stage2),
                          ("teacher", train_seconds(d / "teacher")), ("baseline", train_seconds(d / "baseline")),
-                         (equal_time_row(equal_time_epochs),
-                          train_seconds(row_dirs[equal_time_row(equal_time_epochs)]))):
+                         (et_row, train_seconds(row_dirs[et_row]))):
                 seconds.setdefault(r, []).append(t)
         by_run = {str(seed): (runs, kept)}
         for t_seed in train_seed_list(seed, train_seeds)[1:]:
