@@ -161,8 +161,9 @@ def test_target_counts_by_hand(tmp_path):
              [0.1, 0.1, 0.8]]         # ignored
     _teacher_cache(tmp_path / "c", "s", probs, [True, False, True, False, True])
     counts = target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]), gate=0.99)
-    # columns: points, seen, kept, kept_right, top1_right
-    assert counts.tolist() == [[2, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 0, 0]]
+    # columns: points, seen, kept, kept_right, top1_right, kept_named (kept targets naming the class: points 0 and 3
+    # name class 0, point 2 class 1; class 0's precision 1/2)
+    assert counts.tolist() == [[2, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0]]
     # a softer temperature flattens the targets: at tau 2 no point reaches 0.99
     assert target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]), 0.99, 2.0)[:, 2].sum() == 0
     with pytest.raises(ValueError, match="labels for 5"):
@@ -195,10 +196,11 @@ def test_frames_cli_targets_pools_folders_under_a_name(tmp_path):
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.read_text().splitlines()
             if r.startswith("| door") or r.startswith("| window")}
     # door: 4 points; pooled over t0 (seen, kept, right) and t1 (unseen, below the gate, right): half seen and kept
-    assert rows["door"] == ["4", "0.500", "0.500", "1.000", "1.000", "1.000", "1.000", "1.000", "1.000"]
-    assert rows["window"][:5] == ["2", "1.000", "1.000", "1.000", "1.000"]
+    assert rows["door"] == ["4", "0.500", "0.500", "1.000", "1.000", "1.000", "1.000", "1.000", "1.000", "1.000",
+                            "1.000"]
+    assert rows["window"][:6] == ["2", "1.000", "1.000", "1.000", "1.000", "1.000"]
     res = json.loads(out.with_suffix(".json").read_text())
-    assert res["counts"]["iof"][7] == [8, 4, 4, 4, 8] and res["classes"][7] == "door"
+    assert res["counts"]["iof"][7] == [8, 4, 4, 4, 8, 4] and res["classes"][7] == "door"
     for bad in ("iof", "=x", "iof="):
         args = parser.parse_args(["frames", "targets", "--data", str(tmp_path / "data"), "--cache", bad,
                                   "--out", str(out)])

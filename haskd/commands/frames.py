@@ -71,9 +71,10 @@ def register(subparsers):
                                        "Markdown + JSON", description=(
         "Per class, what the soft-label caches of teachers hand a student on a split: the share of the class's\n"
         "points seen in the teacher's frames, the share the unlabeled-point gate keeps (the target's top-1\n"
-        "probability >= --gate, as distill.unlabeled_conf), how many kept targets name the class, and how many\n"
-        "targets name it overall. Compare frame policies (IOF vs uniform) or teachers side by side; several\n"
-        "folders under one name (e.g. three seeds) are pooled.\n\n"
+        "probability >= --gate, as distill.unlabeled_conf), how many kept targets name the class, how often a\n"
+        "kept target that names the class is right (its precision), and how many targets name it overall.\n"
+        "Compare frame policies (IOF vs uniform) or teachers side by side; several folders under one name (e.g.\n"
+        "three seeds) are pooled.\n\n"
         "Reads:  each cache folder (a teacher run's soft_labels_* folder) and <DATA>/<split>/<scene>/ labels.\n"
         "Writes: OUT (a Markdown table, fractions 0..1) and OUT with .json (the counts).\n"
         "Prints: the table."))
@@ -276,12 +277,12 @@ def run_targets(args) -> int:
         counts[name] = total
     c = next(iter(counts.values())).shape[0]
     names = next((list(v["classes"]) for v in DATASETS.values() if len(v["classes"]) == c), [str(i) for i in range(c)])
-    cols = ("seen", "kept", "kept right", "top-1 right")
+    cols = ("seen", "kept", "kept right", "kept precision", "top-1 right")
     lines = [
         f"What the teachers' cached targets hand the student on the {len(labels)} '{args.split}' scenes of "
         f"{args.data}, per class: share of its points seen in the frames; share kept by the gate (top-1 probability "
-        f">= {args.gate} at tau {args.tau}); of those kept, share whose target names the class; share of all whose "
-        "target names it.",
+        f">= {args.gate} at tau {args.tau}); of those kept, share whose target names the class; of the kept targets "
+        "that name the class (on points of any class), share right; share of all whose target names it.",
         "",
         "| class | points | " + " | ".join(f"{n}: {col}" for n in counts for col in cols) + " |",
         "|---|---:|" + "---:|" * (len(cols) * len(counts)),
@@ -292,9 +293,9 @@ def run_targets(args) -> int:
             continue
         cells = []
         for n in counts:
-            pts, seen, kept, kept_right, right = (int(v) for v in counts[n][k])
+            pts, seen, kept, kept_right, right, named = (int(v) for v in counts[n][k])
             cells += [f"{seen / pts:.3f}", f"{kept / pts:.3f}", f"{kept_right / kept:.3f}" if kept else "-",
-                      f"{right / pts:.3f}"]
+                      f"{kept_right / named:.3f}" if named else "-", f"{right / pts:.3f}"]
         lines.append(f"| {names[k]} | {int(points[k])} | " + " | ".join(cells) + " |")
     md = Path(args.out)
     md.parent.mkdir(parents=True, exist_ok=True)

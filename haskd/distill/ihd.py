@@ -67,16 +67,18 @@ def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: tor
     return (right & wrong_3d & (labels != ignore_index)).float()
 
 
-TARGET_COUNTS = ("points", "seen", "kept", "kept_right", "top1_right")
+TARGET_COUNTS = ("points", "seen", "kept", "kept_right", "top1_right", "kept_named")
 
 
 def target_counts(cache: dict, labels, gate: float = 0.0, tau: float = 1.0) -> np.ndarray:
     """What one scene's cached teacher targets hand a student, per class (ours, a diagnostic: ``haskd frames
     targets``). ``cache``: :func:`haskd.distill.cache.load_scene_cache` of a teacher (one target per point);
-    ``labels`` (P,) int, -1 ignored. Returns (C, 5) int64 counts, columns :data:`TARGET_COUNTS`: the class's points,
+    ``labels`` (P,) int, -1 ignored. Returns (C, 6) int64 counts, columns :data:`TARGET_COUNTS`: the class's points,
     those seen in the teacher's frames (all of them when the cache has no ``visible``), those the unlabeled-point gate
     keeps (the target's top-1 probability at ``tau`` >= ``gate``, as ``distill.unlabeled_conf`` does), those kept
-    whose target's top-1 is the class, and those whose top-1 is the class whether kept or not."""
+    whose target's top-1 is the class, those whose top-1 is the class whether kept or not, and the kept labelled
+    points of any class whose target's top-1 is this class (kept_right / kept_named: how often a kept target that
+    names the class is right)."""
     logits = np.asarray(cache["topk_logits"], dtype=np.float32)
     if logits.ndim != 2:
         raise ValueError(f"one target per point expected, got top-k logits of shape {logits.shape}")
@@ -86,12 +88,15 @@ def target_counts(cache: dict, labels, gate: float = 0.0, tau: float = 1.0) -> n
     c = int(cache["num_classes"])
     # logits are stored minus the point's max, so the top-1 probability is 1 / sum(exp(z / tau))
     top1_p = 1.0 / np.exp(logits / tau).sum(-1)
-    right = np.asarray(cache["topk_index"])[:, 0].astype(np.int64) == y
+    top1 = np.asarray(cache["topk_index"])[:, 0].astype(np.int64)
+    right = top1 == y
     seen = np.asarray(cache["visible"], dtype=bool) if "visible" in cache else np.ones_like(right)
     kept = top1_p >= gate
     ok = (y >= 0) & (y < c)
     cols = (np.ones_like(right), seen, kept, kept & right, right)
-    return np.stack([np.bincount(y[ok & m], minlength=c) for m in cols], axis=1).astype(np.int64)
+    named = np.bincount(top1[ok & kept], minlength=c)[:c]
+    return np.concatenate([np.stack([np.bincount(y[ok & m], minlength=c) for m in cols], axis=1),
+                           named[:, None]], axis=1).astype(np.int64)
 
 
 def image_shift(fused_logits: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
