@@ -94,9 +94,9 @@ def target_counts(cache: dict, labels, gate: float = 0.0, tau: float = 1.0) -> n
     kept = top1_p >= gate
     ok = (y >= 0) & (y < c)
     cols = (np.ones_like(right), seen, kept, kept & right, right)
-    named = np.bincount(top1[ok & kept], minlength=c)[:c]
-    return np.concatenate([np.stack([np.bincount(y[ok & m], minlength=c) for m in cols], axis=1),
-                           named[:, None]], axis=1).astype(np.int64)
+    by_label = [np.bincount(y[ok & m], minlength=c) for m in cols]
+    named = np.bincount(top1[ok & kept], minlength=c)  # counted by the target's class, not the label
+    return np.stack(by_label + [named], axis=1).astype(np.int64)
 
 
 def image_shift(fused_logits: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
