@@ -160,6 +160,8 @@ class DistillConfig:
                                          # weighs as little as it covers (ours; for trust=image)
     unlabeled_conf: float = 0.0          # > 0: IHD and ASD keep an unlabeled point only where their target's top
                                          # probability is at least this (0 = every point, METHOD.md; ours)
+    unlabeled_keep: float = 0.0          # > 0 (cached IHD): per class, lower that gate until at least this share of
+                                         # the class's unlabeled training targets passes (ours; 0 = one gate)
     teacher_head: str = _teacher_side("fused")  # the IHD target: fused = the teacher's output (METHOD.md) | 3d = its
                                          # 3D-branch head, points only (a control) | classwise = per class the head
                                          # with the higher val IoU (ours)
@@ -469,6 +471,10 @@ def check_config(cfg: Config) -> Config:
         positive(f"distill.{key}", getattr(di, key), strict=False)
     if not isinstance(di.unlabeled_conf, (int, float)) or not 0 <= di.unlabeled_conf < 1:
         bad("distill.unlabeled_conf", "must be in [0, 1)", di.unlabeled_conf)
+    if not isinstance(di.unlabeled_keep, (int, float)) or not 0 <= di.unlabeled_keep <= 1:
+        bad("distill.unlabeled_keep", "must be in [0, 1]", di.unlabeled_keep)
+    if di.unlabeled_keep > 0 and di.unlabeled_conf == 0:
+        bad("distill.unlabeled_keep", "lowers the gate distill.unlabeled_conf, which is 0 (off)", di.unlabeled_keep)
     if not isinstance(di.kd_fade_end, (int, float)) or not 0 < di.kd_fade_end <= 1:
         bad("distill.kd_fade_end", "must be in (0, 1]", di.kd_fade_end)
     for key in ("asd_topk", "cache_topk", "hint_cache_views"):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from haskd.distill.ihd import IHDLoss, classwise_heads, head_logits
+from haskd.distill.ihd import IHDLoss, class_gates, classwise_heads, head_logits
 from haskd.distill.kd import Projector, feature_loss, information_weights, kd_kl
 
 LN3 = math.log(3.0)
@@ -167,6 +167,51 @@ def test_unlabeled_confidence_gate():
     assert information_weights(probs, labels, None, "hard", target_kind="probs",
                                unlabeled_conf=0.9).tolist() == [1.0, 0.0, 1.0, 0.0]
     assert information_weights(logits, labels, None, "hard", unlabeled_conf=0.0).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_class_gates_hand_values():
+    """distill.unlabeled_keep (ours): class k's gate is min(cap, the 1 - keep quantile of the top-1 probabilities of
+    the targets naming k); a class no target names keeps the cap."""
+    p = [0.9, 0.8, 0.7, 0.6, 0.99, 0.5]
+    k = [0, 0, 0, 0, 1, 1]
+    # medians: (0.7 + 0.8) / 2 and (0.5 + 0.99) / 2
+    assert class_gates(p, k, 3, keep=0.5, cap=0.95).tolist() == pytest.approx([0.75, 0.745, 0.95])
+    assert class_gates(p, k, 3, keep=1.0, cap=0.95).tolist() == pytest.approx([0.6, 0.5, 0.95])  # keep all
+    # 0.75 quantiles: 0.8 + 0.25 * 0.1 = 0.825 and 0.5 + 0.75 * 0.49 = 0.8675; the cap 0.85 lowers the second
+    assert class_gates(p, k, 3, keep=0.25, cap=0.85).tolist() == pytest.approx([0.825, 0.85, 0.85])
+    with pytest.raises(ValueError):
+        class_gates(p, k, 3, keep=0.0, cap=0.9)
+    with pytest.raises(ValueError):
+        class_gates(p, k[:-1], 3, keep=0.5, cap=0.9)
+
+
+def test_per_class_confidence_gate():
+    """A (C,) gate: an unlabeled point is gated by the gate of the class its target ranks first; a list in
+    IHDLoss gives the same loss as a scalar gate where they keep the same points."""
+    labels = torch.tensor([-1, -1, 0, -1])
+    logits = torch.tensor([
+        [5.0, 0.0, 0.0],            # unlabeled, class 0 at 0.98670
+        [0.0, LN3, 0.0],            # unlabeled, class 1 at 0.6
+        [0.0, 0.0, 0.0],            # labeled: never gated
+        [0.0, 0.0, LN3],            # unlabeled, class 2 at 0.6
+    ])
+    w = information_weights(logits, labels, None, "none", unlabeled_conf=torch.tensor([0.99, 0.5, 0.7]))
+    assert w.tolist() == [0.0, 1.0, 1.0, 0.0]
+    w = information_weights(logits, labels, None, "none", unlabeled_conf=torch.tensor([0.98, 0.7, 0.5]))
+    assert w.tolist() == [1.0, 0.0, 1.0, 1.0]
+    probs = torch.softmax(logits, -1)
+    w = information_weights(probs, labels, None, "none", target_kind="probs",
+                            unlabeled_conf=torch.tensor([0.98, 0.7, 0.5]))
+    assert w.tolist() == [1.0, 0.0, 1.0, 1.0]
+    torch.manual_seed(0)
+    s = {"logits": torch.randn(4, 3)}
+    per_class = IHDLoss(2, 2, tau=2.0, feat_weight=0.0, trust="none", unlabeled_conf=[0.98, 0.7, 0.5])
+    scalar = IHDLoss(2, 2, tau=2.0, feat_weight=0.0, trust="none", unlabeled_conf=0.65)  # of the unlabeled: point 0
+    per_class0 = IHDLoss(2, 2, tau=2.0, feat_weight=0.0, trust="none", unlabeled_conf=[0.98, 0.7, 0.7])
+    assert per_class0(s, {"logits": logits}, labels)["ihd_logit"].item() == pytest.approx(
+        scalar(s, {"logits": logits}, labels)["ihd_logit"].item(), rel=1e-6)
+    assert per_class(s, {"logits": logits}, labels)["ihd_logit"].item() != pytest.approx(
+        scalar(s, {"logits": logits}, labels)["ihd_logit"].item(), rel=1e-3)
 
 
 def test_feature_loss_hand_value():

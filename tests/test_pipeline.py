@@ -1174,3 +1174,45 @@ def test_unlabeled_conf_reaches_the_ihd_and_asd_losses(pipeline_run, tiny_rooms)
                                           "distill.unlabeled_conf=0.9"])
     task = build_distill_task(build_from_config(cfg), cfg, "cpu", build_datasets(cfg)["train"])
     assert task.ihd.unlabeled_conf == 0.9 and task.asd.unlabeled_conf == 0.9
+
+
+def test_unlabeled_keep_lowers_the_gate_per_class(pipeline_run, tiny_rooms):
+    """distill.unlabeled_keep: per class, a gate at most distill.unlabeled_conf that passes at least that share of
+    the cached teacher targets naming the class on the training rooms' unlabeled points (hand values of the rule in
+    test_ihd.py); it needs the cache and a gate to lower."""
+    import numpy as np
+
+    from haskd.distill.cache import cache_dir_for, load_scene_cache
+    from haskd.errors import HaskdError
+    from haskd.distill.setup import build_distill_task
+    from haskd.models import build_from_config
+    from haskd.workflow.build import build_datasets
+
+    out, _ = pipeline_run
+    over = [*PIPE, f"data.root={tiny_rooms}", f"distill.teacher_ckpt={out / 'teacher' / 'last.pt'}",
+            "distill.feat_weight=0", "distill.hint_weight=0", "data.labeled_points=30", "distill.unlabeled_conf=0.99"]
+    cfg = load_config("scannet20_haskd", [*over, "distill.cache=true", "distill.unlabeled_keep=0.5"])
+    train_set = build_datasets(cfg, splits=("train",))["train"]
+    gates = build_distill_task(build_from_config(cfg), cfg, "cpu", train_set).ihd.unlabeled_conf
+    assert gates.shape == (cfg.data.num_classes,) and bool((gates <= 0.99).all())
+    cache = cache_dir_for(cfg.distill.teacher_ckpt, cfg, "teacher_labels30")
+    p, k = [], []
+    for scene in train_set.scenes:
+        c = load_scene_cache(cache, scene.name)
+        use = (scene.segment < 0) & (np.asarray(c["visible"]) > 0)
+        p.append(1.0 / np.exp(np.asarray(c["topk_logits"], np.float32)[use]).sum(-1))
+        k.append(np.asarray(c["topk_index"])[use, 0])
+    p, k = np.concatenate(p), np.concatenate(k)
+    named = np.unique(k)
+    assert np.isin(np.arange(cfg.data.num_classes), named, invert=True).any()
+    assert bool((gates < 0.99).any())  # the 2-epoch teacher is unsure: the gate was lowered
+    for c in range(cfg.data.num_classes):
+        if c in named:
+            assert (p[k == c] >= gates[c].item() - 1e-6).mean() >= 0.5
+        else:
+            assert gates[c].item() == pytest.approx(0.99)
+    with pytest.raises(HaskdError, match="distill.cache=true"):
+        cfg = load_config("scannet20_haskd", [*over, "distill.cache=false", "distill.unlabeled_keep=0.5"])
+        build_distill_task(build_from_config(cfg), cfg, "cpu", train_set)
+    with pytest.raises(HaskdError, match="unlabeled_keep"):
+        load_config("scannet20_haskd", [*PIPE, "distill.unlabeled_keep=0.5"])

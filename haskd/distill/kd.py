@@ -108,7 +108,7 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor],
 
 def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visible: Optional[torch.Tensor] = None,
                         trust: str = "hard", ignore_index: int = -1, target_kind: str = "logits",
-                        image: Optional[torch.Tensor] = None, unlabeled_conf: float = 0.0) -> torch.Tensor:
+                        image: Optional[torch.Tensor] = None, unlabeled_conf=0.0) -> torch.Tensor:
     """Information-oriented weights ``w = visible * trust``: ``(N, C), (N,), (N,) -> (N,) float32``.
 
     ``trust="hard"``: 1 where the teacher's argmax equals the label or the point is unlabeled
@@ -123,7 +123,9 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     every point), given by the caller because the 3D branch's logits are not in ``teacher_logits``.
     ``unlabeled_conf`` > 0 (ours, ``distill.unlabeled_conf``): an unlabeled point keeps its weight only where the
     target's top probability (as for ``"soft"``: logits at temperature 1, probabilities as given) is at least this,
-    else 0; labeled points are not gated (their trust rule sees the label).
+    else 0; labeled points are not gated (their trust rule sees the label). ``unlabeled_conf`` may also be a (C,)
+    tensor of per-class gates (``distill.unlabeled_keep``, :func:`haskd.distill.ihd.class_gates`): a point's gate is
+    the one of the class its target ranks first.
     """
     _check_choice("trust", trust, IHD_TRUST_MODES)
     _check_choice("target_kind", target_kind, TARGET_KINDS)
@@ -147,9 +149,10 @@ def information_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, visi
     else:
         probs = target_distribution(t, 1.0, target_kind)
         tr = torch.where(unlabeled, torch.ones(n, device=t.device), probs.gather(1, safe[:, None])[:, 0])
-    if unlabeled_conf > 0:
-        sure = target_distribution(t, 1.0, target_kind).max(-1).values >= unlabeled_conf
-        tr = tr * (sure | ~unlabeled).float()
+    if torch.is_tensor(unlabeled_conf) or unlabeled_conf > 0:
+        top = target_distribution(t, 1.0, target_kind).max(-1)
+        gate = unlabeled_conf.to(t.device)[top.indices] if torch.is_tensor(unlabeled_conf) else unlabeled_conf
+        tr = tr * ((top.values >= gate) | ~unlabeled).float()
     if visible is None:
         return tr
     visible = visible.detach().to(t.device).float().reshape(-1)

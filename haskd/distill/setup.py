@@ -13,14 +13,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..engine.checkpoint import load_model
 from ..errors import HaskdError
 from .asd import ASDLoss, iou_array, teacher_classes
 from .cache import (CacheReader, ViewHintReader, build_cache, build_expert_cache, build_hint_cache,
-                    build_view_hint_cache, cache_dir_for)
+                    build_view_hint_cache, cache_dir_for, load_scene_cache)
 from .hints import HintLoss, hint_dims
-from .ihd import IHDLoss, heads_tag
+from .ihd import IHDLoss, class_gates, heads_tag
 from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
 
 
@@ -70,6 +71,8 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
                                         sources=[d.teacher_ckpt], heads=teacher_heads)
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
                                                                   keys=losses["ihd"].target_keys))
+            if d.unlabeled_keep > 0:
+                losses["ihd"].unlabeled_conf = torch.from_numpy(_class_gates(teacher_cache, train_set, cfg))
             if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
                 train_set.views = d.hint_cache_augs  # epoch e draws view e mod K: the views the cache holds
                 kind = f"teacher_hints_{d.hint_cache_augs}aug{'_half' * d.hint_cache_augs_half}_seed{train_set.seed}"
@@ -84,6 +87,9 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
                                               cache_dir_for(d.teacher_ckpt, cfg, kind), sources=[d.teacher_ckpt],
                                               views=d.hint_cache_views)
         else:  # the online teacher sees each training sample's frames
+            if d.unlabeled_keep > 0:
+                raise HaskdError("distill.unlabeled_keep needs distill.cache=true (its gates come from the cached "
+                                 "targets on the training rooms)")
             train_set.frames = frames.load(train_set.scenes)
             targets["teacher"] = TeacherTargets(teacher=teacher, heads=teacher_heads, keys=losses["ihd"].target_keys)
         if "hint" in losses:
@@ -112,6 +118,24 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
     if d.hint_weight > 0 and "hint" not in losses:
         raise HaskdError("distill.hint_weight needs distill.teacher_ckpt (the hints come from its 3D branch)")
     return DistillTask(student, losses, targets, teacher_classes=routed)
+
+
+def _class_gates(cache_dir, train_set, cfg):
+    """The per-class gates of ``distill.unlabeled_keep`` (:func:`haskd.distill.ihd.class_gates`) from the cached
+    teacher targets on the training rooms' unlabeled points the teacher saw, at ``distill.tau`` as the loss reads
+    them."""
+    d = cfg.distill
+    p, k = [], []
+    for scene in train_set.scenes:
+        c = load_scene_cache(cache_dir, scene.name)
+        z = np.asarray(c["topk_logits"], dtype=np.float32)  # stored minus the point's max
+        use = np.ones(len(z), dtype=bool) if scene.segment is None else scene.segment < 0
+        if "visible" in c:
+            use &= np.asarray(c["visible"]) > 0
+        p.append(1.0 / np.exp(z[use] / d.tau).sum(-1))
+        k.append(np.asarray(c["topk_index"])[use, 0])
+    return class_gates(np.concatenate(p), np.concatenate(k), cfg.data.num_classes, d.unlabeled_keep,
+                       d.unlabeled_conf)
 
 
 def _teacher_classes(table: dict, d):
