@@ -1176,7 +1176,7 @@ def test_unlabeled_conf_reaches_the_ihd_and_asd_losses(pipeline_run, tiny_rooms)
     assert task.ihd.unlabeled_conf == 0.9 and task.asd.unlabeled_conf == 0.9
 
 
-def test_unlabeled_keep_lowers_the_gate_per_class(pipeline_run, tiny_rooms):
+def test_unlabeled_keep_lowers_the_gate_per_class(pipeline_run, tiny_rooms, caplog):
     """distill.unlabeled_keep: per class, a gate at most distill.unlabeled_conf that passes at least that share of
     the cached teacher targets naming the class on the training rooms' unlabeled points (hand values of the rule in
     test_ihd.py); it needs the cache and a gate to lower."""
@@ -1193,7 +1193,9 @@ def test_unlabeled_keep_lowers_the_gate_per_class(pipeline_run, tiny_rooms):
             "distill.feat_weight=0", "distill.hint_weight=0", "data.labeled_points=30", "distill.unlabeled_conf=0.99"]
     cfg = load_config("scannet20_haskd", [*over, "distill.cache=true", "distill.unlabeled_keep=0.5"])
     train_set = build_datasets(cfg, splits=("train",))["train"]
-    gates = build_distill_task(build_from_config(cfg), cfg, "cpu", train_set).ihd.unlabeled_conf
+    with caplog.at_level("INFO", logger="haskd.distill.setup"):
+        gates = build_distill_task(build_from_config(cfg), cfg, "cpu", train_set).ihd.unlabeled_conf
+    assert "distill.unlabeled_keep=0.5: gates below 0.99: " in caplog.text
     assert gates.shape == (cfg.data.num_classes,) and bool((gates <= 0.99).all())
     cache = cache_dir_for(cfg.distill.teacher_ckpt, cfg, "teacher_labels30")
     p, k = [], []

@@ -10,11 +10,13 @@ config, the device and the training set.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..classes import class_names
 from ..engine.checkpoint import load_model
 from ..errors import HaskdError
 from .asd import ASDLoss, iou_array, teacher_classes
@@ -72,7 +74,12 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
                                                                   keys=losses["ihd"].target_keys))
             if d.unlabeled_keep > 0:
-                losses["ihd"].unlabeled_conf = torch.from_numpy(_class_gates(teacher_cache, train_set, cfg))
+                gates = _class_gates(teacher_cache, train_set, cfg)
+                losses["ihd"].unlabeled_conf = torch.from_numpy(gates)
+                low = ", ".join(f"{n} {g:.3f}" for n, g in zip(class_names(cfg.data.dataset), gates)
+                                if g < d.unlabeled_conf)
+                logging.getLogger(__name__).info("distill.unlabeled_keep=%g: gates below %g: %s", d.unlabeled_keep,
+                                                 d.unlabeled_conf, low or "none")
             if "hint" in losses and d.hint_cache and d.hint_cache_augs:  # the student's own augmented batches
                 train_set.views = d.hint_cache_augs  # epoch e draws view e mod K: the views the cache holds
                 kind = f"teacher_hints_{d.hint_cache_augs}aug{'_half' * d.hint_cache_augs_half}_seed{train_set.seed}"
