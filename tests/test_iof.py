@@ -168,6 +168,30 @@ def test_target_counts_by_hand(tmp_path):
     assert target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]), 0.99, 2.0)[:, 2].sum() == 0
     with pytest.raises(ValueError, match="labels for 5"):
         target_counts(load_scene_cache(tmp_path / "c", "s"), np.zeros(4, int))
+    # per-class gates (distill.unlabeled_keep): a point is gated by the gate of the class its target names; point 1
+    # (names class 1 at 0.7) passes 0.5 and point 2 too, points 0 and 3 (name class 0 at 0.995 / 0.992) miss 0.999
+    counts = target_counts(load_scene_cache(tmp_path / "c", "s"), np.array([0, 0, 1, 2, -1]),
+                           gate=np.array([0.999, 0.5, 0.9]))
+    assert counts.tolist() == [[2, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 2], [1, 0, 0, 0, 0, 0]]
+
+
+def test_scene_class_gates_use_the_unlabeled_points_the_teacher_saw(tmp_path):
+    from haskd.distill.cache import load_scene_cache
+    from haskd.distill.ihd import scene_class_gates
+
+    e = 1e-9  # no class at probability 0: the cache stores log-probabilities
+    _teacher_cache(tmp_path / "c", "s1", [[0.9, 0.1, e], [0.8, 0.2, e], [0.7, 0.3, e]], [True, True, True])
+    _teacher_cache(tmp_path / "c", "s2", [[0.6, 0.4, e], [0.05, 0.95, e]], [False, True])
+    def scenes(labels1):
+        return ((load_scene_cache(tmp_path / "c", n), y) for n, y in (("s1", labels1), ("s2", np.array([-1, -1]))))
+    # class 0 from s1's two unlabeled points (0.9, 0.8; s2's 0.6 is unseen): median 0.85; class 1 from 0.95 alone;
+    # class 2 named by no target keeps the cap
+    def gates(labels1, cap):  # float16 logits in the cache: 1e-3
+        return pytest.approx(scene_class_gates(scenes(labels1), 3, 0.5, cap).tolist(), abs=1e-3)
+
+    assert gates(np.array([-1, -1, 0]), 0.99) == [0.85, 0.95, 0.99]
+    assert gates(None, 0.99) == [0.8, 0.95, 0.99]  # every point unlabeled
+    assert gates(None, 0.9) == [0.8, 0.9, 0.9]  # never above the cap
 
 
 def test_frames_cli_targets_pools_folders_under_a_name(tmp_path):
@@ -206,3 +230,35 @@ def test_frames_cli_targets_pools_folders_under_a_name(tmp_path):
                                   "--out", str(out)])
         with pytest.raises(HaskdError, match="NAME=DIR"):
             args.func(args)
+
+
+def test_frames_cli_targets_per_class_gates(tmp_path):
+    """--keep: each cache folder's per-class gates (distill.unlabeled_keep) keep the doors a 0.6-sure teacher names,
+    which the 0.99 gate drops; with every point labelled (--labeled-points 3) no point is gated by them."""
+    from haskd.commands.frames import register
+
+    d = tmp_path / "data" / "train" / "a"
+    d.mkdir(parents=True)
+    np.save(d / "segment20.npy", np.array([7, 7, 8], dtype=np.int16))
+    p = np.full((3, 20), 1e-6)
+    p[:2, 7], p[:2, 8], p[2, 8] = 0.6, 0.4, 1.0
+    _teacher_cache(tmp_path / "t", "a", p, [True, True, True])
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    out = tmp_path / "targets.md"
+    kept = {}
+    for extra in ([], ["--keep", "0.5"], ["--keep", "0.5", "--labeled-points", "3"]):
+        args = parser.parse_args(["frames", "targets", "--data", str(tmp_path / "data"), "--cache",
+                                  f"t={tmp_path / 't'}", "--out", str(out), *extra])
+        assert args.func(args) == 0
+        res = json.loads(out.with_suffix(".json").read_text())
+        kept[" ".join(extra)] = res["counts"]["t"][7][2]
+        if extra == ["--keep", "0.5"]:
+            door, wall = res["gates"]["t"][0][7], res["gates"]["t"][0][0]
+            assert door == pytest.approx(0.6, abs=1e-4) and wall == pytest.approx(0.99)
+            assert "lowered per class" in out.read_text()
+    assert kept == {"": 0, "--keep 0.5": 2, "--keep 0.5 --labeled-points 3": 0}
+    args = parser.parse_args(["frames", "targets", "--data", str(tmp_path / "data"), "--cache", f"t={tmp_path / 't'}",
+                              "--out", str(out), "--keep", "1.5"])
+    with pytest.raises(HaskdError, match="--keep"):
+        args.func(args)

@@ -71,7 +71,8 @@ def register(subparsers):
                                        "Markdown + JSON", description=(
         "Per class, what the soft-label caches of teachers hand a student on a split: the share of the class's\n"
         "points seen in the teacher's frames, the share the unlabeled-point gate keeps (the target's top-1\n"
-        "probability >= --gate, as distill.unlabeled_conf), how many kept targets name the class, how often a\n"
+        "probability >= --gate, as distill.unlabeled_conf; per class with --keep, as distill.unlabeled_keep),\n"
+        "how many kept targets name the class, how often a\n"
         "kept target that names the class is right (its precision), and how many targets name it overall.\n"
         "Compare frame policies (IOF vs uniform) or teachers side by side; several folders under one name (e.g.\n"
         "three seeds) are pooled.\n\n"
@@ -84,6 +85,11 @@ def register(subparsers):
                    help="a column: its name and the cache folders pooled under it (repeat the flag per column)")
     t.add_argument("--gate", type=float, default=0.99, help="top-1 probability a target needs to be kept")
     t.add_argument("--tau", type=float, default=1.0, help="temperature of the targets (distill.tau)")
+    t.add_argument("--keep", type=float, default=0.0,
+                   help="> 0: per-class gates as distill.unlabeled_keep, at most --gate, computed per cache folder")
+    t.add_argument("--labeled-points", type=int, default=0,
+                   help="with --keep: the gates come from the other points, as data.labeled_points=N trains "
+                        "(0: from every point)")
     t.add_argument("--out", required=True, help="Markdown file (a .json with the same stem is written too)")
     t.set_defaults(func=run_targets)
     r = sub.add_parser("render", help="render virtual views for scenes without RGB-D frames (before the teacher)",
@@ -256,10 +262,14 @@ def run_targets(args) -> int:
     from ..classes import DATASETS
     from ..data.scene import LABEL_FILES, list_scenes
     from ..distill.cache import load_scene_cache
-    from ..distill.ihd import TARGET_COUNTS, target_counts
+    from ..data.dataset import sparse_labels
+    from ..distill.ihd import TARGET_COUNTS, scene_class_gates, target_counts
 
     if not 0 <= args.gate < 1 or args.tau <= 0:
         raise HaskdError(f"--gate must be in [0, 1) and --tau > 0, got {args.gate} and {args.tau}")
+    if not 0 <= args.keep <= 1 or args.labeled_points < 0:
+        raise HaskdError(f"--keep must be in [0, 1] and --labeled-points >= 0, got {args.keep} and "
+                         f"{args.labeled_points}")
     caches = _named_caches(args.cache)
     labels = {}
     for d in list_scenes(args.data, args.split):
@@ -267,22 +277,34 @@ def run_targets(args) -> int:
         if f is None:
             raise InputError(d, f"no labels ({' or '.join(LABEL_FILES)})")
         labels[d.name] = np.load(f)
-    counts = {}
+    counts, gates = {}, {}
     for name, folders in caches.items():
         total = 0
         for folder in folders:
+            gate = args.gate
+            if args.keep > 0:  # the folder's own gates, as its student trains with them
+                sparse = {n: sparse_labels(n, y, args.labeled_points) if args.labeled_points else None
+                          for n, y in labels.items()}
+                c = int(load_scene_cache(folder, next(iter(labels)))["num_classes"])
+                gate = scene_class_gates(((load_scene_cache(folder, n, expected_points=len(y)), sparse[n])
+                                          for n, y in labels.items()), c, args.keep, args.gate, args.tau)
+                gates.setdefault(name, []).append(gate.tolist())
             for scene, y in labels.items():
                 total = total + target_counts(load_scene_cache(folder, scene, expected_points=len(y)), y,
-                                              args.gate, args.tau)
+                                              gate, args.tau)
         counts[name] = total
     c = next(iter(counts.values())).shape[0]
     names = next((list(v["classes"]) for v in DATASETS.values() if len(v["classes"]) == c), [str(i) for i in range(c)])
     cols = ("seen", "kept", "kept right", "kept precision", "top-1 right")
+    per_class = ""
+    if args.keep:
+        per_class = f", lowered per class until it keeps {args.keep:g} of the targets naming the class" + (
+            f" on the points other than {args.labeled_points} labelled a scene" if args.labeled_points else "")
     lines = [
         f"What the teachers' cached targets hand the student on the {len(labels)} '{args.split}' scenes of "
         f"{args.data}, per class: share of its points seen in the frames; share kept by the gate (top-1 probability "
-        f">= {args.gate} at tau {args.tau}); of those kept, share whose target names the class; of the kept targets "
-        "that name the class (on points of any class), share right; share of all whose target names it.",
+        f">= {args.gate} at tau {args.tau}{per_class}); of those kept, share whose target names the class; of the "
+        "kept targets that name the class (on points of any class), share right; share of all whose target names it.",
         "",
         "| class | points | " + " | ".join(f"{n}: {col}" for n in counts for col in cols) + " |",
         "|---|---:|" + "---:|" * (len(cols) * len(counts)),
@@ -302,7 +324,8 @@ def run_targets(args) -> int:
     md.write_text("\n".join(lines) + "\n")
     md.with_suffix(".json").write_text(json.dumps({
         "columns": list(TARGET_COUNTS), "classes": names, "gate": args.gate, "tau": args.tau, "split": args.split,
-        "caches": {n: [str(f) for f in caches[n]] for n in counts},
+        "caches": {n: [str(f) for f in caches[n]] for n in counts}, "keep": args.keep,
+        "labeled_points": args.labeled_points, "gates": gates,
         "counts": {n: counts[n].tolist() for n in counts}}, indent=1))
     print("\n".join(lines[2:]))
     print(f"-> {md}, {md.with_suffix('.json')}")

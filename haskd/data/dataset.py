@@ -22,14 +22,20 @@ def with_labeled_points(scene, n: int):
     labeled points keeps them all."""
     if scene.segment is None:
         return scene
-    labeled = np.flatnonzero(scene.segment >= 0)
+    return dataclasses.replace(scene, segment=sparse_labels(scene.name, scene.segment, n))
+
+
+def sparse_labels(name: str, segment, n: int) -> np.ndarray:
+    """The labels ``segment`` (P,) of scene ``name`` with only the ``n`` points of :func:`with_labeled_points`
+    kept, the others -1 (the same array when it has at most ``n`` labeled points)."""
+    labeled = np.flatnonzero(segment >= 0)
     if len(labeled) <= n:
-        return scene
-    rng = np.random.default_rng(zlib.crc32(scene.name.encode()))
+        return segment
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     keep = rng.choice(labeled, size=n, replace=False)
-    segment = np.full_like(scene.segment, -1)
-    segment[keep] = scene.segment[keep]
-    return dataclasses.replace(scene, segment=segment)
+    out = np.full_like(segment, -1)
+    out[keep] = segment[keep]
+    return out
 
 
 class SceneDataset(torch.utils.data.Dataset):

@@ -28,8 +28,8 @@ import torch.nn as nn
 from .kd import (IHD_TRUST_MODES, IMAGE_TRUST_MODES, KD_TARGETS, TRUST_MODES, Projector, _check_choice,
                  class_balance, feature_loss, information_weights, kd_kl)
 
-__all__ = ["IHDLoss", "TARGET_COUNTS", "class_gates", "classwise_heads", "head_logits", "heads_tag", "image_gain", "image_right",
-           "image_shift", "target_counts",
+__all__ = ["IHDLoss", "TARGET_COUNTS", "cache_top1", "class_gates", "classwise_heads", "head_logits", "heads_tag",
+           "image_gain", "image_right", "image_shift", "scene_class_gates", "target_counts",
            "IHD_TRUST_MODES", "IMAGE_TRUST_MODES", "TRUST_MODES"]
 
 # distill.trust -> the teacher's per-point image rule it reads (computed where the 3D-branch logits are)
@@ -70,33 +70,40 @@ def image_right(fused_logits: torch.Tensor, logits_3d: torch.Tensor, labels: tor
 TARGET_COUNTS = ("points", "seen", "kept", "kept_right", "top1_right", "kept_named")
 
 
-def target_counts(cache: dict, labels, gate: float = 0.0, tau: float = 1.0) -> np.ndarray:
+def target_counts(cache: dict, labels, gate=0.0, tau: float = 1.0) -> np.ndarray:
     """What one scene's cached teacher targets hand a student, per class (ours, a diagnostic: ``haskd frames
     targets``). ``cache``: :func:`haskd.distill.cache.load_scene_cache` of a teacher (one target per point);
     ``labels`` (P,) int, -1 ignored. Returns (C, 6) int64 counts, columns :data:`TARGET_COUNTS`: the class's points,
     those seen in the teacher's frames (all of them when the cache has no ``visible``), those the unlabeled-point gate
-    keeps (the target's top-1 probability at ``tau`` >= ``gate``, as ``distill.unlabeled_conf`` does), those kept
+    keeps (the target's top-1 probability at ``tau`` >= ``gate``, as ``distill.unlabeled_conf`` does; a (C,) ``gate``
+    is per class, of the class the target names, as ``distill.unlabeled_keep``'s :func:`class_gates`), those kept
     whose target's top-1 is the class, those whose top-1 is the class whether kept or not, and the kept labelled
     points of any class whose target's top-1 is this class (kept_right / kept_named: how often a kept target that
     names the class is right)."""
-    logits = np.asarray(cache["topk_logits"], dtype=np.float32)
-    if logits.ndim != 2:
-        raise ValueError(f"one target per point expected, got top-k logits of shape {logits.shape}")
+    top1_p, top1 = cache_top1(cache, tau)
     y = np.asarray(labels).astype(np.int64)
-    if y.shape != logits.shape[:1]:
-        raise ValueError(f"{y.shape[0]} labels for {logits.shape[0]} cached points")
+    if y.shape != top1.shape:
+        raise ValueError(f"{y.shape[0]} labels for {top1.shape[0]} cached points")
     c = int(cache["num_classes"])
-    # logits are stored minus the point's max, so the top-1 probability is 1 / sum(exp(z / tau))
-    top1_p = 1.0 / np.exp(logits / tau).sum(-1)
-    top1 = np.asarray(cache["topk_index"])[:, 0].astype(np.int64)
     right = top1 == y
     seen = np.asarray(cache["visible"], dtype=bool) if "visible" in cache else np.ones_like(right)
-    kept = top1_p >= gate
+    kept = top1_p >= (np.asarray(gate)[top1] if np.ndim(gate) else gate)
     ok = (y >= 0) & (y < c)
     cols = (np.ones_like(right), seen, kept, kept & right, right)
     by_label = [np.bincount(y[ok & m], minlength=c) for m in cols]
     named = np.bincount(top1[ok & kept], minlength=c)  # counted by the target's class, not the label
     return np.stack(by_label + [named], axis=1).astype(np.int64)
+
+
+def cache_top1(cache: dict, tau: float = 1.0):
+    """The top-1 probability at ``tau`` and class of each point's cached teacher target (``cache``: one scene of
+    :func:`haskd.distill.cache.load_scene_cache`): ``(P,) float32, (P,) int64``. The stored logits are the point's
+    top-k minus its max, so the probability is ``1 / sum(exp(z / tau))`` over the k kept (as the loss renormalises
+    them)."""
+    z = np.asarray(cache["topk_logits"], dtype=np.float32)
+    if z.ndim != 2:
+        raise ValueError(f"one target per point expected, got top-k logits of shape {z.shape}")
+    return 1.0 / np.exp(z / tau).sum(-1), np.asarray(cache["topk_index"])[:, 0].astype(np.int64)
 
 
 def class_gates(top1_p, top1, num_classes: int, keep: float, cap: float) -> np.ndarray:
@@ -122,6 +129,22 @@ def class_gates(top1_p, top1, num_classes: int, keep: float, cap: float) -> np.n
     for k in np.unique(top1):
         gates[k] = min(cap, float(np.quantile(top1_p[top1 == k], 1.0 - keep)))
     return gates.astype(np.float32)
+
+
+def scene_class_gates(scenes, num_classes: int, keep: float, cap: float, tau: float = 1.0) -> np.ndarray:
+    """:func:`class_gates` of the points the gate decides in several scenes: ``scenes`` yields ``(cache, labels)``,
+    ``cache`` one scene of :func:`haskd.distill.cache.load_scene_cache`, ``labels`` (P,) with -1 where unlabeled
+    (None: every point unlabeled). The gated points are the unlabeled ones the teacher saw (all, without
+    ``visible``); only their top-1 probability and class are kept in memory, scene by scene."""
+    p, k = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+    for cache, labels in scenes:
+        top1_p, top1 = cache_top1(cache, tau)
+        use = np.ones(len(top1), dtype=bool) if labels is None else np.asarray(labels) < 0
+        if "visible" in cache:
+            use &= np.asarray(cache["visible"]) > 0
+        p.append(top1_p[use])
+        k.append(top1[use])
+    return class_gates(np.concatenate(p), np.concatenate(k), num_classes, keep, cap)
 
 
 def image_shift(fused_logits: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .asd import ASDLoss, iou_array, teacher_classes
 from .cache import (CacheReader, ViewHintReader, build_cache, build_expert_cache, build_hint_cache,
                     build_view_hint_cache, cache_dir_for, load_scene_cache)
 from .hints import HintLoss, hint_dims
-from .ihd import IHDLoss, class_gates, heads_tag
+from .ihd import IHDLoss, heads_tag, scene_class_gates
 from .task import DistillTask, ExpertTargets, TeacherHints, TeacherTargets, frozen
 
 
@@ -132,17 +132,8 @@ def _class_gates(cache_dir, train_set, cfg):
     teacher targets on the training rooms' unlabeled points the teacher saw, at ``distill.tau`` as the loss reads
     them."""
     d = cfg.distill
-    p, k = [], []
-    for scene in train_set.scenes:
-        c = load_scene_cache(cache_dir, scene.name)
-        z = np.asarray(c["topk_logits"], dtype=np.float32)  # stored minus the point's max
-        use = np.ones(len(z), dtype=bool) if scene.segment is None else scene.segment < 0
-        if "visible" in c:
-            use &= np.asarray(c["visible"]) > 0
-        p.append(1.0 / np.exp(z[use] / d.tau).sum(-1))
-        k.append(np.asarray(c["topk_index"])[use, 0])
-    return class_gates(np.concatenate(p), np.concatenate(k), cfg.data.num_classes, d.unlabeled_keep,
-                       d.unlabeled_conf)
+    return scene_class_gates(((load_scene_cache(cache_dir, scene.name), scene.segment) for scene in train_set.scenes),
+                             cfg.data.num_classes, d.unlabeled_keep, d.unlabeled_conf, d.tau)
 
 
 def _teacher_classes(table: dict, d):
