@@ -260,9 +260,9 @@ def _named_caches(specs) -> dict:
 
 def run_targets(args) -> int:
     from ..classes import DATASETS
+    from ..data.dataset import sparse_labels
     from ..data.scene import LABEL_FILES, list_scenes
     from ..distill.cache import load_scene_cache
-    from ..data.dataset import sparse_labels
     from ..distill.ihd import TARGET_COUNTS, scene_class_gates, target_counts
 
     if not 0 <= args.gate < 1 or args.tau <= 0:

@@ -116,9 +116,9 @@ def class_gates(top1_p, top1, num_classes: int, keep: float, cap: float) -> np.n
 
     Why: one global gate keeps most of the classes the teacher is sure of and little of those it is less sure of,
     which are the ones the images explain (docs/iof.md: at 0.99 under half of picture's points on the 32 rooms,
-    though its kept targets are 97% right). Class-wise thresholds by quantile are the class-balanced self-training of Zou et al.
-    (ECCV 2018); here they only ever lower the global gate. Computed on the points, while the loss gates the
-    voxel-averaged targets (the same quantity up to that mean)."""
+    though its kept targets are 97% right). Class-wise thresholds by quantile are the class-balanced self-training
+    of Zou et al. (ECCV 2018); here they only ever lower the global gate. Computed on the points, while the loss
+    gates the voxel-averaged targets (the same quantity up to that mean)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     top1_p = np.asarray(top1_p, dtype=np.float64).reshape(-1)

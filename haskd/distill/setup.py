@@ -73,8 +73,10 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
                                         sources=[d.teacher_ckpt], heads=teacher_heads)
             targets["teacher"] = TeacherTargets(cache=CacheReader(teacher_cache, cfg.data.num_classes, d.tau,
                                                                   keys=losses["ihd"].target_keys))
-            if d.unlabeled_keep > 0:
-                gates = _class_gates(teacher_cache, train_set, cfg)
+            if d.unlabeled_keep > 0:  # per-class gates from the targets on the unlabeled training points
+                gates = scene_class_gates(((load_scene_cache(teacher_cache, sc.name), sc.segment)
+                                           for sc in train_set.scenes), cfg.data.num_classes, d.unlabeled_keep,
+                                          d.unlabeled_conf, d.tau)
                 losses["ihd"].unlabeled_conf = torch.from_numpy(gates)
                 low = ", ".join(f"{n} {g:.3f}" for n, g in zip(class_names(cfg.data.dataset), gates)
                                 if g < d.unlabeled_conf)
@@ -125,15 +127,6 @@ def build_distill_task(student, cfg, device, train_set, teacher_heads=None) -> D
     if d.hint_weight > 0 and "hint" not in losses:
         raise HaskdError("distill.hint_weight needs distill.teacher_ckpt (the hints come from its 3D branch)")
     return DistillTask(student, losses, targets, teacher_classes=routed)
-
-
-def _class_gates(cache_dir, train_set, cfg):
-    """The per-class gates of ``distill.unlabeled_keep`` (:func:`haskd.distill.ihd.class_gates`) from the cached
-    teacher targets on the training rooms' unlabeled points the teacher saw, at ``distill.tau`` as the loss reads
-    them."""
-    d = cfg.distill
-    return scene_class_gates(((load_scene_cache(cache_dir, scene.name), scene.segment) for scene in train_set.scenes),
-                             cfg.data.num_classes, d.unlabeled_keep, d.unlabeled_conf, d.tau)
 
 
 def _teacher_classes(table: dict, d):
