@@ -86,7 +86,8 @@ class TrainConfig:
     eval_every: int = 1                  # epochs between validations (0 = only at the end)
     threads: int = 0                     # torch threads per process (0 = cores / local processes)
     snapshots: int = 0                   # ASD snapshots saved by this run
-    snapshot_schedule: str = "second_half"  # second_half | cycles
+    snapshot_schedule: str = "second_half"  # second_half | cycles (ends of optim.scheduler=cyclic_cosine's cycles)
+                                         # | whole_run: evenly over the whole run (ours)
     init: str = ""                       # warm start: a student checkpoint, or a teacher's (its 3D branch)
     lovasz_weight: float = 0.0           # students: + weight x Lovasz-softmax loss (Pointcept's PTv3 recipes: 1.0)
     parallel_stages: bool = True         # pipeline: the baseline trains in a process of its own beside the teacher
@@ -241,7 +242,7 @@ CHOICES = {
     "optim.scheduler": ("onecycle", "poly", "cosine", "cyclic_cosine"),
     "optim.amp_dtype": ("float16", "bfloat16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.snapshot_schedule": ("second_half", "cycles"),
+    "train.snapshot_schedule": ("second_half", "cycles", "whole_run"),
     "teacher.frame_policy": ("iof", "uniform", "random"),
     "teacher.train_frames": ("selected", "random"),
     "teacher.fusion": ("concat", "residual"),
@@ -471,6 +472,10 @@ def check_config(cfg: Config) -> Config:
         positive(f"distill.{key}", getattr(di, key), strict=False)
     if not isinstance(di.unlabeled_conf, (int, float)) or not 0 <= di.unlabeled_conf < 1:
         bad("distill.unlabeled_conf", "must be in [0, 1)", di.unlabeled_conf)
+    if cfg.train.snapshot_schedule == "cycles" and cfg.optim.scheduler != "cyclic_cosine":
+        bad("train.snapshot_schedule", "saves at the ends of cosine cycles, which need optim.scheduler=cyclic_cosine "
+            f"(optim.scheduler={cfg.optim.scheduler}: snapshots of one run over it are train.snapshot_schedule="
+            "whole_run)", "cycles")
     if not isinstance(di.unlabeled_keep, (int, float)) or not 0 <= di.unlabeled_keep <= 1:
         bad("distill.unlabeled_keep", "must be in [0, 1]", di.unlabeled_keep)
     if di.unlabeled_keep > 0 and di.unlabeled_conf == 0:

@@ -27,6 +27,12 @@ def test_snapshot_epochs_second_half():
     assert snapshot_epochs(100, 1) == [100]
 
 
+def test_snapshot_epochs_whole_run():
+    assert snapshot_epochs(240, 3, "whole_run") == [80, 160, 240]
+    assert snapshot_epochs(10, 3, "whole_run") == [4, 7, 10]  # ceil(10k/3)
+    assert snapshot_epochs(2, 3, "whole_run") == [1, 2]  # fewer epochs than snapshots: every epoch
+
+
 def test_snapshot_epochs_cycles():
     assert snapshot_epochs(100, 5, "cycles") == [20, 40, 60, 80, 100]
     assert snapshot_epochs(100, 5, "cycles", cycles=10) == [60, 70, 80, 90, 100]

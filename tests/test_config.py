@@ -181,6 +181,9 @@ def test_choice_sets_are_the_ones_the_code_uses():
     (["distill.hint_cache_augs_half=true"], "'distill.hint_cache_augs_half' needs distill.hint_cache_augs > 0"),
     (["role=teacher", "distill.teacher_ckpt=t.pt"], "'distill.teacher_ckpt' needs role=student"),
     (["role=teacher", "distill.experts=e.json"], "'distill.experts' needs role=student"),
+    (["train.snapshot_schedule=cycles"], "'train.snapshot_schedule' saves at the ends of cosine cycles, which need "
+                                         "optim.scheduler=cyclic_cosine"),
+    (["distill.unlabeled_keep=0.5"], "'distill.unlabeled_keep' lowers the gate distill.unlabeled_conf"),
 ])
 def test_keys_that_need_another_are_refused_when_read(overrides, match):
     with pytest.raises(HaskdError, match=match):

@@ -38,8 +38,10 @@ def snapshot_epochs(total_epochs: int, num_snapshots: int = 5, schedule: str = "
     """Sorted 1-based epochs after which a snapshot is saved; the last one is always ``total_epochs``.
 
     ``schedule="second_half"``: ``num_snapshots`` epochs evenly spaced over ``(total // 2, total]``
-    (100 epochs, 5 snapshots -> 60, 70, 80, 90, 100). When the second half has fewer distinct epochs than
-    snapshots, the last ``min(num_snapshots, total)`` epochs are used instead.
+    (100 epochs, 5 snapshots -> 60, 70, 80, 90, 100). ``"whole_run"`` (ours): evenly spaced over ``(0, total]``
+    (240 epochs, 3 snapshots -> 80, 160, 240), the snapshots of one cosine run at the cycle ends a 3-cycle schedule
+    would have. When the span has fewer distinct epochs than snapshots, the last ``min(num_snapshots, total)``
+    epochs are used instead.
     ``schedule="cycles"``: the end of each cosine cycle. ``cycles`` is the number of equal cycles (default
     ``num_snapshots``) or a list of cycle lengths in epochs summing to ``total_epochs``; when there are more
     cycles than snapshots, the last ``num_snapshots`` cycle ends are kept.
@@ -49,8 +51,8 @@ def snapshot_epochs(total_epochs: int, num_snapshots: int = 5, schedule: str = "
     total, m = int(total_epochs), int(num_snapshots)
     if total < 1 or m < 1:
         raise HaskdError(f"need total_epochs >= 1 and num_snapshots >= 1, got {total_epochs}, {num_snapshots}")
-    if schedule == "second_half":
-        start = total // 2
+    if schedule in ("second_half", "whole_run"):
+        start = total // 2 if schedule == "second_half" else 0
         length = total - start
         # Integer ceil keeps the spacing exact (no float rounding) and makes the last one == total.
         epochs = sorted({start + (k * length + m - 1) // m for k in range(1, m + 1)})
