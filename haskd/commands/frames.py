@@ -72,8 +72,8 @@ def register(subparsers):
         "Per class, what the soft-label caches of teachers hand a student on a split: the share of the class's\n"
         "points seen in the teacher's frames, the share the unlabeled-point gate keeps (the target's top-1\n"
         "probability >= --gate, as distill.unlabeled_conf; per class with --keep, as distill.unlabeled_keep),\n"
-        "how many kept targets name the class, how often a\n"
-        "kept target that names the class is right (its precision), and how many targets name it overall.\n"
+        "how many kept targets name the class, how often a kept target that names the class is right (its\n"
+        "precision), and how many targets name it overall.\n"
         "Compare frame policies (IOF vs uniform) or teachers side by side; several folders under one name (e.g.\n"
         "three seeds) are pooled.\n\n"
         "Reads:  each cache folder (a teacher run's soft_labels_* folder) and <DATA>/<split>/<scene>/ labels.\n"
@@ -278,13 +278,13 @@ def run_targets(args) -> int:
             raise InputError(d, f"no labels ({' or '.join(LABEL_FILES)})")
         labels[d.name] = np.load(f)
     counts, gates = {}, {}
+    sparse = {n: sparse_labels(n, y, args.labeled_points) if args.labeled_points else None
+              for n, y in labels.items()}  # the labels a student of data.labeled_points sees (None: every point)
     for name, folders in caches.items():
         total = 0
         for folder in folders:
             gate = args.gate
             if args.keep > 0:  # the folder's own gates, as its student trains with them
-                sparse = {n: sparse_labels(n, y, args.labeled_points) if args.labeled_points else None
-                          for n, y in labels.items()}
                 c = int(load_scene_cache(folder, next(iter(labels)))["num_classes"])
                 gate = scene_class_gates(((load_scene_cache(folder, n, expected_points=len(y)), sparse[n])
                                           for n, y in labels.items()), c, args.keep, args.gate, args.tau)
